@@ -1,0 +1,1 @@
+"""cluster: where it runs — Ray cluster manifests and job submission."""

@@ -1,0 +1,1 @@
+"""pipelines: orchestration — training stages, workflow DAG, compare, sample and the `pippo` CLI."""

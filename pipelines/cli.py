@@ -1,0 +1,195 @@
+"""The `pippo` command line (SPEC §2).
+
+Handlers are imported only when their command runs, so `pippo --help` stays instant and a
+command never pays for torch or Ray unless it uses them. Every error a user can cause ends as one
+line on stderr and a non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+EPILOG = ("Configs are YAML files; override any key after the file name as key.sub=value "
+          "(values parsed as YAML). Environment: PIPPO_STORE, MLFLOW_TRACKING_URI, RAY_ADDRESS, "
+          "AWS_ENDPOINT_URL.")
+
+
+class UserError(Exception):
+    """An error caused by input (config, data, arguments); reported as one line, exit 2."""
+
+
+def _add(sub, name: str, target: str, help_text: str, description: str | None = None):
+    p = sub.add_parser(name, help=help_text, description=description or help_text, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(_target=target)
+    return p
+
+
+def _json_flag(p):
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout and nothing else")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pippo",
+        description="Pippo pipeline: data build (Ray -> WebDataset versions), DeepSpeed training "
+                    "stages, workflow runs, Ray job submission and MLflow comparison.",
+        epilog=EPILOG)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # ---- data ---------------------------------------------------------------------------------
+    data = top.add_parser("data", help="synthetic data, inspection, dataset builds and versions",
+                          description="Data commands: synthesise, inspect, build and manage dataset versions.")
+    dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+
+    p = _add(dsub, "synth-captures", "pipelines.data_commands:synth_captures",
+             "write synthetic studio captures (SPEC §3 layout)",
+             "Render a procedural textured figure from a dome of cameras by exact ray casting and "
+             "write each capture in the Ava-256 layout (transposed K/T, millimetres, per-camera zips).")
+    p.add_argument("out", help="output directory (one sub-directory per capture)")
+    p.add_argument("--captures", type=int, default=1, help="number of captures (default 1)")
+    p.add_argument("--cameras", type=int, default=8, help="cameras per capture (default 8)")
+    p.add_argument("--frames", type=int, default=2, help="frames per capture (default 2)")
+    p.add_argument("--height", type=int, default=256, help="frame height in pixels (default 256)")
+    p.add_argument("--width", type=int, default=168, help="frame width in pixels (default 168, Ava's portrait aspect)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--format", choices=["png", "jpg", "avif"], default="png", help="frame encoding (default png)")
+    p.add_argument("--no-masks", action="store_true", help="do not write segmentation masks")
+    p.add_argument("--distortion", action="store_true", help="give cameras non-zero lens distortion")
+
+    p = _add(dsub, "synth-images", "pipelines.data_commands:synth_images",
+             "write unstructured person-like photos (JPEG/PNG, varied sizes)")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--count", type=int, default=16, help="number of images (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+    p = _add(dsub, "inspect", "pipelines.data_commands:inspect",
+             "cameras and frames of one capture (metres, SPEC §4)",
+             "Read a capture (local path or fsspec URL), validate its calibration and list cameras "
+             "and frames. With --preview PNG, also write a contact sheet of one frame with anchors.")
+    p.add_argument("capture", help="capture directory or URL")
+    _json_flag(p)
+    p.add_argument("--preview", metavar="PNG", help="write a contact sheet of a frame to this file")
+    p.add_argument("--frame", type=int, default=None, help="frame for --preview (default: first)")
+
+    p = _add(dsub, "build", "pipelines.data_commands:build",
+             "Ray Data build job: sources -> WebDataset shards -> a new dataset version")
+    p.add_argument("config", help="build config YAML")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+    p = _add(dsub, "versions", "pipelines.data_commands:versions", "versions of a dataset, newest first")
+    p.add_argument("uri", help="dataset URI")
+    _json_flag(p)
+
+    p = _add(dsub, "show", "pipelines.data_commands:show", "one dataset version (SPEC §6)")
+    p.add_argument("ref", help="URI@REF (REF = id, unique id prefix, tag, or latest)")
+    _json_flag(p)
+
+    p = _add(dsub, "diff", "pipelines.data_commands:diff", "shards and sample counts added/removed")
+    p.add_argument("a", help="URI@A")
+    p.add_argument("b", help="URI@B")
+    _json_flag(p)
+
+    p = _add(dsub, "tag", "pipelines.data_commands:tag", "set a mutable tag on a version")
+    p.add_argument("ref", help="URI@REF")
+    p.add_argument("name", help="tag name")
+
+    p = _add(dsub, "gc", "pipelines.data_commands:gc", "garbage-collect shards no listed version references")
+    p.add_argument("uri", help="dataset URI")
+    p.add_argument("--keep-last", type=int, default=None, help="also drop all but the newest N untagged versions")
+
+    # ---- training, workflow, cluster ----------------------------------------------------------
+    p = _add(top, "train", "pipelines.train_commands:train", "one training stage (pretrain, mid or post)")
+    p.add_argument("config", help="stage config YAML")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+    pipe = top.add_parser("pipeline", help="the workflow DAG", description="Workflow commands.")
+    psub = pipe.add_subparsers(dest="pipeline_command", metavar="SUBCOMMAND", required=True)
+    p = _add(psub, "run", "pipelines.workflow_commands:run", "run the workflow DAG (cached, resumable)")
+    p.add_argument("config", help="pipeline config YAML")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--resume", metavar="RUN", help="resume this pipeline run id")
+
+    p = _add(top, "submit", "cluster.submit:main", "run `pippo ARGS...` as a Ray job on a cluster")
+    p.add_argument("--address", help="Ray dashboard address (default RAY_ADDRESS)")
+    p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the pippo arguments")
+
+    p = _add(top, "compare", "pipelines.compare:main", "MLflow comparison table and plots")
+    p.add_argument("--experiment", help="experiment name")
+    p.add_argument("--out", help="output directory for plots")
+    _json_flag(p)
+
+    p = _add(top, "sample", "pipelines.sample:main", "one photo -> turnaround GIF/MP4")
+    p.add_argument("--checkpoint", required=True, help="checkpoint URI")
+    p.add_argument("--image", required=True, help="input photo")
+    p.add_argument("--views", type=int, default=24, help="number of views (default 24)")
+    p.add_argument("--out", required=True, help="output GIF or MP4 path")
+
+    ev = top.add_parser("eval", help="evaluation", description="Evaluation commands.")
+    esub = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)
+    p = _add(esub, "reprojection", "pipelines.model_commands:eval_reprojection",
+             "reprojection error of a set of views with known cameras",
+             "DIR holds cameras.json ({'views': [{K, R, t, height, width}]}) and view00.png, "
+             "view01.png, ... Prints RE as % of max(H, W).")
+    p.add_argument("dir", help="directory of views")
+    _json_flag(p)
+
+    md = top.add_parser("model", help="model inspection", description="Model commands.")
+    msub = md.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
+    p = _add(msub, "info", "pipelines.model_commands:model_info",
+             "parameters per module and training FLOPs per sample")
+    p.add_argument("config", help="model config YAML")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    _json_flag(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    module_name, func_name = args._target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            print(f"pippo: '{args.command}' is not built yet", file=sys.stderr)
+            return 3
+        raise
+    func = getattr(module, func_name, None)
+    if func is None:
+        print(f"pippo: '{args.command}' is not built yet", file=sys.stderr)
+        return 3
+    from pipelines.config import ConfigError
+    try:
+        code = func(args)
+    except (UserError, ConfigError) as exc:
+        print(f"pippo: error: {exc}", file=sys.stderr)
+        return 2
+    except _user_errors() as exc:
+        print(f"pippo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pippo: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors raised on bad input by the libraries of dataprep (imported lazily)."""
+    errors: list[type[BaseException]] = [FileNotFoundError]
+    try:
+        from dataprep.errors import DataError
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Typed job configs: a YAML file plus `a.b=c` overrides, loaded into dataclasses.
+
+Every config in the project (build, model, stage, pipeline) is a dataclass tree. This module is
+the one place that turns YAML into such a tree, so every command reports a bad config the same
+way: one line naming the key, the value and the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded; the message names key, value and file."""
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
+    """`["a.b=3", "c=[1, 2]"]` -> {"a": {"b": 3}, "c": [1, 2]} (values parsed as YAML scalars)."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} sets a sub-key of a scalar")
+        node[leaf] = value
+    return tree
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Recursive dict merge; `update` wins, nested dicts merge key by key."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides=(), *, data: dict | None = None) -> T:
+    """Load `path` (YAML) with `overrides` applied into dataclass `cls`, checking every key."""
+    source = str(path) if path is not None else "<defaults>"
+    raw = read_yaml(path) if path is not None else {}
+    if data:
+        raw = merge(raw, data)
+    raw = merge(raw, parse_overrides(list(overrides)))
+    return from_dict(cls, raw, source=source)
+
+
+def from_dict(cls: type[T], raw: Any, *, source: str = "<dict>", prefix: str = "") -> T:
+    return _convert(cls, raw, source, prefix)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass tree -> plain YAML/JSON-able dict."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists become their JSON-ish repr (MLflow params)."""
+    out: dict[str, Any] = {}
+    if dataclasses.is_dataclass(tree):
+        tree = to_dict(tree)
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    out[prefix[:-1]] = tree
+    return out
+
+
+def _bad(source: str, key: str, value: Any, want: str) -> ConfigError:
+    return ConfigError(f"{source}: bad value for '{key}': {value!r} (expected {want})")
+
+
+def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, source, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0] if len(errors) == 1 else _bad(source, key, value, _type_name(tp))
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise _bad(source, key, value, "one of " + ", ".join(map(str, choices)))
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _bad(source, key, value, f"a mapping for {tp.__name__}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            name = f"{key}.{unknown[0]}" if key else unknown[0]
+            raise ConfigError(
+                f"{source}: unknown key '{name}' (known: {', '.join(sorted(fields))})")
+        kwargs = {}
+        for name, field in fields.items():
+            sub = f"{key}.{name}" if key else name
+            if name in value:
+                kwargs[name] = _convert(hints[name], value[name], source, sub)
+            elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: missing required key '{sub}'")
+        try:
+            return tp(**kwargs)
+        except (ValueError, TypeError) as exc:  # __post_init__ validation
+            raise ConfigError(f"{source}: {key + ': ' if key else ''}{exc}") from None
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _bad(source, key, value, _type_name(tp))
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise _bad(source, key, value, f"{len(args)} items")
+            return tuple(_convert(a, v, source, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        items = [_convert(item, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _bad(source, key, value, "a mapping")
+        _, vt = typing.get_args(tp) or (Any, Any)
+        return {k: _convert(vt, v, source, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _bad(source, key, value, "true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _bad(source, key, value, "an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _bad(source, key, value, "a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _bad(source, key, value, "a string")
+        return value
+    raise ConfigError(f"{source}: '{key}' has unsupported type {tp!r}")  # a programming error
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return "a list"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
