@@ -1,0 +1,71 @@
+"""`pippo model info` and `pippo eval reprojection` (SPEC §2), plus the file-side helpers of
+pippo_model: model configs from YAML and checkpoints from object stores."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from pipelines.cli import UserError
+from pipelines.config import load_config
+
+log = logging.getLogger(__name__)
+
+
+def load_model_config(path, overrides=()):
+    """configs/models/*.yaml (+ key=value overrides) -> pippo_model.config.ModelConfig."""
+    from pippo_model.config import ModelConfig
+
+    return load_config(ModelConfig, path, overrides)
+
+
+def fetch_directory(uri: str, cache: str | Path | None = None) -> Path:
+    """A local directory for `uri` (a path, file:// or any fsspec URL such as s3://); remote
+    directories are copied once into `cache` (default ~/.cache/pippo) keyed by the URI."""
+    import hashlib
+
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        local = Path(root)
+        if not local.is_dir():
+            raise UserError(f"checkpoint directory {uri} does not exist")
+        return local
+    target = Path(cache or Path.home() / ".cache" / "pippo") / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (target / ".complete").exists():
+        if not fs.isdir(root):
+            raise UserError(f"checkpoint directory {uri} does not exist")
+        target.mkdir(parents=True, exist_ok=True)
+        fs.get(root.rstrip("/") + "/", str(target), recursive=True)
+        (target / ".complete").touch()
+    return target
+
+
+def load_autoencoder_for(cfg, device="cpu"):
+    """The autoencoder of a model config: the VAE at cfg.vae_path (local or object store), or
+    the identity in pixel space."""
+    from pippo_model.autoencoder import PixelSpace, load_autoencoder
+
+    if cfg.space == "pixel":
+        return PixelSpace()
+    if not cfg.vae_path:
+        raise UserError("model config has space=latent but no vae_path (a diffusers AutoencoderKL directory)")
+    return load_autoencoder(fetch_directory(cfg.vae_path), device=device)
+
+
+def model_info(args) -> int:
+    from pippo_model.flops import parameter_counts, training_flops_per_sample
+
+    cfg = load_model_config(args.config, args.overrides)
+    params = parameter_counts(cfg)
+    flops = training_flops_per_sample(cfg)
+    if args.json:
+        print(json.dumps({"params": params, "flops_per_sample": flops}))
+        return 0
+    print(f"model {cfg.name}: dim {cfg.dim}, depth {cfg.depth}, heads {cfg.heads}, {cfg.space} space, "
+          f"{cfg.resolution} px, {cfg.views} views ({cfg.tokens_per_view} tokens per view)")
+    for name, n in params.items():
+        print(f"  {name:<18} {n:>15,d}  ({n / 1e6:,.1f} M)")
+    print(f"  training FLOPs per sample: {flops:.4g} ({flops / 1e12:.3f} TFLOP)")
+    return 0
