@@ -51,3 +51,18 @@ def read_bytes(url: str) -> bytes:
     fs, path = fs_and_path(url)
     with fs.open(path, "rb") as f:
         return f.read()
+
+
+def register_webdataset_fsspec(protocols=("s3", "gs", "gcs", "az", "abfs", "memory")) -> None:
+    """Let stock webdataset open shard URLs of object stores through fsspec (it knows only
+    files, pipes and curl by itself)."""
+    import importlib
+
+    # `webdataset.gopen` the attribute is the function (re-exported); we need the module.
+    gopen = importlib.import_module("webdataset.gopen")
+
+    def open_with_fsspec(url, mode="rb", bufsize=8192, **_):
+        return fsspec.open(url, mode).open()
+
+    for protocol in protocols:
+        gopen.gopen_schemes[protocol] = open_with_fsspec

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(dsub, "gc", "pipelines.data_commands:gc", "garbage-collect shards no listed version references")
     p.add_argument("uri", help="dataset URI")
     p.add_argument("--keep-last", type=int, default=None, help="also drop all but the newest N untagged versions")
+    p.add_argument("--grace-seconds", type=float, default=3600.0,
+                   help="keep unreferenced files younger than this: they may belong to a running build (default 3600)")
 
     # ---- training, workflow, cluster ----------------------------------------------------------
     p = _add(top, "train", "pipelines.train_commands:train", "one training stage (pretrain, mid or post)")

@@ -62,3 +62,93 @@ def inspect(args) -> int:
     for cam_id, reason in info["invalid_cameras"].items():
         print(f"  cam {cam_id}: INVALID: {reason}")
     return 0
+
+
+def build(args) -> int:
+    from dataprep.build import run_build
+    from dataprep.build_config import BuildConfig
+    from pipelines.config import load_config, to_dict
+
+    cfg = load_config(BuildConfig, args.config, args.overrides)
+    vid = run_build(cfg, to_dict(cfg))
+    print(vid)
+    return 0
+
+
+def _store_and_ref(ref: str):
+    from dataprep.store import DatasetStore, split_ref
+    uri, name = split_ref(ref)
+    return DatasetStore(uri), name
+
+
+def versions(args) -> int:
+    from dataprep.store import DatasetStore
+
+    rows = DatasetStore(args.uri).versions()
+    if args.json:
+        print(json.dumps([{k: v[k] for k in ("id", "parent", "created", "tags", "samples", "rejected")}
+                          for v in rows]))
+        return 0
+    if not rows:
+        print(f"{args.uri}: no versions")
+    for v in rows:
+        tags = f" [{', '.join(v['tags'])}]" if v["tags"] else ""
+        print(f"{v['id']}  {v['created']}  {v['samples']:>8} samples  {v['rejected']:>6} rejected  "
+              f"{len(v['shards']):>4} shards  parent {v['parent'] or '-'}{tags}")
+    return 0
+
+
+SPEC_KEYS = ("id", "parent", "created", "tags", "samples", "rejected", "shards", "rejects_url",
+             "preview_url", "config", "code_version")
+
+
+def show(args) -> int:
+    store, ref = _store_and_ref(args.ref)
+    v = store.resolve(ref)
+    if args.json:
+        print(json.dumps({**{k: v.get(k) for k in SPEC_KEYS}, **{k: v[k] for k in v if k not in SPEC_KEYS}}))
+        return 0
+    st = v.get("stats", {})
+    print(f"version {v['id']} of {store.uri}")
+    print(f"  created {v['created']}  parent {v['parent'] or '-'}  tags {', '.join(v['tags']) or '-'}")
+    print(f"  {v['samples']} samples ({st.get('samples_by_kind', {})}), {v['rejected']} rejected, "
+          f"{len(v['shards'])} shards, {st.get('bytes', 0) / 1e6:.1f} MB")
+    for reason, n in sorted(st.get("rejected_by_reason", {}).items(), key=lambda kv: -kv[1]):
+        print(f"    rejected {n:>6}  {reason}")
+    print(f"  rejects {v['rejects_url']}\n  preview {v['preview_url']}")
+    return 0
+
+
+def diff(args) -> int:
+    from dataprep.store import diff as version_diff
+
+    store_a, ref_a = _store_and_ref(args.a)
+    store_b, ref_b = _store_and_ref(args.b)
+    d = version_diff(store_a.resolve(ref_a), store_b.resolve(ref_b))
+    if args.json:
+        print(json.dumps(d))
+        return 0
+    print(f"{d['from']} -> {d['to']}: +{len(d['shards_added'])} shards (+{d['samples_added']} samples), "
+          f"-{len(d['shards_removed'])} shards (-{d['samples_removed']} samples); "
+          f"{d['samples_from']} -> {d['samples_to']} samples")
+    for s in d["shards_added"]:
+        print(f"  + {s['url']} ({s['samples']})")
+    for s in d["shards_removed"]:
+        print(f"  - {s['url']} ({s['samples']})")
+    return 0
+
+
+def tag(args) -> int:
+    store, ref = _store_and_ref(args.ref)
+    vid = store.tag(ref, args.name)
+    print(vid)
+    return 0
+
+
+def gc(args) -> int:
+    from dataprep.store import DatasetStore
+
+    result = DatasetStore(args.uri).gc(keep_last=args.keep_last, grace_s=args.grace_seconds)
+    print(f"deleted {result['deleted']} files; kept {result['kept_young']} unreferenced files younger "
+          f"than {args.grace_seconds:g}s; un-listed {len(result['versions_dropped'])} versions")
+    return 0

@@ -69,3 +69,60 @@ def model_info(args) -> int:
         print(f"  {name:<18} {n:>15,d}  ({n / 1e6:,.1f} M)")
     print(f"  training FLOPs per sample: {flops:.4g} ({flops / 1e12:.3f} TFLOP)")
     return 0
+
+
+def read_views(directory: str | Path):
+    """DIR/cameras.json ({"views": [{K, R, t, height, width}]}) and DIR/view00.png, ... ->
+    (list of (H, W, 3) uint8 images, list of camera dicts), validated against each other."""
+    import numpy as np
+    from PIL import Image
+
+    directory = Path(directory)
+    meta = directory / "cameras.json"
+    if not meta.is_file():
+        raise UserError(f"{meta} not found (expected cameras.json and view00.png, view01.png, ...)")
+    try:
+        views = json.loads(meta.read_text())["views"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{meta}: not a {{'views': [...]}} document ({exc})") from None
+    images, cameras = [], []
+    for i, view in enumerate(views):
+        try:
+            cam = {"K": np.asarray(view["K"], np.float64), "R": np.asarray(view["R"], np.float64),
+                   "t": np.asarray(view["t"], np.float64).reshape(3)}
+            size = (int(view["height"]), int(view["width"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{meta}: view {i} needs K (3x3), R (3x3), t (3), height, width ({exc})") from None
+        if cam["K"].shape != (3, 3) or cam["R"].shape != (3, 3):
+            raise UserError(f"{meta}: view {i}: K and R must be 3x3")
+        path = directory / f"view{i:02d}.png"
+        if not path.is_file():
+            raise UserError(f"{path} not found: cameras.json lists {len(views)} views")
+        image = np.asarray(Image.open(path).convert("RGB"))
+        if image.shape[:2] != size:
+            raise UserError(f"{path} is {image.shape[1]}x{image.shape[0]} but cameras.json says "
+                            f"{size[1]}x{size[0]}")
+        images.append(image)
+        cameras.append(cam)
+    if len(images) < 2:
+        raise UserError(f"{meta}: at least 2 views are needed, got {len(images)}")
+    return images, cameras
+
+
+def eval_reprojection(args) -> int:
+    from pippo_model.metrics.reprojection import reprojection_error
+
+    images, cameras = read_views(args.dir)
+    try:
+        result = reprojection_error(images, cameras)
+    except ValueError as exc:
+        raise UserError(f"{args.dir}: {exc}") from None
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return 0
+    h, w = images[0].shape[:2]
+    print(f"reprojection error: {result.re_pct:.3f}% of max(H, W) = {result.re_px:.3f} px "
+          f"over {result.pairs} view pairs ({len(images)} views, {w}x{h})")
+    for (i, j), err in sorted(result.per_pair.items()):
+        print(f"  view{i:02d} - view{j:02d}: {err:.3f} px, {result.matches[(i, j)]} matches")
+    return 0

@@ -27,13 +27,16 @@ def guide(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float, rescal
 @torch.no_grad()
 def ddim_sample(model, schedule: CosineSchedule, cond: dict, shape: tuple[int, ...], steps: int = 30,
                 eta: float = 0.1, guidance: float = 1.0, guidance_drop: tuple[str, ...] | None = None,
-                rescale: float = 0.0, gamma: float | None = None, noise: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                rescale: float = 0.0, gamma: float | None = None, clip: float | None = None,
+                noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample x_0 of `shape` = (B, V, C, h, w) given `cond` (see pippo_model.model).
 
     guidance != 1 runs the conditional and unconditional passes as one batch of 2B; the
     unconditional pass replaces the conditions in `guidance_drop` (default: all the model has)
     by their learned nulls. gamma: attention-biasing growth factor (more views than trained).
+    clip: clamp x0_hat to [-clip, clip] and re-derive eps from it (Ho et al. / ADM
+    "clip_denoised"; use 1 in pixel space): at t = T-1 x0_hat = (x - sqrt(1-a) eps_hat)/sqrt(a)
+    amplifies eps errors by 1/sqrt(a_T-1) ~ 2e4.
     """
     device = cond["reference"].device
     dtype = next(model.parameters()).dtype
@@ -59,6 +62,9 @@ def ddim_sample(model, schedule: CosineSchedule, cond: dict, shape: tuple[int, .
         a_prev = schedule.alpha_bar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
         # DDIM eq. 12: x0_hat from eps_hat, then step to t_prev with noise level sigma (eq. 16)
         x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
+            eps = (x - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         direction = max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
         x = a_prev ** 0.5 * x0 + direction

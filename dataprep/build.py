@@ -1,0 +1,264 @@
+"""`pippo data build`: the Ray Data job that turns sources into a new dataset version.
+
+    enumerate inputs (driver, listing only)
+      → skip inputs the parent version already holds (incremental; same recipe only)
+      → hash: Ray Data flat_map reads every photo / tar sample once, sha256 of its bytes
+      → dedup (driver): exact duplicates within the build and against the parent are rejected
+      → units: surviving inputs sorted by id, cut into units of `unit_inputs`; unit id =
+        hash(recipe, input ids), so a re-run forms the same units with the same names
+      → build: Ray Data map, one task per unit not yet marked done: samples → shards
+        (ShardWriter), then the unit marker (shards, ledger rows) written last
+      → commit (driver): manifest, rejects, inputs ledger, stats, preview, then the version record.
+
+Kill it anywhere and run it again: finished units are found by their markers and reused,
+unfinished ones are redone under the same names, and the version lists exactly the samples of an
+uninterrupted build. Counts always conserve: inputs = samples + rejected.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+
+from dataprep.build_config import BuildConfig
+from dataprep.capture import Capture
+from dataprep.errors import DataError
+from dataprep.photos import Rejected
+from dataprep.samples import photo_sample, studio_sample
+from dataprep.shards import ShardWriter
+from dataprep.sources import InputItem, enumerate_source, fetch, sha256, tar_samples, wds_image
+from dataprep.storage import atomic_write_bytes, read_bytes
+from dataprep.commit import commit_version
+from dataprep.store import DatasetStore, VersionNotFound
+
+log = logging.getLogger("pippo.data.build")
+
+def ensure_ray():
+    """Local Ray in-process unless RAY_ADDRESS names a cluster (never attach to a stray one)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+                 logging_level=logging.WARNING, configure_logging=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False       # our own bar counts inputs, not Ray blocks
+    ctx.print_on_execution_start = False
+    return ray
+
+
+# ---- phase A: read and hash --------------------------------------------------------------------
+
+def _cached_fetch(uri: str, cfg: BuildConfig, store_uri: str) -> bytes:
+    """fetch(), with http(s) downloads kept in the store's cache so re-runs never download twice."""
+    if not uri.startswith(("http://", "https://")):
+        return fetch(uri, cfg.http)
+    cache = DatasetStore(store_uri).url("cache", "urls", hashlib.sha1(uri.encode()).hexdigest())
+    try:
+        return read_bytes(cache)
+    except FileNotFoundError:
+        data = fetch(uri, cfg.http)
+        atomic_write_bytes(cache, data)
+        return data
+
+
+def hash_inputs(row: dict, cfg: BuildConfig, store_uri: str) -> list[dict]:
+    """One image or tar -> rows (input fields + sha256, or stage/reason of a reject)."""
+    item = InputItem(**{k: row[k] for k in InputItem.__dataclass_fields__})
+    try:
+        data = _cached_fetch(item.uri, cfg, store_uri)
+        if item.kind == "image":
+            return [{**item.to_row(), "sha256": sha256(data), "stage": "", "reason": ""}]
+        try:
+            samples = tar_samples(data)
+        except Exception as exc:
+            raise Rejected("decode", f"not a readable tar ({type(exc).__name__}: {exc})") from None
+        out = []
+        for key in sorted(samples):
+            member = InputItem(f"{item.uri}#{key}", "wds", item.uri, member=key).to_row()
+            image = wds_image(samples[key])
+            if image is None:
+                out.append({**member, "sha256": "", "stage": "decode", "reason": "sample has no image member"})
+            else:
+                out.append({**member, "sha256": sha256(image), "stage": "", "reason": ""})
+        return out
+    except Rejected as r:
+        return [{**item.to_row(), "sha256": "", "stage": r.stage, "reason": r.reason}]
+
+
+# ---- phase B: build one unit -------------------------------------------------------------------
+
+def build_unit(row: dict, cfg: BuildConfig, store_uri: str, recipe: str) -> dict:
+    """Turn a unit's inputs into shards; write the unit marker last; return the marker."""
+    store = DatasetStore(store_uri)
+    unit, items = row["unit"], json.loads(row["items"])
+    start = time.time()
+    writer = ShardWriter(store.shards_url(recipe), unit, cfg.shard)
+    captures: dict[str, Capture | Rejected] = {}
+    tars: dict[str, dict] = {}
+    rejects, inputs, dropped_views = [], [], 0
+    try:
+        for it in items:
+            item = InputItem(**{k: it[k] for k in InputItem.__dataclass_fields__})
+            sha = it.get("sha256", "")
+            try:
+                if item.kind == "studio":
+                    if item.uri not in captures:
+                        try:
+                            captures[item.uri] = Capture(item.uri, strict=False)
+                        except DataError as exc:
+                            captures[item.uri] = Rejected("capture", str(exc))
+                    cap = captures[item.uri]
+                    if isinstance(cap, Rejected):
+                        raise cap
+                    key, members, info = studio_sample(cap, item.frame, cfg, item.input_id)
+                    dropped_views += len(info["dropped"])
+                    kind = "studio"
+                else:
+                    if item.kind == "wds":
+                        if item.uri not in tars:
+                            tars[item.uri] = tar_samples(_cached_fetch(item.uri, cfg, store_uri))
+                        data = wds_image(tars[item.uri][item.member])
+                    else:
+                        data = _cached_fetch(item.uri, cfg, store_uri)
+                    if sha and sha256(data) != sha:
+                        raise Rejected("fetch", "source changed during the build (sha256 differs)")
+                    key, members = photo_sample(data, cfg, item.input_id, sha)
+                    kind = "image"
+                writer.add(key, members, item.input_id, kind, sha)
+                inputs.append({"input": item.input_id, "status": "kept", "key": key, "sha256": sha, "kind": kind})
+            except Rejected as r:
+                rejects.append({"input": item.input_id, "stage": r.stage, "reason": r.reason})
+                inputs.append({"input": item.input_id, "status": "rejected", "key": "", "sha256": sha,
+                               "kind": item.kind})
+            except Exception as exc:   # a bug must not lose the other inputs: record it, loudly
+                log.exception("unexpected error on %s", item.input_id)
+                rejects.append({"input": item.input_id, "stage": "error",
+                                "reason": f"unexpected {type(exc).__name__}: {exc}"})
+                inputs.append({"input": item.input_id, "status": "rejected", "key": "", "sha256": sha,
+                               "kind": item.kind})
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    for cap in captures.values():
+        if isinstance(cap, Capture):
+            cap.close()
+    marker = {"unit": unit, "recipe": recipe, "shards": shards, "rejects": rejects, "inputs": inputs,
+              "dropped_views": dropped_views, "seconds": time.time() - start}
+    store.write_json(store.unit_marker_path(recipe, unit), marker)
+    return {"unit": unit, "marker": json.dumps(marker)}
+
+
+# ---- the job -----------------------------------------------------------------------------------
+
+def plan_units(items: list[dict], recipe: str, size: int) -> list[dict]:
+    items = sorted(items, key=lambda r: r["input_id"])
+    units = []
+    for k in range(0, len(items), size):
+        chunk = items[k:k + size]
+        digest = hashlib.sha256("\n".join([recipe] + [r["input_id"] for r in chunk]).encode())
+        units.append({"unit": digest.hexdigest()[:16], "items": json.dumps(chunk)})
+    return units
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="unit", file=sys.stderr, disable=None)
+
+
+def run_build(cfg: BuildConfig, config_dict: dict) -> str:
+    """Run the build and commit the version; returns the version id."""
+    started = time.time()
+    store = DatasetStore(cfg.dataset)
+    recipe = cfg.recipe_hash()
+    parent = _parent(store, cfg)
+    reuse = parent is not None and parent.get("recipe") == recipe
+    if parent is not None and not reuse:
+        log.info("parent %s was built with another recipe: building everything again", parent["id"])
+
+    # Enumerate.
+    items, ledger_rejects = [], []
+    for source in cfg.sources:
+        found, rejected = enumerate_source(source)
+        log.info("source %s %s: %d inputs", source.kind, source.uri, len(found))
+        items += [i.to_row() for i in found]
+        ledger_rejects += rejected
+    seen, unique = set(), []
+    for row in items:
+        if row["input_id"] in seen:
+            ledger_rejects.append({"input": row["input_id"], "stage": "source", "reason": "listed twice"})
+        else:
+            seen.add(row["input_id"])
+            unique.append(row)
+    parent_inputs = store.read_table(parent["inputs_url"]).to_pylist() if reuse else []
+    done = {r["input"] for r in parent_inputs}
+    new = [r for r in unique if r["input_id"] not in done]
+    # A tar already processed in the parent is known by its members' ids: "tar#key".
+    done_tars = {r["input"].split("#", 1)[0] for r in parent_inputs if r["kind"] in ("wds", "image") and "#" in r["input"]}
+    new = [r for r in new if not (r["kind"] == "wds" and r["input_id"] in done_tars)]
+    ledger_rejects = [r for r in ledger_rejects if r["input"] not in done]
+    log.info("%d inputs (%d new since parent %s)", len(unique), len(new), parent["id"] if parent else "-")
+
+    ray = ensure_ray()
+    # Phase A: read and hash photos and tar samples.
+    to_hash = [r for r in new if r["kind"] in ("image", "wds")]
+    hashed = []
+    if to_hash:
+        ds = ray.data.from_items(to_hash, override_num_blocks=min(len(to_hash), 4 * _cpus(ray)))
+        ds = ds.flat_map(lambda row: hash_inputs(row, cfg, store.uri), concurrency=cfg.workers)
+        hashed = ds.take_all()
+    # Dedup within the build (smallest input id wins) and against the parent's samples.
+    parent_sha = {r["sha256"]: r["input"] for r in parent_inputs if r["status"] == "kept" and r["sha256"]}
+    survivors = [r for r in new if r["kind"] == "studio"]
+    first_of: dict[str, str] = {}
+    for row in sorted(hashed, key=lambda r: r["input_id"]):
+        if row["stage"]:
+            ledger_rejects.append({"input": row["input_id"], "stage": row["stage"], "reason": row["reason"]})
+        elif cfg.dedup_against_parent and row["sha256"] in parent_sha:
+            ledger_rejects.append({"input": row["input_id"], "stage": "dedup",
+                                   "reason": f"duplicate of {parent_sha[row['sha256']]} (parent)"})
+        elif cfg.dedup and row["sha256"] in first_of:
+            ledger_rejects.append({"input": row["input_id"], "stage": "dedup",
+                                   "reason": f"duplicate of {first_of[row['sha256']]}"})
+        else:
+            first_of.setdefault(row["sha256"], row["input_id"])
+            survivors.append(row)
+
+    # Phase B: build the units that are not done yet.
+    units = plan_units(survivors, recipe, cfg.unit_inputs)
+    markers, todo = {}, []
+    for u in units:
+        path = store.unit_marker_path(recipe, u["unit"])
+        if store.fs.exists(path):
+            markers[u["unit"]] = store.read_json(path)
+        else:
+            todo.append(u)
+    log.info("%d units: %d done before (reused), %d to build", len(units), len(markers), len(todo))
+    if todo:
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        ds = ds.map(lambda row: build_unit(row, cfg, store.uri, recipe), concurrency=cfg.workers)
+        with _progress(len(todo), "building units") as bar:
+            for row in ds.iter_rows():
+                markers[row["unit"]] = json.loads(row["marker"])
+                bar.update(1)
+
+    return commit_version(store, cfg, config_dict, parent, reuse, markers, ledger_rejects, started,
+                          units_reused=len(units) - len(todo))
+
+
+def _cpus(ray) -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _parent(store: DatasetStore, cfg: BuildConfig) -> dict | None:
+    if cfg.parent is None:
+        return None
+    try:
+        return store.resolve(cfg.parent)
+    except VersionNotFound:
+        if cfg.parent != "latest":
+            raise
+        return None

@@ -1,0 +1,255 @@
+"""Versioned datasets in object storage (SPEC §6): immutable versions, mutable tags, gc.
+
+Layout under a dataset URI (any fsspec URL):
+    shards/{recipe}/{unit}-{part}.tar (+ .index.parquet)   samples, written by build units
+    units/{recipe}/{unit}.json                               unit marker: a finished unit (last write)
+    cache/urls/{sha1(url)}                                   downloaded URL bytes, reused by re-runs
+    versions/{id}/manifest.parquet, rejects.parquet, inputs.parquet, stats.json, preview.png
+    versions/{id}.json                                       the version record, written LAST
+    tags/{name}.json                                         {"id": version id}: mutable
+
+A version is listed iff its record exists, and the record is written after everything it
+references, so a crash never leaves a half version listed. Versions never conflict: the id is
+derived from the manifest's content and the record is created with the store's conditional
+create (O_EXCL link on local disks, `If-None-Match: *` on S3), so two concurrent builds each
+commit their own version (or, with identical content, the same one) and nothing is overwritten.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import time
+import uuid
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dataprep.errors import DataError
+from dataprep.storage import absolute_url, atomic_write_bytes, fs_and_path, is_local, join
+
+log = logging.getLogger("pippo.data.store")
+
+
+class VersionNotFound(DataError):
+    pass
+
+
+def version_id(shards: list[dict], rejects_digest: str, inputs_digest: str) -> str:
+    """Content id of a version: its shards (url, samples, bytes, sha256) and ledgers."""
+    canon = json.dumps({"shards": sorted([s["url"], s["samples"], s["bytes"], s["sha256"]] for s in shards),
+                        "rejects": rejects_digest, "inputs": inputs_digest}, sort_keys=True)
+    return hashlib.sha256(canon.encode()).hexdigest()[:20]
+
+
+def table_digest(table: pa.Table) -> str:
+    rows = sorted(json.dumps(r, sort_keys=True, default=str) for r in table.to_pylist())
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+class DatasetStore:
+    def __init__(self, uri: str):
+        self.uri = absolute_url(str(uri).rstrip("/"))
+        self.fs, self.root = fs_and_path(self.uri)
+
+    # -- paths ------------------------------------------------------------------------------------
+    def url(self, *parts: str) -> str:
+        return join(self.uri, *parts)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def shards_url(self, recipe: str) -> str:
+        return self.url("shards", recipe)
+
+    def unit_marker_path(self, recipe: str, unit: str) -> str:
+        return self.path("units", recipe, f"{unit}.json")
+
+    # -- small JSON objects -----------------------------------------------------------------------
+    def read_json(self, path: str):
+        with self.fs.open(path, "rb") as f:
+            return json.loads(f.read())
+
+    def write_json(self, path: str, obj) -> None:
+        atomic_write_bytes(self._url_of(path), json.dumps(obj, indent=1, sort_keys=True).encode())
+
+    def _url_of(self, path: str) -> str:
+        return self.url(posixpath.relpath(path, self.root))
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create `path` only if absent (atomic); False if it already existed."""
+        if is_local(self.fs):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)          # atomic, fails if the name exists
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:  # some S3 servers answer 412 without naming the condition
+            if "Precondition" in str(exc) or "412" in str(exc):
+                return False
+            raise
+
+    # -- versions ---------------------------------------------------------------------------------
+    def _tags(self) -> dict[str, str]:
+        tags = {}
+        for p in self._ls("tags"):
+            if p.endswith(".json"):
+                tags[posixpath.basename(p)[:-5]] = self.read_json(p)["id"]
+        return tags
+
+    def _ls(self, *parts: str) -> list[str]:
+        try:
+            return sorted(self.fs.ls(self.path(*parts), detail=False))
+        except FileNotFoundError:
+            return []
+
+    def versions(self) -> list[dict]:
+        """Every listed version, newest first, with its tags."""
+        self.fs.invalidate_cache()
+        records = [self.read_json(p) for p in self._ls("versions") if p.endswith(".json")]
+        by_id: dict[str, list[str]] = {}
+        for name, vid in self._tags().items():
+            by_id.setdefault(vid, []).append(name)
+        for r in records:
+            r["tags"] = sorted(by_id.get(r["id"], []))
+        return sorted(records, key=lambda r: (r["created"], r["id"]), reverse=True)
+
+    def resolve(self, ref: str | None) -> dict:
+        """A version by id, unique id prefix, tag, or 'latest'."""
+        versions = self.versions()
+        if not versions:
+            raise VersionNotFound(f"{self.uri}: no versions")
+        ref = ref or "latest"
+        if ref == "latest":
+            return versions[0]
+        tagged = [v for v in versions if ref in v["tags"]]
+        if tagged:
+            return tagged[0]
+        matches = [v for v in versions if v["id"].startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise VersionNotFound(f"{self.uri}@{ref}: ambiguous prefix ({len(matches)} versions)")
+        raise VersionNotFound(f"{self.uri}@{ref}: no such version or tag")
+
+    def commit_version(self, record: dict) -> bool:
+        """Write the version record (the last write of a build). False if it already existed."""
+        record = {k: v for k, v in record.items() if k != "tags"}
+        data = json.dumps(record, indent=1, sort_keys=True).encode()
+        return self.create_exclusive(self.path("versions", f"{record['id']}.json"), data)
+
+    def tag(self, ref: str, name: str) -> str:
+        if not name or "/" in name or name == "latest" or name.startswith("."):
+            raise DataError(f"invalid tag name {name!r}")
+        vid = self.resolve(ref)["id"]
+        self.write_json(self.path("tags", f"{name}.json"), {"id": vid, "updated": _now()})
+        return vid
+
+    def read_table(self, url: str) -> pa.Table:
+        fs, path = fs_and_path(url)
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f)
+
+    def write_table(self, url: str, table: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        atomic_write_bytes(url, sink.getvalue().to_pybytes())
+
+    # -- gc ---------------------------------------------------------------------------------------
+    def gc(self, keep_last: int | None = None, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
+        """Delete shards (and unit markers) no listed version references.
+
+        Files younger than `grace_s` are kept: they may belong to a build still running, whose
+        version is not listed yet. `keep_last` first un-lists all but the newest N untagged
+        versions (tagged versions are always kept).
+        """
+        dropped_versions = []
+        if keep_last is not None:
+            untagged = [v for v in self.versions() if not v["tags"]]
+            for v in untagged[keep_last:]:
+                dropped_versions.append(v["id"])
+                if not dry_run:
+                    self.fs.rm(self.path("versions", f"{v['id']}.json"))
+                    self.fs.rm(self.path("versions", v["id"]), recursive=True)
+        referenced = set()
+        for v in self.versions():
+            for s in v["shards"]:
+                referenced.add(fs_and_path(s["url"])[1])
+        now = time.time()
+        deleted, kept_young = [], 0
+        for path in self._find("shards"):
+            shard = path[: -len(".index.parquet")] + ".tar" if path.endswith(".index.parquet") else path
+            if shard in referenced:
+                continue
+            if now - self._mtime(path) < grace_s:
+                kept_young += 1
+                continue
+            deleted.append(path)
+        # A unit marker vouches for its shards: it goes with them, or a later build would skip
+        # the unit and reference shards that no longer exist.
+        doomed = set(deleted)
+        for path in self._find("units"):
+            if any(fs_and_path(s["url"])[1] in doomed for s in self.read_json(path).get("shards", [])):
+                deleted.append(path)
+        if not dry_run:
+            # markers first: a marker must never outlive the shards it vouches for
+            for path in sorted(deleted, key=lambda p: "/units/" not in p):
+                self.fs.rm(path)
+        log.info("gc %s: %d files deleted, %d unreferenced but younger than %ss kept, %d versions un-listed",
+                 self.uri, len(deleted), kept_young, grace_s, len(dropped_versions))
+        return {"deleted": len(deleted), "kept_young": kept_young, "versions_dropped": dropped_versions}
+
+    def _find(self, *parts: str) -> list[str]:
+        try:
+            return sorted(self.fs.find(self.path(*parts)))
+        except FileNotFoundError:
+            return []
+
+    def _mtime(self, path: str) -> float:
+        info = self.fs.info(path)
+        for key in ("mtime", "LastModified", "last_modified", "created"):
+            value = info.get(key)
+            if value is not None:
+                return value.timestamp() if hasattr(value, "timestamp") else float(value)
+        return time.time()
+
+
+def diff(a: dict, b: dict) -> dict:
+    """Shards added and removed from version a to version b, with sample counts."""
+    sa = {s["url"]: s for s in a["shards"]}
+    sb = {s["url"]: s for s in b["shards"]}
+    added = [sb[u] for u in sorted(set(sb) - set(sa))]
+    removed = [sa[u] for u in sorted(set(sa) - set(sb))]
+    return {"from": a["id"], "to": b["id"],
+            "shards_added": added, "shards_removed": removed,
+            "samples_added": sum(s["samples"] for s in added),
+            "samples_removed": sum(s["samples"] for s in removed),
+            "samples_from": a["samples"], "samples_to": b["samples"]}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """'URI@REF' -> (URI, REF); a URI without @ means latest."""
+    uri, sep, name = ref.rpartition("@")
+    if not sep or "/" in name:
+        return ref, "latest"
+    return uri, name or "latest"

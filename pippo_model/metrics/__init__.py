@@ -1,0 +1,1 @@
+"""Evaluation metrics: reprojection error (3D consistency), PSNR, SSIM, FID."""
