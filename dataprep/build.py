@@ -86,6 +86,9 @@ def hash_inputs(row: dict, cfg: BuildConfig, store_uri: str) -> list[dict]:
         return out
     except Rejected as r:
         return [{**item.to_row(), "sha256": "", "stage": r.stage, "reason": r.reason}]
+    except Exception as exc:   # a bug must not lose the other inputs: record it, loudly
+        log.exception("unexpected error on %s", item.input_id)
+        return [{**item.to_row(), "sha256": "", "stage": "error", "reason": f"unexpected {type(exc).__name__}: {exc}"}]
 
 
 # ---- phase B: build one unit -------------------------------------------------------------------
@@ -202,11 +205,11 @@ def run_build(cfg: BuildConfig, config_dict: dict) -> str:
     ledger_rejects = [r for r in ledger_rejects if r["input"] not in done]
     log.info("%d inputs (%d new since parent %s)", len(unique), len(new), parent["id"] if parent else "-")
 
-    ray = ensure_ray()
     # Phase A: read and hash photos and tar samples.
     to_hash = [r for r in new if r["kind"] in ("image", "wds")]
     hashed = []
     if to_hash:
+        ray = ensure_ray()
         ds = ray.data.from_items(to_hash, override_num_blocks=min(len(to_hash), 4 * _cpus(ray)))
         ds = ds.flat_map(lambda row: hash_inputs(row, cfg, store.uri), concurrency=cfg.workers)
         hashed = ds.take_all()
@@ -238,6 +241,7 @@ def run_build(cfg: BuildConfig, config_dict: dict) -> str:
             todo.append(u)
     log.info("%d units: %d done before (reused), %d to build", len(units), len(markers), len(todo))
     if todo:
+        ray = ensure_ray()
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         ds = ds.map(lambda row: build_unit(row, cfg, store.uri, recipe), concurrency=cfg.workers)
         with _progress(len(todo), "building units") as bar:

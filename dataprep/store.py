@@ -16,6 +16,7 @@ commit their own version (or, with identical content, the same one) and nothing 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -51,9 +52,9 @@ def table_digest(table: pa.Table) -> str:
 
 
 class DatasetStore:
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, **storage_options):
         self.uri = absolute_url(str(uri).rstrip("/"))
-        self.fs, self.root = fs_and_path(self.uri)
+        self.fs, self.root = fs_and_path(self.uri, **storage_options)
 
     # -- paths ------------------------------------------------------------------------------------
     def url(self, *parts: str) -> str:
@@ -100,8 +101,9 @@ class DatasetStore:
             return True
         except FileExistsError:
             return False
-        except OSError as exc:  # some S3 servers answer 412 without naming the condition
-            if "Precondition" in str(exc) or "412" in str(exc):
+        except OSError as exc:
+            # s3fs maps a 412 that does not name If-None-Match (SeaweedFS, some gateways) to EINVAL
+            if exc.errno == errno.EINVAL and "precondition" in str(exc).lower().replace("-", ""):
                 return False
             raise
 

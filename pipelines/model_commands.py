@@ -3,13 +3,10 @@ pippo_model: model configs from YAML and checkpoints from object stores."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from pipelines.cli import UserError
 from pipelines.config import load_config
-
-log = logging.getLogger(__name__)
 
 
 def load_model_config(path, overrides=()):

@@ -166,6 +166,11 @@ def test_ddim_with_an_oracle_recovers_x0(prediction):
         out = ddim_sample(Oracle(), SCHEDULE, {"reference": x0[:, 0]}, x0.shape, steps=7, eta=eta,
                           generator=torch.Generator().manual_seed(3))
         torch.testing.assert_close(out, x0, rtol=1e-6, atol=1e-6)
+    # clipping x0_hat to a range that contains x0 keeps the oracle exact; a narrower one bounds it
+    wide = ddim_sample(Oracle(), SCHEDULE, {"reference": x0[:, 0]}, x0.shape, steps=7, clip=10.0)
+    torch.testing.assert_close(wide, x0, rtol=1e-6, atol=1e-6)
+    narrow = ddim_sample(Oracle(), SCHEDULE, {"reference": x0[:, 0]}, x0.shape, steps=7, eta=0.0, clip=0.5)
+    assert narrow.abs().max() <= 0.5 + 1e-9
 
 
 @pytest.mark.parametrize("name,keys", [("reference", ["reference"]), ("camera", ["cameras"]),
@@ -265,3 +270,21 @@ def test_camera_vectors_are_scale_invariant_and_embed_the_pose():
     torch.testing.assert_close(m[:, :3, :3], R)
     centres = -(R.transpose(1, 2) @ t[..., None])[..., 0]
     torch.testing.assert_close(m[:, :3, 3], t / centres.norm(dim=1).mean())
+
+
+def test_weights_round_trip_through_safetensors_and_torch_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from pippo_model.model import load_weights
+
+    cfg = small("mid")
+    model = perturb(build_model(cfg)).eval()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "mid.safetensors"))
+    torch.save(state, tmp_path / "mid.pt")
+    batch = batch_for(cfg)
+    x, t = batch["views"], torch.tensor([50, 500])
+    for name in ("mid.safetensors", "mid.pt"):
+        post = build_model(small("post")).eval()
+        load_stage_weights(post, load_weights(tmp_path / name), cfg)
+        torch.testing.assert_close(post(x, t, cond_of(batch)), model(x, t, cond_of(batch)), rtol=0, atol=0)

@@ -1,5 +1,4 @@
 """Model configs, parameter counts, FLOPs and `pippo model info`."""
-import dataclasses
 import json
 from pathlib import Path
 
