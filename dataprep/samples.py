@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from dataprep.anchors import draw_anchor
+from dataprep.anchors import anchor_png, draw_anchor
 from dataprep.build_config import BuildConfig
 from dataprep.capture import Capture
 from dataprep.errors import DataError
@@ -85,7 +85,7 @@ def studio_sample(capture: Capture, frame: int, cfg: BuildConfig, input_id: str)
         data, ext = encode(view_rgb, cfg.lossless, cfg.jpeg_quality)
         members[f"view{vv}.{ext}"] = data
         anchor = draw_anchor(K, cam.R, cam.t, res, res, pose, cfg.anchor_axis_m)
-        members[f"view{vv}.anchor.png"] = png(anchor.image.transpose(1, 2, 0))
+        members[f"view{vv}.anchor.png"] = anchor_png(anchor.image)
         if mask is not None:
             members[f"view{vv}.mask.png"] = png(resize(mask[y0:y0 + side, x0:x0 + side], res, res, nearest=True))
         plucker_maps.append(plucker(resize_intrinsics(K, 1 / stride), cam.R, cam.t, res // stride, res // stride))
@@ -130,13 +130,16 @@ def face_view(image: np.ndarray, cam, head_uv, head_z: float, out: int):
 
 def photo_sample(data: bytes, cfg: BuildConfig, input_id: str, sha256: str) -> tuple[str, dict]:
     """One unstructured photo -> (key, members) per SPEC §5 (`{key}.jpg` + `{key}.json`)."""
-    photo = decode_photo(data, cfg.filters.max_pixels)
+    photo = decode_photo(data, cfg.filters.max_pixels, min_side=cfg.resolution)
     apply_filters(photo, cfg.filters)
     rgb, box = center_square(photo.rgb, cfg.resolution)
+    # the crop box in full-resolution upright pixels (the decode may have used a DCT scale)
+    w, h = photo.upright_size
+    scale = min(w, h) / box[2]
+    box = [round(v * scale) for v in box]
     encoded, ext = encode(rgb, cfg.lossless, cfg.jpeg_quality)
     name = input_id.rsplit("/", 1)[-1].rsplit("#", 1)[-1]
     key = sample_key("img", name.rsplit(".", 1)[0], input_id=input_id)
-    h, w = photo.rgb.shape[:2]
     meta = {"kind": "image", "source": input_id, "sha256": sha256, "width": cfg.resolution,
             "height": cfg.resolution, "orig_width": photo.orig_width, "orig_height": photo.orig_height,
             "upright_width": w, "upright_height": h, "crop": box, "source_mode": photo.mode,

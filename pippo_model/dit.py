@@ -19,8 +19,8 @@ from .embeddings import Patchify, TimestepEmbedder, resize_grid, sincos_1d, sinc
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN (DiT eq. in §3.2): x * (1 + scale) + shift, per sample, broadcast over tokens."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """adaLN (DiT §3.2): x * (1 + scale) + shift, per sample, broadcast over tokens (one fused op)."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
 
 
 class DiTBlock(nn.Module):
@@ -60,9 +60,10 @@ class DiTBlock(nn.Module):
         a = self.attn_out(rearrange(a, "b h n d -> b n (h d)"))
         m = self.mlp_out(F.gelu(h, approximate="tanh"))
         if control is not None:  # controls exist for target tokens only (the reference comes last)
-            m = m + F.pad(control, (0, 0, 0, m.shape[1] - control.shape[1]))
+            m[:, : control.shape[1]] += control  # in place: mlp_out's output is not saved for backward
         # x + g_a * adaLN(attn) + g_m * adaLN(mlp): parallel residual with zero-initialised gates
-        return x + gate_a[:, None] * modulate(a, shift_a, scale_a) + gate_m[:, None] * modulate(m, shift_m, scale_m)
+        x = torch.addcmul(x, gate_a[:, None], modulate(a, shift_a, scale_a))
+        return torch.addcmul(x, gate_m[:, None], modulate(m, shift_m, scale_m))
 
 
 class FinalLayer(nn.Module):

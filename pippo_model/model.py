@@ -105,3 +105,13 @@ def load_stage_weights(model: Pippo, state_dict: dict, source_cfg: ModelConfig |
     if stray:
         raise ValueError(f"checkpoint lacks keys of modules present in both stages: {stray[:5]}")
     return list(result.missing_keys)
+
+
+def load_weights(path) -> dict:
+    """A state dict from a local .safetensors file (preferred) or a torch file (weights only)."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -92,7 +92,7 @@ def test_local_build_end_to_end(corpus, tmp_path, ray_local):
             assert np.abs(P[k].astype(np.float32) - exact).max() < 2e-3
             img = np.asarray(Image.open(io.BytesIO(s[f"view{k:02d}.jpg"])))
             assert img.shape == (64, 64, 3)
-            anchor = np.asarray(Image.open(io.BytesIO(s[f"view{k:02d}.anchor.png"])))
+            anchor = np.asarray(Image.open(io.BytesIO(s[f"view{k:02d}.anchor.png"])).convert("RGB"))
             u, v_ = view["anchor_uv"]
             assert anchor[int(round(v_)), int(round(u))].min() > 200        # white disc at anchor_uv
             assert f"view{k:02d}.mask.png" in s and f"face{k:02d}.jpg" in s
