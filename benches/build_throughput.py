@@ -21,7 +21,7 @@ from dataprep.build import ensure_ray, run_build
 from dataprep.build_config import BuildConfig, ShardLimits, Source
 from dataprep.synth import synth_image
 
-PHOTOS = int(sys.argv[1]) if len(sys.argv) > 1 else 720
+PHOTOS = int(sys.argv[1]) if len(sys.argv) > 1 else 2880
 RESOLUTION = 256
 
 

@@ -7,6 +7,8 @@ way: one line naming the key, the value and the file.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -71,6 +73,28 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+ENV_DEFAULTS = {"PIPPO_STORE": "./.pippo/store"}
+_ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any, source: str = "<config>") -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string (PIPPO_STORE defaults to ./.pippo/store)."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, source) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, source) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        got = os.environ.get(name) or default or ENV_DEFAULTS.get(name)
+        if got is None:
+            raise ConfigError(f"{source}: ${{{name}}} is not set and has no default")
+        return got
+    return _ENV_REF.sub(sub, value)
+
+
 def load_config(cls: type[T], path: str | Path | None, overrides=(), *, data: dict | None = None) -> T:
     """Load `path` (YAML) with `overrides` applied into dataclass `cls`, checking every key."""
     source = str(path) if path is not None else "<defaults>"
@@ -78,7 +102,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides=(), *, data: di
     if data:
         raw = merge(raw, data)
     raw = merge(raw, parse_overrides(list(overrides)))
-    return from_dict(cls, raw, source=source)
+    return from_dict(cls, expand_env(raw, source), source=source)
 
 
 def from_dict(cls: type[T], raw: Any, *, source: str = "<dict>", prefix: str = "") -> T:

@@ -16,7 +16,7 @@ def synth_captures(args) -> int:
 
     out = Path(args.out)
     total = args.captures * args.cameras * args.frames
-    with tqdm(total=total, desc="rendering views", unit="view", file=sys.stderr) as bar:
+    with tqdm(total=total, desc="rendering views", unit="view", file=sys.stderr, disable=None) as bar:
         for k in range(args.captures):
             path = synth_capture(out / f"capture_{args.seed:04d}_{k:03d}", cameras=args.cameras,
                                  frames=args.frames, height=args.height, width=args.width,
@@ -30,7 +30,7 @@ def synth_captures(args) -> int:
 def synth_images(args) -> int:
     from dataprep.synth import synth_images as write_images
 
-    with tqdm(total=args.count, desc="rendering photos", unit="img", file=sys.stderr) as bar:
+    with tqdm(total=args.count, desc="rendering photos", unit="img", file=sys.stderr, disable=None) as bar:
         paths = write_images(args.out, args.count, args.seed, progress=bar)
     log.info("wrote %d photos to %s", len(paths), args.out)
     print(args.out)

@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
 # The main job on the embedded defaults: everything the pipeline can do today, end to end, on
-# synthetic data (no server, no download). Outputs land in ./out/demo.
+# synthetic data (no server, no download). Outputs land in ./out/demo and the object store
+# ${PIPPO_STORE:-./.pippo/store}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-out/demo}
+OUT=out/demo
 pippo=.venv/bin/pippo
+STORE=${PIPPO_STORE:-./.pippo/store}
 mkdir -p "$OUT"
-$pippo data synth-captures "$OUT/captures" --captures 2 --cameras 8 --frames 2 --height 256 --width 168
-$pippo data synth-images "$OUT/photos" --count 24
+echo "== 1. synthetic studio captures and photos" >&2
+$pippo data synth-captures "$OUT/captures" --captures 2 --cameras 8 --frames 3 --height 384 --width 252
+$pippo data synth-images "$OUT/photos" --count 48
 for cap in "$OUT"/captures/*/; do
-  name=$(basename "$cap")
-  $pippo data inspect "$cap" --preview "$OUT/preview_${name}.png"
+  $pippo data inspect "$cap" --preview "$OUT/capture_$(basename "$cap").png" > /dev/null
 done
-echo "demo: previews in $OUT/preview_*.png, captures in $OUT/captures, photos in $OUT/photos"
+echo "== 2. Ray build job -> a dataset version (re-running reuses everything)" >&2
+vid=$($pippo data build configs/datasets/demo.yaml | tail -n 1)
+$pippo data show "$STORE/datasets/demo@$vid"
+$pippo data versions "$STORE/datasets/demo"
+$pippo data show "$STORE/datasets/demo@$vid" --json > "$OUT/version.json"
+cp "$STORE/datasets/demo/versions/$vid/preview.png" "$OUT/dataset_preview.png"
+echo "== 3. the model" >&2
+$pippo model info configs/models/tiny.yaml
+echo "demo done: $OUT/capture_*.png (captures with anchors), $OUT/dataset_preview.png (version $vid)" >&2

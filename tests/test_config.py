@@ -71,3 +71,16 @@ def test_parse_overrides_and_flatten():
     assert parse_overrides(["a.b=3", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 3, "c": "x"}, "d": [1, 2]}
     assert flatten(Job("d", sources=[Source("images", "u")]))["resolution"] == 256
     assert flatten({"a": {"b": {"c": 1}}}) == {"a.b.c": 1}
+
+
+def test_environment_references_expand_with_pippo_store_default(tmp_path, monkeypatch):
+    p = write(tmp_path, "dataset: ${PIPPO_STORE}/datasets/x\nsources: [{kind: images, uri: '${SRC:-/data}'}]\n")
+    monkeypatch.delenv("PIPPO_STORE", raising=False)
+    job = load_config(Job, p)
+    assert job.dataset == "./.pippo/store/datasets/x" and job.sources[0].uri == "/data"
+    monkeypatch.setenv("PIPPO_STORE", "s3://bucket/root")
+    monkeypatch.setenv("SRC", "/mnt/photos")
+    job = load_config(Job, p)
+    assert job.dataset == "s3://bucket/root/datasets/x" and job.sources[0].uri == "/mnt/photos"
+    with pytest.raises(ConfigError, match=r"\$\{NOPE\} is not set"):
+        load_config(Job, p, ["dataset=${NOPE}"])
