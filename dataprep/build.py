@@ -32,9 +32,11 @@ from dataprep.shards import ShardWriter
 from dataprep.sources import InputItem, enumerate_source, fetch, sha256, tar_samples, wds_image
 from dataprep.storage import atomic_write_bytes, read_bytes
 from dataprep.commit import commit_version
-from dataprep.store import DatasetStore, VersionNotFound
+from dataprep.store import BuildLease, DatasetStore, VersionNotFound
 
 log = logging.getLogger("pippo.data.build")
+
+RETRY_STAGES = ("fetch", "error")   # passing failures: an incremental build tries these inputs again
 
 def ensure_ray():
     """Local Ray in-process unless RAY_ADDRESS names a cluster (never attach to a stray one)."""
@@ -64,6 +66,10 @@ def _cached_fetch(uri: str, cfg: BuildConfig, store_uri: str) -> bytes:
         return data
 
 
+def _row_reject(item: InputItem, stage: str, reason: str) -> dict:
+    return {**item.to_row(), "sha256": "", "stage": stage, "reason": reason}
+
+
 def hash_inputs(row: dict, cfg: BuildConfig, store_uri: str) -> list[dict]:
     """One image or tar -> rows (input fields + sha256, or stage/reason of a reject)."""
     item = InputItem(**{k: row[k] for k in InputItem.__dataclass_fields__})
@@ -75,20 +81,22 @@ def hash_inputs(row: dict, cfg: BuildConfig, store_uri: str) -> list[dict]:
             samples = tar_samples(data)
         except Exception as exc:
             raise Rejected("decode", f"not a readable tar ({type(exc).__name__}: {exc})") from None
+        if not samples:
+            raise Rejected("decode", "tar holds no samples")
         out = []
         for key in sorted(samples):
-            member = InputItem(f"{item.uri}#{key}", "wds", item.uri, member=key).to_row()
+            member = InputItem(f"{item.uri}#{key}", "wds", item.uri, member=key)
             image = wds_image(samples[key])
             if image is None:
-                out.append({**member, "sha256": "", "stage": "decode", "reason": "sample has no image member"})
+                out.append(_row_reject(member, "decode", "sample has no image member"))
             else:
-                out.append({**member, "sha256": sha256(image), "stage": "", "reason": ""})
+                out.append({**member.to_row(), "sha256": sha256(image), "stage": "", "reason": ""})
         return out
     except Rejected as r:
-        return [{**item.to_row(), "sha256": "", "stage": r.stage, "reason": r.reason}]
+        return [_row_reject(item, r.stage, r.reason)]
     except Exception as exc:   # a bug must not lose the other inputs: record it, loudly
         log.exception("unexpected error on %s", item.input_id)
-        return [{**item.to_row(), "sha256": "", "stage": "error", "reason": f"unexpected {type(exc).__name__}: {exc}"}]
+        return [_row_reject(item, "error", f"unexpected {type(exc).__name__}: {exc}")]
 
 
 # ---- phase B: build one unit -------------------------------------------------------------------
@@ -131,17 +139,17 @@ def build_unit(row: dict, cfg: BuildConfig, store_uri: str, recipe: str) -> dict
                     key, members = photo_sample(data, cfg, item.input_id, sha)
                     kind = "image"
                 writer.add(key, members, item.input_id, kind, sha)
-                inputs.append({"input": item.input_id, "status": "kept", "key": key, "sha256": sha, "kind": kind})
-            except Rejected as r:
-                rejects.append({"input": item.input_id, "stage": r.stage, "reason": r.reason})
+                inputs.append({"input": item.input_id, "status": "kept", "key": key, "sha256": sha,
+                               "kind": item.kind, "uri": item.uri, "stage": ""})
+            except Exception as exc:
+                if isinstance(exc, Rejected):
+                    stage, reason = exc.stage, exc.reason
+                else:   # a bug must not lose the other inputs: record it, loudly
+                    log.exception("unexpected error on %s", item.input_id)
+                    stage, reason = "error", f"unexpected {type(exc).__name__}: {exc}"
+                rejects.append({"input": item.input_id, "stage": stage, "reason": reason})
                 inputs.append({"input": item.input_id, "status": "rejected", "key": "", "sha256": sha,
-                               "kind": item.kind})
-            except Exception as exc:   # a bug must not lose the other inputs: record it, loudly
-                log.exception("unexpected error on %s", item.input_id)
-                rejects.append({"input": item.input_id, "stage": "error",
-                                "reason": f"unexpected {type(exc).__name__}: {exc}"})
-                inputs.append({"input": item.input_id, "status": "rejected", "key": "", "sha256": sha,
-                               "kind": item.kind})
+                               "kind": item.kind, "uri": item.uri, "stage": stage})
         shards = writer.close()
     except BaseException:
         writer.abort()
@@ -192,18 +200,21 @@ def run_build(cfg: BuildConfig, config_dict: dict) -> str:
     seen, unique = set(), []
     for row in items:
         if row["input_id"] in seen:
-            ledger_rejects.append({"input": row["input_id"], "stage": "source", "reason": "listed twice"})
+            ledger_rejects.append({**row, "stage": "source", "reason": "listed twice"})
         else:
             seen.add(row["input_id"])
             unique.append(row)
     parent_inputs = store.read_table(parent["inputs_url"]).to_pylist() if reuse else []
-    done = {r["input"] for r in parent_inputs}
-    new = [r for r in unique if r["input_id"] not in done]
-    # A tar already processed in the parent is known by its members' ids: "tar#key".
-    done_tars = {r["input"].split("#", 1)[0] for r in parent_inputs if r["kind"] in ("wds", "image") and "#" in r["input"]}
-    new = [r for r in new if not (r["kind"] == "wds" and r["input_id"] in done_tars)]
-    ledger_rejects = [r for r in ledger_rejects if r["input"] not in done]
-    log.info("%d inputs (%d new since parent %s)", len(unique), len(new), parent["id"] if parent else "-")
+    # Inputs the parent rejected for a passing reason (download failure, unexpected error) are
+    # tried again; everything else the parent saw is done.
+    retry = {r["input"] for r in parent_inputs if r["status"] == "rejected" and r["stage"] in RETRY_STAGES}
+    done = {r["input"] for r in parent_inputs} - retry
+    done_tars = {r["uri"] for r in parent_inputs if r["kind"] == "wds" and r["input"] not in retry}
+    new = [r for r in unique if r["input_id"] not in done
+           and not (r["kind"] == "wds" and r["uri"] in done_tars)]
+    ledger_rejects = [r for r in ledger_rejects if r["input_id"] not in done]
+    log.info("%d inputs (%d new since parent %s, %d retried)", len(unique), len(new),
+             parent["id"] if parent else "-", len(retry))
 
     # Phase A: read and hash photos and tar samples.
     to_hash = [r for r in new if r["kind"] in ("image", "wds")]
@@ -218,34 +229,36 @@ def run_build(cfg: BuildConfig, config_dict: dict) -> str:
     survivors = [r for r in new if r["kind"] == "studio"]
     first_of: dict[str, str] = {}
     for row in sorted(hashed, key=lambda r: r["input_id"]):
+        if row["input_id"] in done:
+            continue                                   # a member of a tar the parent already read
         if row["stage"]:
-            ledger_rejects.append({"input": row["input_id"], "stage": row["stage"], "reason": row["reason"]})
+            ledger_rejects.append(row)
         elif cfg.dedup_against_parent and row["sha256"] in parent_sha:
-            ledger_rejects.append({"input": row["input_id"], "stage": "dedup",
+            ledger_rejects.append({**row, "stage": "dedup",
                                    "reason": f"duplicate of {parent_sha[row['sha256']]} (parent)"})
         elif cfg.dedup and row["sha256"] in first_of:
-            ledger_rejects.append({"input": row["input_id"], "stage": "dedup",
-                                   "reason": f"duplicate of {first_of[row['sha256']]}"})
+            ledger_rejects.append({**row, "stage": "dedup", "reason": f"duplicate of {first_of[row['sha256']]}"})
         else:
             first_of.setdefault(row["sha256"], row["input_id"])
             survivors.append(row)
 
-    # Phase B: build the units that are not done yet.
-    units = plan_units(survivors, recipe, cfg.unit_inputs)
-    markers, todo = {}, []
-    for u in units:
-        path = store.unit_marker_path(recipe, u["unit"])
-        if store.fs.exists(path):
-            markers[u["unit"]] = store.read_json(path)
-        else:
-            todo.append(u)
-    log.info("%d units: %d done before (reused), %d to build", len(units), len(markers), len(todo))
-    if todo:
-        for marker in run_units(ensure_ray(), todo, cfg, store.uri, recipe):
-            markers[marker["unit"]] = marker
-
-    return commit_version(store, cfg, config_dict, parent, reuse, markers, ledger_rejects, started,
-                          units_reused=len(units) - len(todo))
+    # Phase B: build the units that are not done yet. A running build holds a lease, so gc
+    # leaves its recipe's shards and its parent alone.
+    with BuildLease(store, recipe, parent["id"] if parent else None):
+        units = plan_units(survivors, recipe, cfg.unit_inputs)
+        markers, todo = {}, []
+        for u in units:
+            marker = store.finished_unit(recipe, u["unit"])
+            if marker is not None:
+                markers[u["unit"]] = marker
+            else:
+                todo.append(u)
+        log.info("%d units: %d done before (reused), %d to build", len(units), len(markers), len(todo))
+        if todo:
+            for marker in run_units(ensure_ray(), todo, cfg, store.uri, recipe):
+                markers[marker["unit"]] = marker
+        return commit_version(store, cfg, config_dict, parent, reuse, markers, ledger_rejects, started,
+                              units_reused=len(units) - len(todo), drop_inputs=retry)
 
 
 def run_units(ray, todo: list[dict], cfg: BuildConfig, store_uri: str, recipe: str):

@@ -9,7 +9,6 @@ PUT/multipart upload on an object store. Readers never see a partial shard.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -35,16 +34,35 @@ class ShardInfo:
     index_url: str
 
 
-def _tar_size(members: dict[str, bytes]) -> int:
-    """Bytes a sample occupies in a tar: a header block per member plus data rounded up to blocks."""
-    return sum(TAR_BLOCK + -(-len(v) // TAR_BLOCK) * TAR_BLOCK for v in members.values())
+def _tar_size(key: str, members: dict[str, bytes]) -> int:
+    """Bytes a sample occupies in a tar: per member a header block (plus a PAX header and its
+    data block when the name exceeds ustar's 100 characters) and the data rounded up to blocks."""
+    total = 0
+    for ext, data in members.items():
+        long_name = len(key) + 1 + len(ext) > 100
+        total += TAR_BLOCK * (3 if long_name else 1) + -(-len(data) // TAR_BLOCK) * TAR_BLOCK
+    return total
 
 
-def commit_file(local_tmp: str, url: str) -> None:
-    """Move a finished local file to `url`: rename on local storage, one upload otherwise."""
+def temp_file_for(url: str, suffix: str) -> str:
+    """A temporary file for what becomes `url`: beside it on a local store (so the commit is a
+    same-filesystem rename, and gc finds it after a crash), in $TMPDIR for an object store."""
     fs, path = fs_and_path(url)
     if is_local(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
+    else:
+        fd, tmp = tempfile.mkstemp(prefix="pippo-", suffix=suffix)
+    os.close(fd)
+    return tmp
+
+
+def commit_file(local_tmp: str, url: str) -> None:
+    """Move a finished local file to `url`: fsync + rename on local storage, one upload otherwise."""
+    fs, path = fs_and_path(url)
+    if is_local(fs):
+        with open(local_tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(local_tmp, path)
     else:
         fs.put_file(local_tmp, path)
@@ -60,17 +78,21 @@ class ShardWriter:
         self._part = 0
         self._open()
 
+    def _name(self) -> str:
+        return f"{self.unit}-{self._part:04d}"
+
     def _open(self):
-        fd, self._tmp = tempfile.mkstemp(prefix=f"pippo-{self.unit}-", suffix=".tar")
-        self._file = os.fdopen(fd, "wb")
+        self._tmp = temp_file_for(join(self.shards_url, f"{self._name()}.tar"), ".tar")
+        self._file = open(self._tmp, "wb")
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0, user="pippo", group="pippo")
         self._rows: list[dict] = []
-        self._bytes = 2 * TAR_BLOCK  # end-of-archive blocks
 
     def add(self, key: str, members: dict[str, bytes], source: str, kind: str, sha256: str = "") -> None:
-        size = _tar_size(members)
+        size = _tar_size(key, members)
+        # bytes written so far + this sample + the end-of-archive blocks must fit (tarfile then
+        # pads the file to a 10 KiB record on close: a shard may pass max_bytes by < 10 KiB)
         full = self._rows and (len(self._rows) >= self.limits.max_samples
-                               or self._bytes + size > self.limits.max_bytes)
+                               or self._file.tell() + size + 2 * TAR_BLOCK > self.limits.max_bytes)
         if full:
             self._finish()
             self._part += 1
@@ -78,7 +100,6 @@ class ShardWriter:
         self._tar.write({"__key__": key, **members})
         self._rows.append({"key": key, "source": source, "kind": kind, "status": "kept",
                            "bytes": size, "sha256": sha256})
-        self._bytes += size
 
     def _finish(self):
         self._tar.close()
@@ -91,14 +112,10 @@ class ShardWriter:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         nbytes = os.path.getsize(self._tmp)
-        name = f"{self.unit}-{self._part:04d}"
-        url = join(self.shards_url, f"{name}.tar")
-        index_url = join(self.shards_url, f"{name}.index.parquet")
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(self._rows, schema=INDEX_SCHEMA), buf)
-        fd, index_tmp = tempfile.mkstemp(prefix=f"pippo-{name}-", suffix=".parquet")
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
+        url = join(self.shards_url, f"{self._name()}.tar")
+        index_url = join(self.shards_url, f"{self._name()}.index.parquet")
+        index_tmp = temp_file_for(index_url, ".parquet")
+        pq.write_table(pa.Table.from_pylist(self._rows, schema=INDEX_SCHEMA), index_tmp)
         # The index lands before its shard; the unit marker (written by the caller after every
         # shard) is what makes either count, so a crash in between leaves nothing referenced.
         commit_file(index_tmp, index_url)

@@ -21,6 +21,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from dataprep.build_config import HttpConfig, Source
+from dataprep.errors import DataError
 from dataprep.photos import Rejected
 from dataprep.storage import absolute_url, fs_and_path, join
 
@@ -51,7 +52,8 @@ def enumerate_source(source: Source) -> tuple[list[InputItem], list[dict]]:
     """Inputs of one source, plus reject rows for what is broken at the source level."""
     fs, root = fs_and_path(source.uri)
     if not fs.exists(root):
-        return [], [{"input": source.uri, "stage": "source", "reason": f"{source.kind} source does not exist"}]
+        # a missing source is a config mistake: fail before building a version without it
+        raise DataError(f"{source.kind} source {source.uri} does not exist")
     if source.kind == "captures":
         return _captures(fs, root)
     if source.kind == "images":
@@ -80,7 +82,7 @@ def _captures(fs, root: str) -> tuple[list[InputItem], list[dict]]:
             with fs.open(join(cap_dir, "frame_list.csv"), "rb") as f:
                 frames = [int(r["frame_id"]) for r in csv.DictReader(io.TextIOWrapper(f, "utf-8"))]
         except (OSError, KeyError, ValueError, TypeError) as exc:
-            rejects.append({"input": cap_url, "stage": "capture",
+            rejects.append({**InputItem(cap_url, "studio", cap_url).to_row(), "sha256": "", "stage": "capture",
                             "reason": f"unreadable frame_list.csv ({type(exc).__name__}: {exc})"})
             continue
         items += [InputItem(f"{cap_url}#frame={fr}", "studio", cap_url, frame=fr) for fr in frames]
@@ -104,7 +106,8 @@ def _url_list(fs, root: str, uri: str) -> tuple[list[InputItem], list[dict]]:
                    if ln.strip() and not ln.lstrip().startswith("#")]
     items = []
     for entry in entries:
-        target = entry if "://" in entry else absolute_url(entry)
+        # relative entries are relative to the list file, wherever it lives
+        target = entry if "://" in entry else _url(fs, posixpath.join(posixpath.dirname(root), entry))
         items.append(InputItem(target, "image", target))
     return items, []
 
@@ -156,7 +159,8 @@ def tar_samples(data: bytes) -> dict[str, dict[str, bytes]]:
     """Samples of a WebDataset tar held in memory: key -> {extension: bytes} (webdataset's rule:
     the key is the member name up to the first dot of its basename)."""
     samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+    # "r:" = uncompressed only: a gzip bomb named .tar is refused, never inflated in memory
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for member in tar:
             if not member.isfile():
                 continue

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import posixpath
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -33,6 +34,8 @@ from dataprep.errors import DataError
 from dataprep.storage import absolute_url, atomic_write_bytes, fs_and_path, is_local, join
 
 log = logging.getLogger("pippo.data.store")
+
+LEASE_TTL_S = 300.0   # a build's lease is live while its heartbeat is younger than this
 
 
 class VersionNotFound(DataError):
@@ -168,46 +171,89 @@ class DatasetStore:
         with fs.open(path, "rb") as f:
             return pq.read_table(f)
 
-    def write_table(self, url: str, table: pa.Table) -> None:
+    def write_table(self, url: str, table: pa.Table, exclusive: bool = False) -> None:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        atomic_write_bytes(url, sink.getvalue().to_pybytes())
+        if exclusive:
+            self.create_exclusive(fs_and_path(url)[1], sink.getvalue().to_pybytes())
+        else:
+            atomic_write_bytes(url, sink.getvalue().to_pybytes())
+
+    # -- units and leases -------------------------------------------------------------------------
+    def shard_intact(self, shard: dict) -> bool:
+        try:
+            return self.fs.info(fs_and_path(shard["url"])[1])["size"] == shard["bytes"]
+        except FileNotFoundError:
+            return False
+
+    def finished_unit(self, recipe: str, unit: str) -> dict | None:
+        """The marker of a finished unit whose shards are all still there, else None."""
+        try:
+            marker = self.read_json(self.unit_marker_path(recipe, unit))
+        except FileNotFoundError:
+            return None
+        return marker if all(self.shard_intact(s) for s in marker["shards"]) else None
+
+    def live_leases(self) -> list[dict]:
+        """Leases of builds that are running now (heartbeat within LEASE_TTL_S)."""
+        live = []
+        for path in self._ls("builds"):
+            try:
+                lease = self.read_json(path)
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue
+            if path.endswith(".json") and time.time() - lease["heartbeat"] < LEASE_TTL_S:
+                live.append(lease)
+        return live
 
     # -- gc ---------------------------------------------------------------------------------------
     def gc(self, keep_last: int | None = None, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
         """Delete shards (and unit markers) no listed version references.
 
-        Files younger than `grace_s` are kept: they may belong to a build still running, whose
-        version is not listed yet. `keep_last` first un-lists all but the newest N untagged
-        versions (tagged versions are always kept).
+        Never touched: shards referenced by a listed version; the recipes and parents of running
+        builds (their lease, see BuildLease); files younger than `grace_s` (a build that lost its
+        lease). `keep_last` first un-lists all but the newest N untagged versions (tagged versions
+        and the parents of running builds are always kept).
         """
+        leases = self.live_leases()
+        busy_recipes = {lease["recipe"] for lease in leases}
+        busy_versions = {lease["parent"] for lease in leases}
         dropped_versions = []
         if keep_last is not None:
-            untagged = [v for v in self.versions() if not v["tags"]]
+            untagged = [v for v in self.versions() if not v["tags"] and v["id"] not in busy_versions]
             for v in untagged[keep_last:]:
                 dropped_versions.append(v["id"])
                 if not dry_run:
                     self.fs.rm(self.path("versions", f"{v['id']}.json"))
                     self.fs.rm(self.path("versions", v["id"]), recursive=True)
-        referenced = set()
-        for v in self.versions():
-            for s in v["shards"]:
-                referenced.add(fs_and_path(s["url"])[1])
+        referenced = {fs_and_path(s["url"])[1] for v in self.versions() for s in v["shards"]}
         now = time.time()
         deleted, kept_young = [], 0
+
+        def busy(path: str) -> bool:
+            rel = posixpath.relpath(path, self.root).split("/")
+            return len(rel) > 2 and rel[1] in busy_recipes
+
         for path in self._find("shards"):
             shard = path[: -len(".index.parquet")] + ".tar" if path.endswith(".index.parquet") else path
-            if shard in referenced:
+            if shard in referenced or busy(path):
                 continue
             if now - self._mtime(path) < grace_s:
                 kept_young += 1
                 continue
             deleted.append(path)
-        # A unit marker vouches for its shards: it goes with them, or a later build would skip
-        # the unit and reference shards that no longer exist.
+        # A unit marker vouches for its shards: it goes with them. Temporary files of killed
+        # writes go once they are older than the grace period.
         doomed = set(deleted)
-        for path in self._find("units"):
-            if any(fs_and_path(s["url"])[1] in doomed for s in self.read_json(path).get("shards", [])):
+        for path in self._find("units") + self._find("versions") + self._find("builds"):
+            name = posixpath.basename(path)
+            if ".tmp-" in name or path.startswith(self.path("builds") + "/"):
+                # temporary files of killed writes, expired leases of killed builds
+                stale = LEASE_TTL_S if ".tmp-" not in name else grace_s
+                if now - self._mtime(path) >= stale:
+                    deleted.append(path)
+            elif path.startswith(self.path("units") + "/") and not busy(path) and name.endswith(".json") \
+                    and any(fs_and_path(s["url"])[1] in doomed for s in self.read_json(path)["shards"]):
                 deleted.append(path)
         if not dry_run:
             # markers first: a marker must never outlive the shards it vouches for
@@ -230,6 +276,35 @@ class DatasetStore:
             if value is not None:
                 return value.timestamp() if hasattr(value, "timestamp") else float(value)
         return time.time()
+
+
+class BuildLease:
+    """`builds/{id}.json` = {recipe, parent, heartbeat}, refreshed every LEASE_TTL_S/4 by a
+    daemon thread while a build runs and removed when it ends: gc leaves alone the shards of the
+    lease's recipe and the parent version (a killed build's lease simply expires)."""
+
+    def __init__(self, store: DatasetStore, recipe: str, parent: str | None):
+        self.store, self.recipe, self.parent = store, recipe, parent
+        self.path = store.path("builds", f"{uuid.uuid4().hex}.json")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _write(self):
+        self.store.write_json(self.path, {"recipe": self.recipe, "parent": self.parent, "heartbeat": time.time()})
+
+    def _beat(self):
+        while not self._stop.wait(LEASE_TTL_S / 4):
+            self._write()
+
+    def __enter__(self):
+        self._write()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.store.fs.rm(self.path)
 
 
 def diff(a: dict, b: dict) -> dict:

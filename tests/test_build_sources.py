@@ -41,7 +41,7 @@ class FlakyHandler(http.server.SimpleHTTPRequestHandler):
         super().do_GET()
 
     def log_message(self, *args):
-        pass
+        """Keep the test output quiet (the default logs every request to stderr)."""
 
 
 @pytest.fixture
