@@ -84,15 +84,16 @@ class ShardWriter:
     def _open(self):
         self._tmp = temp_file_for(join(self.shards_url, f"{self._name()}.tar"), ".tar")
         self._file = open(self._tmp, "wb")
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0, user="pippo", group="pippo")
+        # mtime must be an int: a float makes tarfile add a 1 KiB PAX header to every member
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0, user="pippo", group="pippo")
         self._rows: list[dict] = []
+        self._bytes = 2 * TAR_BLOCK  # end-of-archive blocks; counted, as the tar stream buffers
 
     def add(self, key: str, members: dict[str, bytes], source: str, kind: str, sha256: str = "") -> None:
         size = _tar_size(key, members)
-        # bytes written so far + this sample + the end-of-archive blocks must fit (tarfile then
-        # pads the file to a 10 KiB record on close: a shard may pass max_bytes by < 10 KiB)
+        # tarfile pads the file to a 10 KiB record on close: a shard may pass max_bytes by < 10 KiB
         full = self._rows and (len(self._rows) >= self.limits.max_samples
-                               or self._file.tell() + size + 2 * TAR_BLOCK > self.limits.max_bytes)
+                               or self._bytes + size > self.limits.max_bytes)
         if full:
             self._finish()
             self._part += 1
@@ -100,6 +101,7 @@ class ShardWriter:
         self._tar.write({"__key__": key, **members})
         self._rows.append({"key": key, "source": source, "kind": kind, "status": "kept",
                            "bytes": size, "sha256": sha256})
+        self._bytes += size
 
     def _finish(self):
         self._tar.close()

@@ -9,6 +9,7 @@ import time
 import pytest
 import yaml
 
+from dataprep.build_config import PhotoFilters, ShardLimits
 from dataprep.store import DatasetStore
 from dataprep.synth import synth_capture, synth_images
 from test_build import build, samples_of
@@ -155,3 +156,82 @@ def test_gc_never_deletes_referenced_shards(sources, tmp_path, ray_local):
     # rebuilding v2's recipe after gc rebuilds the units whose shards were deleted
     again = small(store, srcs, resolution=32, parent=None)
     assert len(content(again)) == again["samples"] == v2["samples"]
+
+
+def test_unchanged_rebuild_of_tars_is_the_same_version_and_applies_new_tags(tmp_path, ray_local):
+    import io
+    import tarfile
+    photos = tmp_path / "photos"
+    synth_images(photos, count=3, seed=51, person_fraction=1.0)
+    first = small(DatasetStore(tmp_path / "first"), [("images", photos)])
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for k, shard in enumerate(first["shards"]):
+        (tars / f"a{k}.tar").write_bytes(open(shard["url"].removeprefix("file://"), "rb").read())
+    with tarfile.open(tars / "no_images.tar", "w") as tar:          # every member rejected
+        info = tarfile.TarInfo("k1.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    with tarfile.open(tars / "empty.tar", "w"):
+        pass
+    store = DatasetStore(tmp_path / "ds")
+    filters = {"filters": PhotoFilters(min_side=32)}             # the first build's photos are 64 px
+    v1 = small(store, [("webdataset", tars)], **filters)
+    rejects = {r["input"].rsplit("/", 1)[-1]: r for r in store.read_table(v1["rejects_url"]).to_pylist()}
+    assert v1["samples"] == 3 and set(rejects) == {"no_images.tar#k1", "empty.tar"}
+    assert rejects["empty.tar"]["reason"] == "tar holds no samples"
+    v2 = small(store, [("webdataset", tars)], tags=["stable"], **filters)
+    assert v2["id"] == v1["id"] and v2["stats"]["inputs"] == 5
+    assert store.resolve("stable")["id"] == v1["id"]                # tagged although unchanged
+
+
+def test_gc_spares_a_running_build_and_survives_killed_writes(sources, tmp_path, ray_local):
+    from dataprep.store import BuildLease
+    store = DatasetStore(tmp_path / "ds")
+    v1 = small(store, [("captures", sources / "caps")])
+    # an old unreferenced shard of a recipe a build is working on right now
+    busy = os.path.join(store.root, "shards", "busyrecipe", "u-0000.tar")
+    os.makedirs(os.path.dirname(busy))
+    open(busy, "wb").close()
+    os.utime(busy, (0, 0))
+    # a marker write killed half-way
+    stale_tmp = os.path.join(store.root, "units", v1["recipe"], "x.json.tmp-1234")
+    open(stale_tmp, "w").write('{"trunc')
+    os.utime(stale_tmp, (0, 0))
+    with BuildLease(store, "busyrecipe", v1["id"]):
+        assert [lease["recipe"] for lease in store.live_leases()] == ["busyrecipe"]
+        result = store.gc(keep_last=0, grace_s=0)
+    assert os.path.exists(busy) and not os.path.exists(stale_tmp)
+    assert [v["id"] for v in store.versions()] == [v1["id"]]         # the lease's parent stays listed
+    assert result["versions_dropped"] == [] and store.live_leases() == []
+    store.gc(grace_s=0)
+    assert not os.path.exists(busy)
+    assert len(content(store.resolve(v1["id"]))) == v1["samples"]
+
+
+def test_a_reused_unit_whose_shard_vanished_is_rebuilt(sources, tmp_path, ray_local):
+    store = DatasetStore(tmp_path / "ds")
+    v1 = small(store, [("captures", sources / "caps")], parent=None)
+    os.unlink(v1["shards"][0]["url"].removeprefix("file://"))
+    v2 = small(store, [("captures", sources / "caps")], parent=None)
+    assert v2["id"] == v1["id"] or v2["stats"]["units_built"] >= 1
+    for s in v2["shards"]:
+        assert os.path.exists(s["url"].removeprefix("file://"))
+
+
+def test_shards_respect_the_byte_bound(tmp_path, ray_local):
+    synth_images(tmp_path / "photos", count=12, seed=61, person_fraction=1.0)
+    store = DatasetStore(tmp_path / "ds")
+    v = small(store, [("images", tmp_path / "photos")], unit_inputs=12,
+              shard=ShardLimits(max_samples=100, max_bytes=20_000))
+    assert len(v["shards"]) > 1
+    for s in v["shards"]:
+        assert s["bytes"] <= 20_000 + 10_240 or s["samples"] == 1
+
+
+def test_missing_source_fails_with_one_line(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "ds", [("images", tmp_path / "typo")])
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "data", "build", str(cfg)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1] == f"pippo: error: images source {tmp_path / 'typo'} does not exist"

@@ -25,6 +25,7 @@ class FlakyHandler(http.server.SimpleHTTPRequestHandler):
     """Serves a directory; 'flaky_*' fail twice with 503, 'dead_*' always 500, 'slow_*' stall
     once past the client's timeout."""
     hits: Counter = Counter()
+    revived = False           # when True, 'dead_*' recovers
 
     def do_GET(self):
         name = self.path.rsplit("/", 1)[-1]
@@ -33,7 +34,7 @@ class FlakyHandler(http.server.SimpleHTTPRequestHandler):
         if name.startswith("flaky_") and n <= 2:
             self.send_error(503)
             return
-        if name.startswith("dead_"):
+        if name.startswith("dead_") and not FlakyHandler.revived:
             self.send_error(500)
             return
         if name.startswith("slow_") and n == 1:
@@ -60,6 +61,7 @@ def http_photos(tmp_path):
     thread.start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     FlakyHandler.hits.clear()
+    FlakyHandler.revived = False
     yield base, names
     server.shutdown()
 
@@ -92,6 +94,12 @@ def test_url_lists_with_retries_and_timeouts(http_photos, tmp_path, ray_local, f
     build(store.uri, [("urls", listing)], resolution=32, http=HttpConfig(timeout_s=0.5, retries=0, backoff_s=0))
     dead_and_missing = 2
     assert sum(FlakyHandler.hits.values()) - before == dead_and_missing
+    # an incremental build retries inputs that failed to download; the rest is reused
+    FlakyHandler.revived = True
+    again = store.resolve(build(store.uri, [("urls", listing)], resolution=32,
+                                http=HttpConfig(timeout_s=0.5, retries=0, backoff_s=0)))
+    rejects = [r["input"].rsplit("/", 1)[-1] for r in store.read_table(again["rejects_url"]).to_pylist()]
+    assert again["samples"] == 6 and rejects == ["missing.jpg"] and again["stats"]["new_samples"] == 1
 
 
 def test_existing_webdataset_tars_as_a_source(tmp_path, ray_local):
