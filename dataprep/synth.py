@@ -297,3 +297,35 @@ def synth_images(out_dir: str | Path, count: int = 16, seed: int = 0, person_fra
             progress.update(1)
     (out / "labels.json").write_text(json.dumps(labels, indent=1, sort_keys=True))
     return paths
+
+
+def turnaround_cameras(n: int, height: int, width: int, radius: float = 2.2, elevation_deg: float = 10.0,
+                       fov_deg: float = 34.0) -> list[Camera]:
+    """`n` cameras evenly spaced on a horizontal ring around the head, all aimed at it: the
+    views of a turnaround (what Pippo generates and what its reprojection error is measured on)."""
+    cams = []
+    el = math.radians(elevation_deg)
+    target = HEAD_CENTER + np.array([0.0, 0.0, -0.35])
+    f = (height / 2) / math.tan(math.radians(fov_deg / 2))
+    K = np.array([[f, 0.0, (width - 1) / 2], [0.0, f, (height - 1) / 2], [0.0, 0.0, 1.0]])
+    for k in range(n):
+        az = 2 * math.pi * k / n
+        eye = target + radius * np.array([math.cos(el) * math.sin(az), math.cos(el) * math.cos(az), math.sin(el)])
+        R, t = look_at(eye, target)
+        cams.append(Camera(f"ring{k:03d}", K.copy(), R, t))
+    return cams
+
+
+def write_views(out_dir: str | Path, n_views: int, height: int, width: int, frame: int = 0) -> Path:
+    """A rendered turnaround with its cameras in the `pippo eval reprojection` layout (SPEC §2):
+    cameras.json = {"views": [{K, R, t, height, width}]} and view00.png, view01.png, ..."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pose = head_pose_for_frame(frame)
+    cams = turnaround_cameras(n_views, height, width)
+    for k, cam in enumerate(cams):
+        Image.fromarray(render(cam, height, width, pose)["image"]).save(out / f"view{k:02d}.png")
+    records = [{"K": c.K.tolist(), "R": c.R.tolist(), "t": c.t.tolist(), "height": height, "width": width,
+                "camera_id": c.id} for c in cams]
+    (out / "cameras.json").write_text(json.dumps({"views": records}, indent=1))
+    return out

@@ -66,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=16, help="number of images (default 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
+    p = _add(dsub, "synth-views", "pipelines.data_commands:synth_views",
+             "write a rendered turnaround + cameras.json in the `pippo eval reprojection` layout",
+             "Ground-truth turnaround views of the synthetic figure with exact cameras: the "
+             "reprojection error's noise floor, and test input for the metric.")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--views", type=int, default=24, help="number of views on the ring (default 24)")
+    p.add_argument("--height", type=int, default=256, help="view height (default 256)")
+    p.add_argument("--width", type=int, default=256, help="view width (default 256)")
+    p.add_argument("--frame", type=int, default=0, help="head-pose frame (default 0)")
+
     p = _add(dsub, "inspect", "pipelines.data_commands:inspect",
              "cameras and frames of one capture (metres, SPEC §4)",
              "Read a capture (local path or fsspec URL), validate its calibration and list cameras "

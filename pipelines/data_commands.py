@@ -37,6 +37,13 @@ def synth_images(args) -> int:
     return 0
 
 
+def synth_views(args) -> int:
+    from dataprep.synth import write_views
+
+    print(write_views(args.out, args.views, args.height, args.width, args.frame))
+    return 0
+
+
 def inspect(args) -> int:
     from dataprep.capture import Capture
     from dataprep.preview import frame_contact_sheet, png_bytes

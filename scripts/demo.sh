@@ -20,6 +20,9 @@ $pippo data show "$STORE/datasets/demo@$vid"
 $pippo data versions "$STORE/datasets/demo"
 $pippo data show "$STORE/datasets/demo@$vid" --json > "$OUT/version.json"
 cp "$STORE/datasets/demo/versions/$vid/preview.png" "$OUT/dataset_preview.png"
-echo "== 3. the model" >&2
+echo "== 3. the model and its 3D-consistency metric" >&2
 $pippo model info configs/models/tiny.yaml
+$pippo data synth-views "$OUT/gt_views" --views 24 > /dev/null
+echo "reprojection error of ground-truth views (the metric's noise floor):" >&2
+$pippo eval reprojection "$OUT/gt_views"
 echo "demo done: $OUT/capture_*.png (captures with anchors), $OUT/dataset_preview.png (version $vid)" >&2

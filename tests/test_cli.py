@@ -61,3 +61,14 @@ def test_bad_config_is_one_line_on_stderr(tmp_path):
     proc = pippo("model", "info", cfg, check=False)
     assert proc.returncode != 0
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_synth_views_feed_eval_reprojection(tmp_path):
+    pippo("data", "synth-views", tmp_path / "gt", "--views", 24, "--height", 256, "--width", 256)
+    cams = json.loads((tmp_path / "gt" / "cameras.json").read_text())["views"]
+    assert len(cams) == 24 and (tmp_path / "gt" / "view23.png").exists()
+    centres = [-np.array(c["R"]).T @ np.array(c["t"]) for c in cams]
+    steps = [np.linalg.norm(a - b) for a, b in zip(centres, centres[1:])]
+    assert max(steps) - min(steps) < 1e-9                 # an even ring: a turnaround
+    result = json.loads(pippo("eval", "reprojection", tmp_path / "gt", "--json").stdout)
+    assert result["pairs"] >= 3 and 0 < result["re_pct"] < 0.5     # the metric's noise floor
