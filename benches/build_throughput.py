@@ -1,4 +1,5 @@
-"""Build throughput on photos, measured against baselines in the same run:
+"""Build throughput on photos, measured against baselines in the same run
+(`build_throughput.py [PHOTOS] [small|camera]`):
 
 1. per-core samples/s of `pippo data build` with one Ray worker ÷ a bare loop that only decodes,
    crops, resizes and encodes the same images (PIL decode, cv2 resize and encode) — goal ≥ 0.9;
@@ -19,14 +20,19 @@ from PIL import Image
 
 from dataprep.build import ensure_ray, run_build
 from dataprep.build_config import BuildConfig, ShardLimits, Source
+from dataprep.store import DatasetStore
 from dataprep.synth import synth_image
 
 PHOTOS = int(sys.argv[1]) if len(sys.argv) > 1 else 2880
+# longer side of the photos, pixels: "small" = the renderer's 200-640 px; "camera" = rescaled to
+# 1000-1600 px, closer to web photos of people (where JPEG draft decoding pays off)
+SIZES = {"small": None, "camera": (1000, 1600)}[sys.argv[2] if len(sys.argv) > 2 else "small"]
 RESOLUTION = 256
 
 
 def make_corpus(out: Path) -> list[Path]:
-    """PHOTOS distinct JPEGs from 24 rendered photos (a marker block makes every file unique)."""
+    """PHOTOS distinct JPEGs from 24 rendered photos: each a random crop at a random quality,
+    with a marker block, so files differ in bytes and, as in real collections, mostly in size."""
     rng = np.random.default_rng(0)
     bases = []
     while len(bases) < 24:
@@ -36,10 +42,18 @@ def make_corpus(out: Path) -> list[Path]:
     out.mkdir()
     paths = []
     for k in range(PHOTOS):
-        img = bases[k % len(bases)].copy()
+        base = bases[k % len(bases)]
+        h, w = base.shape[:2]
+        dy, dx = rng.integers(0, h // 10 + 1), rng.integers(0, w // 10 + 1)
+        img = base[dy:h - rng.integers(0, h // 10 + 1), dx:w - rng.integers(0, w // 10 + 1)].copy()
+        if SIZES:
+            side = rng.integers(*SIZES)
+            scale = side / max(img.shape[:2])
+            img = cv2.resize(img, (round(img.shape[1] * scale), round(img.shape[0] * scale)),
+                             interpolation=cv2.INTER_CUBIC)
         img[:8, :8] = (k % 256, k // 256 % 256, 7)     # an 8×8 block survives JPEG: unique bytes
         path = out / f"p{k:05d}.jpg"
-        Image.fromarray(img).save(path, "JPEG", quality=90)
+        Image.fromarray(img).save(path, "JPEG", quality=int(rng.integers(82, 96)))
         paths.append(path)
     return paths
 
@@ -59,8 +73,12 @@ def build(src: Path, dataset: Path, workers: int) -> float:
                       unit_inputs=32, workers=workers, parent=None, preview_samples=4,
                       shard=ShardLimits(max_samples=500))
     start = time.perf_counter()
-    run_build(cfg, {})
-    return time.perf_counter() - start
+    vid = run_build(cfg, {})
+    elapsed = time.perf_counter() - start
+    stats = DatasetStore(str(dataset)).resolve(vid)["stats"]
+    print(f"  build on {workers} worker(s): {elapsed:.2f} s, {stats['samples']} samples, "
+          f"{stats['inputs_prehashed']} inputs read twice (size shared with another input)")
+    return elapsed
 
 
 def main():
@@ -75,7 +93,7 @@ def main():
         t_bare = time.perf_counter() - start
         t1 = build(tmp / "photos", tmp / "one", 1)
         t2 = build(tmp / "photos", tmp / "two", 2)
-    print(f"{PHOTOS} photos -> {RESOLUTION}px: bare loop {PHOTOS / t_bare:.1f}/s on 1 core; "
+    print(f"{PHOTOS} photos ({sys.argv[2] if len(sys.argv) > 2 else 'small'}) -> {RESOLUTION}px: bare loop {PHOTOS / t_bare:.1f}/s on 1 core; "
           f"build 1 worker {PHOTOS / t1:.1f}/s; build 2 workers {PHOTOS / t2:.1f}/s")
     print(f"build per core / bare loop: {t_bare / t1:.2f}  (goal >= 0.9)")
     print(f"build 2 workers / 1 worker: {t1 / t2:.2f}x  (goal >= 1.8)")

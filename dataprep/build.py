@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 
 from dataprep.build_config import BuildConfig
 from dataprep.capture import Capture
@@ -76,7 +77,9 @@ def hash_inputs(row: dict, cfg: BuildConfig, store_uri: str) -> list[dict]:
     try:
         data = _cached_fetch(item.uri, cfg, store_uri)
         if item.kind == "image":
-            return [{**item.to_row(), "sha256": sha256(data), "stage": "", "reason": ""}]
+            if not data:
+                raise Rejected("decode", "empty file (0 bytes)")   # not a "duplicate" of other empties
+            return [{**item.to_row(), "size": len(data), "sha256": sha256(data), "stage": "", "reason": ""}]
         try:
             samples = tar_samples(data)
         except Exception as exc:
@@ -85,8 +88,8 @@ def hash_inputs(row: dict, cfg: BuildConfig, store_uri: str) -> list[dict]:
             raise Rejected("decode", "tar holds no samples")
         out = []
         for key in sorted(samples):
-            member = InputItem(f"{item.uri}#{key}", "wds", item.uri, member=key)
             image = wds_image(samples[key])
+            member = InputItem(f"{item.uri}#{key}", "wds", item.uri, member=key, size=len(image or b""))
             if image is None:
                 out.append(_row_reject(member, "decode", "sample has no image member"))
             else:
@@ -103,6 +106,8 @@ def hash_inputs(row: dict, cfg: BuildConfig, store_uri: str) -> list[dict]:
 
 def build_unit(row: dict, cfg: BuildConfig, store_uri: str, recipe: str) -> dict:
     """Turn a unit's inputs into shards; write the unit marker last; return the marker."""
+    import cv2
+    cv2.setNumThreads(1)    # a unit is a one-CPU task: no thread pool oversubscribing the node
     store = DatasetStore(store_uri)
     unit, items = row["unit"], json.loads(row["items"])
     start = time.time()
@@ -134,13 +139,15 @@ def build_unit(row: dict, cfg: BuildConfig, store_uri: str, recipe: str) -> dict
                         data = wds_image(tars[item.uri][item.member])
                     else:
                         data = _cached_fetch(item.uri, cfg, store_uri)
-                    if sha and sha256(data) != sha:
+                    digest = sha256(data)
+                    if sha and digest != sha:
                         raise Rejected("fetch", "source changed during the build (sha256 differs)")
+                    sha = digest
                     key, members = photo_sample(data, cfg, item.input_id, sha)
                     kind = "image"
                 writer.add(key, members, item.input_id, kind, sha)
                 inputs.append({"input": item.input_id, "status": "kept", "key": key, "sha256": sha,
-                               "kind": item.kind, "uri": item.uri, "stage": ""})
+                               "kind": item.kind, "uri": item.uri, "stage": "", "size": item.size})
             except Exception as exc:
                 if isinstance(exc, Rejected):
                     stage, reason = exc.stage, exc.reason
@@ -149,7 +156,7 @@ def build_unit(row: dict, cfg: BuildConfig, store_uri: str, recipe: str) -> dict
                     stage, reason = "error", f"unexpected {type(exc).__name__}: {exc}"
                 rejects.append({"input": item.input_id, "stage": stage, "reason": reason})
                 inputs.append({"input": item.input_id, "status": "rejected", "key": "", "sha256": sha,
-                               "kind": item.kind, "uri": item.uri, "stage": stage})
+                               "kind": item.kind, "uri": item.uri, "stage": stage, "size": item.size})
         shards = writer.close()
     except BaseException:
         writer.abort()
@@ -216,8 +223,19 @@ def run_build(cfg: BuildConfig, config_dict: dict) -> str:
     log.info("%d inputs (%d new since parent %s, %d retried)", len(unique), len(new),
              parent["id"] if parent else "-", len(retry))
 
-    # Phase A: read and hash photos and tar samples.
-    to_hash = [r for r in new if r["kind"] in ("image", "wds")]
+    # Phase A: read and hash the inputs that may be exact duplicates. Equal bytes have equal
+    # sizes, so a photo whose listed size no other input (nor any parent sample) has cannot be a
+    # duplicate and skips this pass: its unit hashes it. Tars and URLs (size unknown) are hashed.
+    sizes = Counter(r["size"] for r in new if r["kind"] == "image" and r["size"] >= 0)
+    parent_sizes = {r["size"] for r in parent_inputs if r["status"] == "kept"} if cfg.dedup_against_parent else set()
+    if not cfg.dedup:
+        sizes = Counter()
+
+    def may_repeat(r: dict) -> bool:
+        return r["size"] < 0 or sizes[r["size"]] > 1 or r["size"] in parent_sizes
+
+    to_hash = [r for r in new if r["kind"] == "wds" or (r["kind"] == "image" and may_repeat(r))]
+    unique_size = [{**r, "sha256": ""} for r in new if r["kind"] == "image" and not may_repeat(r)]
     hashed = []
     if to_hash:
         ray = ensure_ray()
@@ -226,7 +244,7 @@ def run_build(cfg: BuildConfig, config_dict: dict) -> str:
         hashed = ds.take_all()
     # Dedup within the build (smallest input id wins) and against the parent's samples.
     parent_sha = {r["sha256"]: r["input"] for r in parent_inputs if r["status"] == "kept" and r["sha256"]}
-    survivors = [r for r in new if r["kind"] == "studio"]
+    survivors = [r for r in new if r["kind"] == "studio"] + unique_size
     first_of: dict[str, str] = {}
     for row in sorted(hashed, key=lambda r: r["input_id"]):
         if row["input_id"] in done:
@@ -258,7 +276,8 @@ def run_build(cfg: BuildConfig, config_dict: dict) -> str:
             for marker in run_units(ensure_ray(), todo, cfg, store.uri, recipe):
                 markers[marker["unit"]] = marker
         return commit_version(store, cfg, config_dict, parent, reuse, markers, ledger_rejects, started,
-                              units_reused=len(units) - len(todo), drop_inputs=retry)
+                              units_reused=len(units) - len(todo), drop_inputs=retry,
+                              extra_stats={"inputs_prehashed": len(to_hash)})
 
 
 def run_units(ray, todo: list[dict], cfg: BuildConfig, store_uri: str, recipe: str):

@@ -26,7 +26,7 @@ REJECT_SCHEMA = pa.schema([("input", pa.string()), ("stage", pa.string()), ("rea
 # uri = where the bytes live (the tar of a WebDataset member, the capture of a frame).
 INPUT_SCHEMA = pa.schema([("input", pa.string()), ("status", pa.string()), ("key", pa.string()),
                           ("sha256", pa.string()), ("kind", pa.string()), ("uri", pa.string()),
-                          ("stage", pa.string())])
+                          ("stage", pa.string()), ("size", pa.int64())])
 
 
 class ConservationError(RuntimeError):
@@ -43,7 +43,8 @@ def code_version() -> str:
 
 def commit_version(store: DatasetStore, cfg: BuildConfig, config_dict: dict, parent: dict | None,
                    reuse: bool, markers: dict, ledger_rejects: list[dict], started: float,
-                   units_reused: int = 0, drop_inputs: set[str] = frozenset()) -> str:
+                   units_reused: int = 0, drop_inputs: set[str] = frozenset(),
+                   extra_stats: dict | None = None) -> str:
     """Write the version of `markers` (+ the parent's samples when `reuse`) and list it, last."""
     base = parent if reuse else None
     shards = list(base["shards"]) if base else []
@@ -52,7 +53,7 @@ def commit_version(store: DatasetStore, cfg: BuildConfig, config_dict: dict, par
     for r in ledger_rejects:
         rejects.append({"input": r["input_id"], "stage": r["stage"], "reason": r["reason"]})
         inputs.append({"input": r["input_id"], "status": "rejected", "key": "", "sha256": r.get("sha256", ""),
-                       "kind": r["kind"], "uri": r["uri"], "stage": r["stage"]})
+                       "kind": r["kind"], "uri": r["uri"], "stage": r["stage"], "size": r.get("size", -1)})
     new_shards, dropped_views = [], 0
     for unit in sorted(markers):
         m = markers[unit]
@@ -98,7 +99,8 @@ def commit_version(store: DatasetStore, cfg: BuildConfig, config_dict: dict, par
              "bytes": sum(s["bytes"] for s in shards), "shards": len(shards),
              "new_samples": new_samples, "new_shards": len(new_shards), "units_built": len(markers) - units_reused,
              "units_reused": units_reused, "dropped_views": dropped_views,
-             "wall_s": round(wall, 3), "samples_per_s": round(new_samples / wall, 3) if wall > 0 else None}
+             "wall_s": round(wall, 3), "samples_per_s": round(new_samples / wall, 3) if wall > 0 else None,
+             **(extra_stats or {})}
     store.create_exclusive(store.path(*vdir, "stats.json"), json.dumps(stats, indent=1).encode())
     sheet = version_preview(new_shards or shards, cfg.preview_samples, f"{store.uri}@{vid}")
     store.create_exclusive(store.path(*vdir, "preview.png"), sheet)

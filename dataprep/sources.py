@@ -38,6 +38,7 @@ class InputItem:
     uri: str                  # capture URL, photo/URL to fetch, or tar URL
     frame: int = -1           # studio frame
     member: str = ""          # wds: the sample key inside the tar
+    size: int = -1            # bytes, when the listing tells (exact duplicates have equal sizes)
 
     def to_row(self) -> dict:
         return asdict(self)
@@ -57,8 +58,9 @@ def enumerate_source(source: Source) -> tuple[list[InputItem], list[dict]]:
     if source.kind == "captures":
         return _captures(fs, root)
     if source.kind == "images":
-        files = [root] if fs.isfile(root) else sorted(fs.find(root))
-        items = [InputItem(_url(fs, p), "image", _url(fs, p)) for p in files
+        listing = {root: fs.info(root)} if fs.isfile(root) else fs.find(root, detail=True)
+        files = sorted(listing)
+        items = [InputItem(_url(fs, p), "image", _url(fs, p), size=int(listing[p].get("size", -1))) for p in files
                  if p.lower().endswith(IMAGE_EXTENSIONS) and not posixpath.basename(p).startswith(".")]
         ignored = len(files) - len(items)
         if ignored:

@@ -121,6 +121,9 @@ def test_local_build_end_to_end(corpus, tmp_path, ray_local):
     stats = json.loads(fsspec.open(v["stats_url"]).open().read())
     assert stats["samples_by_kind"] == {"studio": 4, "image": 12}
     assert stats["rejected_by_stage"]["decode"] == 4 and stats["rejected_by_stage"]["capture"] == 2
+    # only photos sharing a size with another input were read twice (before and in their unit)
+    sizes = [p.stat().st_size for p in (root / "photos").rglob("*") if p.suffix in (".jpg", ".png")]
+    assert stats["inputs_prehashed"] == sum(sizes.count(n) > 1 for n in sizes) >= 2
     assert Image.open(fsspec.open(v["preview_url"]).open()).size[0] > 100
 
 
