@@ -45,17 +45,20 @@ def batch_for(cfg, b, plucker_stride):
             "anchor": torch.randn(b, v, c, h, h)}
 
 
-def train_step_and_peak(cfg, b: int, rounds: int, plucker_stride: int) -> tuple[float, float]:
+def train_step_and_peak(cfg, b: int, rounds: int, plucker_stride: int, compile: bool = False) -> tuple[float, float]:
     """Best training-step time and best matmul peak, measured in alternation so a noisy neighbour
-    on the machine affects both the same way (the best of each is its uncontended value)."""
+    on the machine affects both the same way (the best of each is its uncontended value).
+    `compile`: torch.compile (inductor) fuses the per-token elementwise work (adaLN modulation,
+    LayerNorm, GELU) that dominates small models on CPU; the first step pays the compilation."""
     torch.manual_seed(0)
     model = build_model(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
     schedule, batch = CosineSchedule(), batch_for(cfg, b, plucker_stride)
+    forward = torch.compile(model) if compile else model
 
     def step():
         opt.zero_grad(set_to_none=True)
-        training_loss(model, schedule, batch).backward()
+        training_loss(forward, schedule, batch).backward()
         opt.step()
 
     step()
@@ -88,16 +91,19 @@ def main():
     parser.add_argument("--presets", nargs="+", default=["test", "tiny"], choices=list(C.PRESETS))
     parser.add_argument("--steps", type=int, default=4, help="timed rounds of (matmul peak, training step); best kept")
     parser.add_argument("--plucker-stride", type=int, default=16, help="Plücker grid = 128 / stride (default 16)")
+    parser.add_argument("--compile", action="store_true", help="also measure with torch.compile (~1 min compile per preset)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in args.presets:
         cfg = C.PRESETS[name](resolution=128, views=4, grad_checkpointing=False)
         b = BATCH[name]
-        dt, peak = train_step_and_peak(cfg, b, args.steps, args.plucker_stride)
         p = cfg.resolution // args.plucker_stride
         flops = 3.0 * forward_flops(cfg, plucker_hw=(p, p)) * b  # forward + backward ~ 3x forward
-        print(f"{name:>5}: batch {b}, 128 px, 4 views, Plücker {p}x{p}: step {dt:.3f} s, {flops / dt / 1e9:.1f} GFLOP/s, "
-              f"peak {peak / 1e9:.1f} GFLOP/s, MFU {flops / dt / peak:.2f}")
+        for compiled in (False, True) if args.compile else (False,):
+            dt, peak = train_step_and_peak(cfg, b, args.steps, args.plucker_stride, compiled)
+            print(f"{name:>5}{' compiled' if compiled else ''}: batch {b}, 128 px, 4 views, Plücker {p}x{p}: "
+                  f"step {dt:.3f} s, {flops / dt / 1e9:.1f} GFLOP/s, peak {peak / 1e9:.1f} GFLOP/s, "
+                  f"MFU {flops / dt / peak:.2f}")
     for views, heads, d in ((4, 12, 64), (20, 12, 64)):
         n = (views + 1) * 64
         fused, naive = attention_times(1, heads, n, d, 4 * args.steps)

@@ -33,7 +33,6 @@ from dataprep.geometry import validate_camera, validate_rotation
 
 MM_PER_M = 1000.0
 FRAME_EXTENSIONS = (".avif", ".jpg", ".jpeg", ".png")
-Image.MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs (Ava's 4096×2668 is 11 MP)
 
 
 @dataclass
