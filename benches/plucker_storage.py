@@ -8,7 +8,6 @@ view after bilinear upsampling of the stored grid (what a model consuming it at 
 """
 import io
 import json
-import tarfile
 import tempfile
 from pathlib import Path
 

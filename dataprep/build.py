@@ -1,12 +1,13 @@
-"""`pippo data build`: the Ray Data job that turns sources into a new dataset version.
+"""`pippo data build`: the Ray job that turns sources into a new dataset version.
 
     enumerate inputs (driver, listing only)
       → skip inputs the parent version already holds (incremental; same recipe only)
-      → hash: Ray Data flat_map reads every photo / tar sample once, sha256 of its bytes
+      → hash: a Ray Data flat_map reads the inputs that could be exact duplicates (tar samples,
+        URLs, photos whose listed size another input shares) and takes their sha256
       → dedup (driver): exact duplicates within the build and against the parent are rejected
       → units: surviving inputs sorted by id, cut into units of `unit_inputs`; unit id =
         hash(recipe, input ids), so a re-run forms the same units with the same names
-      → build: Ray Data map, one task per unit not yet marked done: samples → shards
+      → build: one Ray task per unit not yet marked done (see run_units): samples → shards
         (ShardWriter), then the unit marker (shards, ledger rows) written last
       → commit (driver): manifest, rejects, inputs ledger, stats, preview, then the version record.
 
@@ -167,7 +168,7 @@ def build_unit(row: dict, cfg: BuildConfig, store_uri: str, recipe: str) -> dict
     marker = {"unit": unit, "recipe": recipe, "shards": shards, "rejects": rejects, "inputs": inputs,
               "dropped_views": dropped_views, "seconds": time.time() - start}
     store.write_json(store.unit_marker_path(recipe, unit), marker)
-    return {"unit": unit, "marker": json.dumps(marker)}
+    return marker
 
 
 # ---- the job -----------------------------------------------------------------------------------
@@ -299,7 +300,7 @@ def run_units(ray, todo: list[dict], cfg: BuildConfig, store_uri: str, recipe: s
                 pending.append(task.remote(queue.pop(0), cfg_ref, store_uri, recipe))
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
-                yield json.loads(ray.get(ref)["marker"])
+                yield ray.get(ref)
                 bar.update(1)
 
 

@@ -28,7 +28,7 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from dataprep.errors import CalibrationError, CaptureError, DataError
+from dataprep.errors import CalibrationError, CaptureError
 from dataprep.geometry import validate_camera, validate_rotation
 
 MM_PER_M = 1000.0
@@ -328,6 +328,3 @@ class CaptureWriter:
         os.replace(self.tmp, self.final)
         return self.final
 
-
-__all__ = ["Camera", "Capture", "CaptureWriter", "parse_calibration", "camera_to_krt",
-           "decode_image", "DataError"]

@@ -1,7 +1,6 @@
 """Committing a build: ledgers, manifest, stats and preview, then the version record (last)."""
 from __future__ import annotations
 
-import io
 import json
 import logging
 import tarfile

@@ -118,12 +118,12 @@ def studio_sample(capture: Capture, frame: int, cfg: BuildConfig, input_id: str)
 def face_view(image: np.ndarray, cam, head_uv, head_z: float, out: int):
     """Square crop around the projected head (side ≈ 3 projected head radii), resized to `out`."""
     h, w = image.shape[:2]
+    if not (0 <= head_uv[0] < w and 0 <= head_uv[1] < h):
+        return None                       # the head is out of this view: no face crop
     radius_px = cam.K[1, 1] * HEAD_RADIUS_M / head_z
     side = int(min(h, w, max(16, math.ceil(3 * radius_px))))
     x0 = int(np.clip(round(head_uv[0] - side / 2), 0, w - side))
     y0 = int(np.clip(round(head_uv[1] - side / 2), 0, h - side))
-    if not (0 <= head_uv[0] < w and 0 <= head_uv[1] < h):
-        return None
     K = resize_intrinsics(crop_intrinsics(cam.K, x0, y0), out / side)
     return resize(image[y0:y0 + side, x0:x0 + side], out, out), K, [x0, y0, side]
 

@@ -23,7 +23,7 @@ from urllib3.util.retry import Retry
 from dataprep.build_config import HttpConfig, Source
 from dataprep.errors import DataError
 from dataprep.photos import Rejected
-from dataprep.storage import absolute_url, fs_and_path, join
+from dataprep.storage import fs_and_path, join, url_of
 
 log = logging.getLogger("pippo.data.sources")
 
@@ -44,11 +44,6 @@ class InputItem:
         return asdict(self)
 
 
-def _url(fs, path: str) -> str:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return absolute_url(path) if protocol in ("file", "local") else f"{protocol}://{path}"
-
-
 def enumerate_source(source: Source) -> tuple[list[InputItem], list[dict]]:
     """Inputs of one source, plus reject rows for what is broken at the source level."""
     fs, root = fs_and_path(source.uri)
@@ -60,17 +55,17 @@ def enumerate_source(source: Source) -> tuple[list[InputItem], list[dict]]:
     if source.kind == "images":
         listing = {root: fs.info(root)} if fs.isfile(root) else fs.find(root, detail=True)
         files = sorted(listing)
-        items = [InputItem(_url(fs, p), "image", _url(fs, p), size=int(listing[p].get("size", -1))) for p in files
+        items = [InputItem(url_of(fs, p), "image", url_of(fs, p), size=int(listing[p].get("size", -1))) for p in files
                  if p.lower().endswith(IMAGE_EXTENSIONS) and not posixpath.basename(p).startswith(".")]
         ignored = len(files) - len(items)
         if ignored:
             log.info("images source %s: %d non-image files ignored", source.uri, ignored)
         return items, []
     if source.kind == "urls":
-        return _url_list(fs, root, source.uri)
+        return _url_list(fs, root)
     if source.kind == "webdataset":
         tars = [root] if fs.isfile(root) else sorted(p for p in fs.find(root) if p.endswith(".tar"))
-        return [InputItem(_url(fs, p), "wds", _url(fs, p)) for p in tars], []
+        return [InputItem(url_of(fs, p), "wds", url_of(fs, p)) for p in tars], []
     raise ValueError(f"unknown source kind {source.kind!r}")
 
 
@@ -79,7 +74,7 @@ def _captures(fs, root: str) -> tuple[list[InputItem], list[dict]]:
     items, rejects = [], []
     for calib in calibs:
         cap_dir = posixpath.dirname(calib)
-        cap_url = _url(fs, cap_dir)
+        cap_url = url_of(fs, cap_dir)
         try:
             with fs.open(join(cap_dir, "frame_list.csv"), "rb") as f:
                 frames = [int(r["frame_id"]) for r in csv.DictReader(io.TextIOWrapper(f, "utf-8"))]
@@ -91,7 +86,7 @@ def _captures(fs, root: str) -> tuple[list[InputItem], list[dict]]:
     return items, rejects
 
 
-def _url_list(fs, root: str, uri: str) -> tuple[list[InputItem], list[dict]]:
+def _url_list(fs, root: str) -> tuple[list[InputItem], list[dict]]:
     with fs.open(root, "rb") as f:
         data = f.read()
     if root.endswith(".parquet"):
@@ -109,7 +104,7 @@ def _url_list(fs, root: str, uri: str) -> tuple[list[InputItem], list[dict]]:
     items = []
     for entry in entries:
         # relative entries are relative to the list file, wherever it lives
-        target = entry if "://" in entry else _url(fs, posixpath.join(posixpath.dirname(root), entry))
+        target = entry if "://" in entry else url_of(fs, posixpath.join(posixpath.dirname(root), entry))
         items.append(InputItem(target, "image", target))
     return items, []
 

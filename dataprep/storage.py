@@ -26,6 +26,14 @@ def join(url: str, *parts: str) -> str:
     return posixpath.join(str(url).rstrip("/"), *parts)
 
 
+def url_of(fs, path: str) -> str:
+    """The absolute URL of a path of filesystem `fs` (file:///abs/path, s3://bucket/key, ...)."""
+    if is_local(fs):
+        return f"file://{os.path.abspath(path)}"
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return f"{protocol}://{path}"
+
+
 def absolute_url(url: str) -> str:
     """Local paths become file:// URLs; other URLs are returned unchanged."""
     fs, path = fs_and_path(url)

@@ -1,5 +1,4 @@
 """Capture reader and writer (SPEC §3): conventions, lazy zip access, and one clear error per fault."""
-import io
 import json
 import shutil
 import zipfile
@@ -7,7 +6,6 @@ import zipfile
 import fsspec
 import numpy as np
 import pytest
-from PIL import Image
 from scipy.spatial.transform import Rotation
 
 from dataprep.capture import Camera, Capture, CaptureWriter, camera_to_krt

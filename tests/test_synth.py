@@ -1,6 +1,5 @@
 """Synthetic captures: exact rendering (surface points land where drawn), textures, anchors."""
 import numpy as np
-import pytest
 
 from dataprep import synth
 from dataprep.anchors import draw_anchor
