@@ -114,9 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep unreferenced files younger than this: they may belong to a running build (default 3600)")
 
     # ---- training, workflow, cluster ----------------------------------------------------------
-    p = _add(top, "train", "pipelines.train_commands:train", "one training stage (pretrain, mid or post)")
+    p = _add(top, "train", "pipelines.train_commands:train", "one training stage (pretrain, mid or post)",
+             "Train one stage with DeepSpeed ZeRO under Ray Train (TorchTrainer, `workers` workers), "
+             "checkpoints on any fsspec URL, tracked in MLflow. Re-running the same command resumes "
+             "the run from its newest complete checkpoint.\n\nexamples:\n"
+             "  pippo train configs/stages/pretrain.yaml\n"
+             "  pippo train configs/stages/mid.yaml workers=4 deepspeed=configs/deepspeed/zero3.json\n"
+             "  pippo train configs/stages/post.yaml init_from=s3://bucket/ckpt/mid-1a2b3c4d5e "
+             "checkpoint.root=s3://bucket/ckpt\n"
+             "  pippo train configs/stages/pretrain.yaml --local   # no Ray: this process (or torchrun)")
     p.add_argument("config", help="stage config YAML")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--local", action="store_true",
+                   help="run the per-worker loop in this process instead of Ray Train (1 rank, or torchrun's)")
+    _json_flag(p)
 
     pipe = top.add_parser("pipeline", help="the workflow DAG", description="Workflow commands.")
     psub = pipe.add_subparsers(dest="pipeline_command", metavar="SUBCOMMAND", required=True)

@@ -1,0 +1,114 @@
+"""Launching a stage: resolve the config on the driver, then Ray Train's TorchTrainer over
+`train_worker` on `workers` workers (or the worker function in this process).
+
+Resolution happens here, once: the model YAML (+ model_overrides) and the DeepSpeed JSON are read
+and inlined, local paths become absolute URLs, the MLflow tracking URI is fixed. Ray workers may
+start in another directory (or on another machine): the job dict is all they need.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from pipelines.config import ConfigError, load_config, to_dict
+from pipelines.training.config import StageConfig
+
+log = logging.getLogger("pippo.train")
+
+
+def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
+    """The JSON-able job every worker receives."""
+    from dataprep.commit import code_version
+    from dataprep.storage import absolute_url
+    from dataprep.store import split_ref
+    from pipelines.model_commands import load_model_config
+    from pipelines.training.tracking import tracking_uri
+    from pippo_model.config import ModelConfig
+
+    model_cfg: ModelConfig = load_model_config(cfg.model, [f"{k}={json.dumps(v)}" for k, v in
+                                                           cfg.model_overrides.items()])
+    try:
+        model_cfg = model_cfg.for_stage(cfg.stage)
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.model}: {exc}") from None
+    if model_cfg.space == "latent" and not model_cfg.vae_path and cfg.vae_standin_seed is None:
+        raise ConfigError(f"{cfg.model}: the model is latent-space but has no vae_path: set "
+                          f"model_overrides.vae_path to a diffusers AutoencoderKL directory or URI")
+    unit = model_cfg.vae_downsample * model_cfg.patch_size
+    if cfg.data.resolution % unit:
+        raise ConfigError(f"data.resolution {cfg.data.resolution} is not a multiple of {unit} "
+                          f"(the model's VAE downsampling x patch size)")
+    try:
+        ds = json.loads(Path(cfg.deepspeed).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read deepspeed config {cfg.deepspeed}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{cfg.deepspeed}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+    def absolute_ref(ref: str) -> str:
+        uri, name = split_ref(ref)
+        return f"{absolute_url(uri)}@{name}"
+
+    stage = to_dict(cfg)
+    stage["dataset"] = absolute_ref(cfg.dataset)
+    for m in stage["mix"]:
+        m["dataset"] = absolute_ref(m["dataset"])
+    stage["checkpoint"]["root"] = absolute_url(cfg.checkpoint.root)
+    if cfg.init_from:
+        stage["init_from"] = absolute_url(cfg.init_from)
+    run_uri = absolute_url(cfg.run_uri())
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()       # workers inherit it (local Ray) ...
+    import dataclasses
+
+    return {"stage": stage, "model": dataclasses.asdict(model_cfg), "deepspeed": ds, "run_uri": run_uri,
+            "tracking_uri": os.environ["MLFLOW_TRACKING_URI"],  # ... or read it here (remote workers)
+            "code_version": code_version(), "verbose": verbose}
+
+
+def load_stage_config(path, overrides=()) -> StageConfig:
+    return load_config(StageConfig, path, overrides)
+
+
+def run_stage(cfg: StageConfig, *, verbose: bool = False) -> dict:
+    """Train one stage; returns rank 0's summary (checkpoint URI, MLflow run id, final loss...)."""
+    job = resolve_job(cfg, verbose=verbose)
+    log.info("%s: %d worker(s), run %s", cfg.stage, cfg.workers, job["run_uri"])
+    if not cfg.resources.ray:
+        from pipelines.training.worker import train_worker
+
+        job["launcher"] = "local"
+        return train_worker(job)
+    return _run_on_ray(cfg, job)
+
+
+def _run_on_ray(cfg: StageConfig, job: dict) -> dict:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dataprep.build import ensure_ray
+    from pipelines.training.worker import ray_entry
+
+    ensure_ray()
+    r = cfg.resources
+    use_gpu = r.use_gpu if r.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    per_worker = {"CPU": r.cpus_per_worker, **r.custom}
+    if use_gpu:
+        per_worker["GPU"] = r.gpus_per_worker
+    job["launcher"] = "ray"
+    trainer = TorchTrainer(
+        ray_entry, train_loop_config=job,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(name=cfg.resolved_run_name(), failure_config=FailureConfig(max_failures=r.max_failures),
+                             storage_path=os.path.abspath(os.environ.get("PIPPO_RAY_RESULTS", ".pippo/ray_results"))))
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return dict(result.metrics or {})
+
+
+def config_summary(cfg: StageConfig) -> str:
+    return json.dumps(to_dict(cfg), sort_keys=True)
