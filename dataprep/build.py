@@ -40,12 +40,13 @@ log = logging.getLogger("pippo.data.build")
 
 RETRY_STAGES = ("fetch", "error")   # passing failures: an incremental build tries these inputs again
 
-def ensure_ray():
-    """Local Ray in-process unless RAY_ADDRESS names a cluster (never attach to a stray one)."""
+def ensure_ray(dashboard: bool = False):
+    """Local Ray in-process unless RAY_ADDRESS names a cluster (never attach to a stray one).
+    `dashboard`: also start the dashboard, whose state API Ray Train's controller polls."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=dashboard,
                  logging_level=logging.WARNING, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False       # our own bar counts inputs, not Ray blocks

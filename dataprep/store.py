@@ -277,6 +277,45 @@ class DatasetStore:
                 return value.timestamp() if hasattr(value, "timestamp") else float(value)
         return time.time()
 
+    # -- reading a version: the training loader goes through these only, never through paths, so
+    # the on-store layout (absolute or dataset-relative URLs, index files) can change behind them.
+    def resolve_url(self, url: str) -> str:
+        """Absolute URL of a URL a version stores: absolute ones as they are, relative ones (a
+        copied or moved dataset, SPEC §6) against the dataset root."""
+        if "://" in url or url.startswith("/"):
+            return absolute_url(url)
+        return self.url(url)
+
+    def _fs_path(self, url: str):
+        """(fs, path) of a URL; inside this dataset through the store's own filesystem (so its
+        storage options apply), elsewhere through fsspec."""
+        url = self.resolve_url(url)
+        if url.startswith(self.uri + "/"):
+            return self.fs, self.path(url[len(self.uri) + 1:])
+        return fs_and_path(url)
+
+    def version_shards(self, record: dict) -> list[dict]:
+        """Shards of a version in manifest order: {url, samples, bytes, sha256, index_url}, URLs absolute."""
+        if record.get("manifest_url"):
+            fs, path = self._fs_path(record["manifest_url"])
+            with fs.open(path, "rb") as f:
+                rows = pq.read_table(f).to_pylist()
+        else:   # a record without a manifest: the index lies beside its shard (ShardWriter naming)
+            rows = [{**s, "index_url": s["url"][: -len(".tar")] + ".index.parquet"} for s in record["shards"]]
+        return [{"url": self.resolve_url(r["url"]), "samples": int(r["samples"]), "bytes": int(r["bytes"]),
+                 "sha256": r.get("sha256", ""), "index_url": self.resolve_url(r["index_url"])} for r in rows]
+
+    def shard_index(self, shard: dict) -> pa.Table:
+        """The samples of a shard in tar order: a table with columns key, kind."""
+        fs, path = self._fs_path(shard["index_url"])
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=["key", "kind"])
+
+    def open_shard(self, shard: dict):
+        """A binary read stream of a shard's tar (sequential reads; the caller closes it)."""
+        fs, path = self._fs_path(shard["url"])
+        return fs.open(path, "rb")
+
 
 class BuildLease:
     """`builds/{id}.json` = {recipe, parent, heartbeat}, refreshed every LEASE_TTL_S/4 by a

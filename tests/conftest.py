@@ -66,6 +66,6 @@ def s3_server():
 def ray_local(s3_server):
     """One in-process local Ray for the session, started after the S3 endpoint is exported."""
     from dataprep.build import ensure_ray
-    ray = ensure_ray()
+    ray = ensure_ray(dashboard=True)   # Ray Train's controller polls the state API
     yield ray
     ray.shutdown()

@@ -45,6 +45,8 @@ def _free_port() -> int:
 def setup_distributed(use_ray: bool) -> DistContext:
     """Rank, world and device from Ray Train (which has already created the process group), from
     torchrun's variables, or a single process; then DeepSpeed's communication on the same group."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")   # no "unable to detect" warning on CPU hosts
     import deepspeed
 
     if use_ray:

@@ -91,7 +91,7 @@ def _run_on_ray(cfg: StageConfig, job: dict) -> dict:
     from dataprep.build import ensure_ray
     from pipelines.training.worker import ray_entry
 
-    ensure_ray()
+    ensure_ray(dashboard=True)
     r = cfg.resources
     use_gpu = r.use_gpu if r.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     per_worker = {"CPU": r.cpus_per_worker, **r.custom}
@@ -107,7 +107,19 @@ def _run_on_ray(cfg: StageConfig, job: dict) -> dict:
     result = trainer.fit()
     if result.error:
         raise result.error
-    return dict(result.metrics or {})
+    return _summary(job["run_uri"])
+
+
+def _summary(run_uri: str) -> dict:
+    """Rank 0's summary, from the run's storage (Ray Train keeps no metrics reported without a
+    checkpoint, and the storage is the truth anyway)."""
+    from pipelines.training.checkpoint import CheckpointStore
+
+    store = CheckpointStore(run_uri)
+    summary = store.read_json("final", "info.json")
+    if store.exists("run.json"):
+        summary.setdefault("mlflow_run_id", store.read_json("run.json")["mlflow_run_id"])
+    return summary
 
 
 def config_summary(cfg: StageConfig) -> str:

@@ -50,6 +50,10 @@ def quiet_logs(verbose: bool = False) -> None:
 
 def train_worker(job: dict) -> dict:
     """Run (or resume) one training stage on this rank. Returns a summary (rank 0's is complete)."""
+    import os
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")   # no "unable to detect" warning on CPU hosts
     import deepspeed
 
     from pipelines.config import from_dict
@@ -280,9 +284,10 @@ def _finish(store, engine, ema, ctx, cfg, model_cfg, tracker, step, samples, las
                "run_uri": store.uri, "loss": last_metrics.get("train/loss")}
     if ctx.is_main:
         model_json = dataclasses.asdict(model_cfg)
-        url = store.write_final(weights, raw if ema is not None else None, model_json, summary)
         if tracker:
             summary["mlflow_run_id"] = tracker.run_id
+        url = store.write_final(weights, raw if ema is not None else None, model_json, summary)
+        if tracker:
             tracker.set_tags({"pippo.checkpoint": url})
             if cfg.tracking.register_model:
                 name = cfg.tracking.register_model.format(stage=cfg.stage)
