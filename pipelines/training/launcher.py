@@ -47,14 +47,18 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{cfg.deepspeed}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
 
-    def absolute_ref(ref: str) -> str:
-        uri, name = split_ref(ref)
-        return f"{absolute_url(uri)}@{name}"
+    def pinned(ref: str) -> str:
+        """URI@REF -> absolute URI@version-id: every worker, and every resume of this run, reads
+        the same version even when `latest` or a tag moves (a new version is a new run)."""
+        from dataprep.store import DatasetStore
 
+        uri, name = split_ref(ref)
+        return f"{absolute_url(uri)}@{DatasetStore(uri).resolve(name)['id']}"
+
+    cfg.dataset = pinned(cfg.dataset)
+    for m in cfg.mix:
+        m.dataset = pinned(m.dataset)
     stage = to_dict(cfg)
-    stage["dataset"] = absolute_ref(cfg.dataset)
-    for m in stage["mix"]:
-        m["dataset"] = absolute_ref(m["dataset"])
     stage["checkpoint"]["root"] = absolute_url(cfg.checkpoint.root)
     if cfg.init_from:
         stage["init_from"] = absolute_url(cfg.init_from)
@@ -74,7 +78,9 @@ def load_stage_config(path, overrides=()) -> StageConfig:
 def run_stage(cfg: StageConfig, *, verbose: bool = False) -> dict:
     """Train one stage; returns rank 0's summary (checkpoint URI, MLflow run id, final loss...)."""
     job = resolve_job(cfg, verbose=verbose)
-    log.info("%s: %d worker(s), run %s", cfg.stage, cfg.workers, job["run_uri"])
+    log.info("%s: %s, run %s, dataset %s", cfg.stage,
+             f"{cfg.workers} Ray Train worker(s)" if cfg.resources.ray else "in this process",
+             job["run_uri"], cfg.dataset)
     if not cfg.resources.ray:
         from pipelines.training.worker import train_worker
 
