@@ -16,7 +16,7 @@ from dataprep.build import run_build
 from dataprep.build_config import BuildConfig, ShardLimits, Source
 from dataprep.synth import synth_capture, synth_images
 from pipelines.training.checkpoint import CheckpointStore, resolve_weights
-from pipelines.training.launcher import load_stage_config, run_stage
+from pipelines.training.launcher import load_stage_config, pin_datasets, run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -158,7 +158,7 @@ def test_killed_worker_resumes_with_one_continuous_curve(dataset, tmp_path, mlfl
     ref, _ = dataset
     cfg = stage_cfg("pretrain", ref, tmp_path / "ck", workers=2, steps=10, **{
         "checkpoint.every_steps": 3, "tracking.sample_every": 0, "resources.max_failures": 2})
-    store = CheckpointStore(cfg.run_uri())
+    store = CheckpointStore(pin_datasets(cfg).run_uri())
     done, killed = threading.Event(), []
     watcher = threading.Thread(target=_kill_a_worker_when, args=(store, 3, done, killed), daemon=True)
     watcher.start()
@@ -186,7 +186,8 @@ def test_rerun_continues_on_another_world_size(dataset, tmp_path, mlflow_uri):
     assert store.latest()["world_size"] == 1
     # re-running a finished stage is a no-op with the same answer
     again = run_stage(stage_cfg("mid", ref, tmp_path / "ck", workers=1, steps=8, **{"tracking.sample_every": 0}))
-    assert again["checkpoint"] == second["checkpoint"] and again.get("resumed")
+    assert again["checkpoint"] == second["checkpoint"] and again["step"] == 8
+    assert metric_steps(second["mlflow_run_id"]) == list(range(1, 9))
 
 
 def test_checkpoint_without_marker_is_never_loaded(tmp_path):

@@ -22,7 +22,6 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     """The JSON-able job every worker receives."""
     from dataprep.commit import code_version
     from dataprep.storage import absolute_url
-    from dataprep.store import split_ref
     from pipelines.model_commands import load_model_config
     from pipelines.training.tracking import tracking_uri
     from pippo_model.config import ModelConfig
@@ -47,17 +46,7 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{cfg.deepspeed}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
 
-    def pinned(ref: str) -> str:
-        """URI@REF -> absolute URI@version-id: every worker, and every resume of this run, reads
-        the same version even when `latest` or a tag moves (a new version is a new run)."""
-        from dataprep.store import DatasetStore
-
-        uri, name = split_ref(ref)
-        return f"{absolute_url(uri)}@{DatasetStore(uri).resolve(name)['id']}"
-
-    cfg.dataset = pinned(cfg.dataset)
-    for m in cfg.mix:
-        m.dataset = pinned(m.dataset)
+    pin_datasets(cfg)
     stage = to_dict(cfg)
     stage["checkpoint"]["root"] = absolute_url(cfg.checkpoint.root)
     if cfg.init_from:
@@ -69,6 +58,23 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     return {"stage": stage, "model": dataclasses.asdict(model_cfg), "deepspeed": ds, "run_uri": run_uri,
             "tracking_uri": os.environ["MLFLOW_TRACKING_URI"],  # ... or read it here (remote workers)
             "code_version": code_version(), "verbose": verbose}
+
+
+def pin_datasets(cfg: StageConfig) -> StageConfig:
+    """URI@REF -> absolute URI@version-id, in place (idempotent): every worker and every resume of
+    the run reads the same version even when `latest` or a tag moves, and the run's name (a hash
+    of the config) names the version — a new version is a new run."""
+    from dataprep.storage import absolute_url
+    from dataprep.store import DatasetStore, split_ref
+
+    def pinned(ref: str) -> str:
+        uri, name = split_ref(ref)
+        return f"{absolute_url(uri)}@{DatasetStore(uri).resolve(name)['id']}"
+
+    cfg.dataset = pinned(cfg.dataset)
+    for m in cfg.mix:
+        m.dataset = pinned(m.dataset)
+    return cfg
 
 
 def load_stage_config(path, overrides=()) -> StageConfig:
