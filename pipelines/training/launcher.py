@@ -50,7 +50,10 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     stage = to_dict(cfg)
     stage["checkpoint"]["root"] = absolute_url(cfg.checkpoint.root)
     if cfg.init_from:
+        from pipelines.training.checkpoint import resolve_weights
+
         stage["init_from"] = absolute_url(cfg.init_from)
+        resolve_weights(stage["init_from"])          # fails here, in one line, not on every worker
     run_uri = absolute_url(cfg.run_uri())
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()       # workers inherit it (local Ray) ...
     import dataclasses

@@ -145,7 +145,7 @@ def train_worker(job: dict) -> dict:
                                            (samples - run_start_samples) / max(1e-9, time.time() - run_start))
                 window_loss.zero_()
                 window_n, window_start, window_samples = 0, time.time(), 0
-            if heldout and cfg.tracking.sample_every and step % cfg.tracking.sample_every == 0:
+            if heldout and (step % cfg.tracking.sample_every == 0 or step == cfg.steps):
                 png, _ = sample_grid(engine.module.model, engine.module.schedule, autoencoder, heldout[0],
                                      heldout[1], cfg.tracking.sample_steps, cfg.seed)
                 if tracker:
@@ -324,6 +324,9 @@ def ray_entry(job: dict) -> None:
     inherit the driver's), then the plain loop."""
     import os
 
+    # The driver's stdout carries the command's result (SPEC §2: the last line); Ray forwards a
+    # worker's stdout there, so the worker's prints (DeepSpeed's among them) go to stderr instead.
+    os.dup2(2, 1)
     if job.get("tracking_uri"):
         os.environ["MLFLOW_TRACKING_URI"] = job["tracking_uri"]
     train_worker(job)
