@@ -1,0 +1,121 @@
+"""Training-data loader throughput vs what a training step consumes (`loader.py [--batches N]`).
+
+The test preset of the stages mid and post: 128 px, 4 target views, batch 4 per rank. A small
+version of synthetic studio captures is built first (Ray, 128 px, Plücker stride 16 -> 8x8 grid,
+face crops), then:
+
+1. loader: samples/s of `TrainingLoader` (2 DataLoader workers, the default), after warm-up;
+2. training: samples/s of a plain torch training step of `pippo_model.config.test()` for the stage
+   (build_model, diffusion.training_loss, AdamW) on random tensors of the same batch in model space
+   (latents 16x16x4, anchors as latents, Plücker maps at the version's grid);
+3. the ratio loader / training — goal >= 10, so data loading never starves a rank. Both run on
+   this machine's CPU cores one after the other; on a training node the loader has its own cores.
+   Wall-clock rates suffer from other jobs on a shared machine, so CPU milliseconds per sample
+   are printed too (loader: main process + workers; training: both torch threads), and their
+   ratio ("per CPU second": samples the loader prepares for the CPU one training sample costs).
+"""
+import argparse
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dataprep.build import run_build
+from dataprep.build_config import BuildConfig, ShardLimits, Source
+from dataprep.loader import DataSource, LoaderConfig, TrainingLoader
+from dataprep.synth import synth_capture
+from pippo_model import config as C
+from pippo_model.diffusion import CosineSchedule, training_loss
+from pippo_model.model import build_model
+
+BATCH, VIEWS, RES, STRIDE = 4, 4, 128, 16
+
+
+def build_version(root: Path) -> str:
+    """3 captures x 8 frames x 8 cameras rendered at 192x128 -> a 128 px version with face crops."""
+    for k in range(3):
+        synth_capture(root / "caps" / f"c{k}", cameras=8, frames=8, height=192, width=128, seed=20 + k)
+    cfg = BuildConfig(dataset=str(root / "ds"), sources=[Source("captures", str(root / "caps"))],
+                      resolution=RES, plucker_stride=STRIDE, face_crop=True, face_resolution=64,
+                      unit_inputs=8, shard=ShardLimits(max_samples=8))
+    return f"{root / 'ds'}@{run_build(cfg, {})}"
+
+
+def loader_run(dataset: str, stage: str, batches: int) -> tuple[float, float]:
+    """(samples/s after warm-up, CPU seconds of the whole run: main process + its workers)."""
+    cfg = LoaderConfig(batch_size=BATCH, num_workers=2, resolution=RES, views=VIEWS,
+                       face_views=1 if stage == "post" else 0)
+    cpu0, children0 = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    it = iter(TrainingLoader([DataSource(dataset)], stage, cfg))
+    for _ in range(4):                       # warm-up: worker start, first shard reads
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    rate = batches * BATCH / (time.perf_counter() - start)
+    it.close()                               # joins the workers: their CPU time is then counted
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = time.process_time() - cpu0 + sum(getattr(children, f) - getattr(children0, f)
+                                           for f in ("ru_utime", "ru_stime"))
+    return rate, cpu
+
+
+def loader_rate(dataset: str, stage: str, batches: int) -> tuple[float, float]:
+    """Samples/s (best of the two runs), and CPU ms per sample: the difference of a long and a
+    short run, so start-up is not counted and other jobs on the machine do not inflate it."""
+    short_rate, short_cpu = loader_run(dataset, stage, batches // 4)
+    rate, cpu = loader_run(dataset, stage, batches)
+    return max(rate, short_rate), (cpu - short_cpu) / ((batches - batches // 4) * BATCH) * 1e3
+
+
+def training_rate(stage: str, steps: int) -> float:
+    torch.manual_seed(0)
+    cfg = C.test(resolution=RES, views=VIEWS).for_stage(stage)
+    model = build_model(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    h, c, g = cfg.latent_size, cfg.latent_channels, RES // STRIDE
+    batch = {"views": torch.randn(BATCH, VIEWS, c, h, h), "reference": torch.randn(BATCH, c, h, h),
+             "cameras": torch.randn(BATCH, VIEWS, 16)}
+    if stage == "post":
+        batch.update(plucker=torch.randn(BATCH, VIEWS, 6, g, g), anchor=torch.randn(BATCH, VIEWS, c, h, h))
+    schedule = CosineSchedule()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        training_loss(model, schedule, batch).backward()
+        opt.step()
+
+    step()                                   # warm-up (allocations)
+    times, cpu0 = [], time.process_time()
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    cpu_ms = (time.process_time() - cpu0) / (steps * BATCH) * 1e3
+    return BATCH / min(times), cpu_ms        # the best step: its uncontended value
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=40, help="timed loader batches per stage")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per stage (best kept)")
+    args = parser.parse_args()
+    os.environ["RAY_ADDRESS"] = ""           # a local Ray for the build, never a stray cluster
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        dataset = build_version(Path(tmp))
+        print(f"built {dataset.rsplit('@', 1)[1]} in {time.perf_counter() - start:.1f} s")
+        for stage in ("mid", "post"):
+            load, load_cpu = loader_rate(dataset, stage, args.batches)
+            train, train_cpu = training_rate(stage, args.steps)
+            print(f"{stage:>4}: batch {BATCH}, {RES} px, {VIEWS} views: loader {load:.0f} samples/s "
+                  f"({load_cpu:.2f} CPU ms/sample), training step {train:.1f} samples/s ({train_cpu:.1f} "
+                  f"CPU ms/sample); ratio {load / train:.1f} (goal >= 10), per CPU second {train_cpu / load_cpu:.1f}")
+
+
+if __name__ == "__main__":
+    main()

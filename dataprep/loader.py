@@ -1,0 +1,675 @@
+"""The training-data loader: dataset versions (`URI@REF`) -> an infinite stream of batches.
+
+Batch contract (the one place it is written down). Pixel space, float32, B = batch, V = target
+views, R = cfg.resolution:
+
+    "views"      (B, V, 3, R, R) in [-1, 1]   target views (pretrain: V = 1)
+    "reference"  (B, 3, R, R) in [-1, 1]      the reference image
+    "cameras"    (B, V, 16)                   mid, post: `pippo_model.conditioning.camera_vectors(R, t)`
+                                              of the targets (world-to-camera, the sample's frame)
+    "plucker"    (B, V, 6, h, w)              post: Plücker rays [d, o x d] of the targets on the
+                                              version's stored grid (h, w) = json `plucker_hw`
+    "anchor"     (B, V, 3, R, R) in [-1, 1]   post: spatial anchors of the targets
+    "keys"       list of B sample keys
+    internal (the trainer ignores them): "_source", "_epoch", "_position" (B,) int64: where each
+    sample sits in the position space below; "_view_index" (B, V) int64: each target's index in the
+    sample's json "views"; "_face" (B, V) bool: the target is that view's face crop;
+    "_reference_index" (B,) int64: the view used as reference (-1 in pretrain).
+
+Stages (a sample's kind comes from the shard index, so filtering happens before any read):
+- pretrain: "image" samples. Target = random-resized crop (35-100 % of the area, aspect 3/4-4/3)
+  + flip; reference = an independent crop + flip + colour jitter (brightness, saturation,
+  contrast ±20 %), so the model cannot copy pixels; both seeded by (seed, epoch, key).
+  cfg.augment=False: both are the photo resized to R.
+- mid: "studio" samples. The reference is the FRONTAL view (below); V targets are drawn (seeded by
+  (seed, epoch, key)) without replacement from the other views; from all views, reference
+  included, when fewer than V others exist; when the sample has N < V views, all N in a random
+  order repeated cyclically (each view floor(V/N) or ceil(V/N) times). Views are resized to R.
+- post: as mid, plus Plücker maps (the stored float16 ones) and anchors (the stored palette PNGs;
+  redrawn with `draw_anchor` when R is not the stored side). With cfg.face_views = F > 0, the first
+  F target slots whose camera has a face crop carry that crop instead: resized to R, its K resized
+  by the SPEC §4 rule, its Plücker map computed on the same (h, w) grid, its anchor drawn at R.
+
+Frontal view: dataprep.synth textures the head in local axes "x right, y front, z up" and `_face`
+paints the face around azimuth 0, i.e. head +y; the pose is head-to-world, so the face looks along
+f = R_head[:, 1]. The reference is the view whose camera centre o = -Rᵀt lies most in front of
+it: argmax f · (o - t_head) / |o - t_head| (every camera aims at the head).
+
+Positions and splitting. Per source and epoch e, the usable samples (stage kind, not held out) are
+numbered 0..N-1 along the shards in an order seeded by (seed, e, version), tar order within a
+shard. The positions not consumed yet are cut into world_size contiguous ranges (sizes differ by
+at most one), each into num_workers sub-ranges; a worker reads only the shards its sub-range
+touches, skipping other samples' members unread (webdataset `select_files`), through a shuffle
+buffer seeded by (seed, e, rank, worker, version) and flushed at the end of the epoch, then goes on
+with e+1. Sources mix per sample: a seeded choice per (rank, worker), probability ∝ weight.
+
+State: the main process records (source, epoch, position) of every sample it yields.
+`state_dict()` is that set plus the state the loader started from, per version, as run-length
+blocks [epoch_from, epoch_to, ranges]: each epoch in [from, to) consumed exactly `ranges` ([a, b)
+lists), so it stays small (whole epochs fold into one block; holes only near the shuffle buffers).
+A loader built from a merged state serves every epoch's complement, cut anew for its own world
+size and workers. Each `iter()` replays the stream from the state the loader was built with.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from dataprep.anchors import draw_anchor
+from dataprep.errors import DataError
+from dataprep.geometry import camera_center, plucker, resize_intrinsics
+from dataprep.store import DatasetStore, split_ref
+from pippo_model.conditioning import camera_vectors
+
+log = logging.getLogger("pippo.data.loader")
+
+STAGE_KIND = {"pretrain": "image", "mid": "studio", "post": "studio"}
+STATE_FORMAT = 1
+IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
+FACE_AXIS = 1            # head-local +y is the face (module docstring)
+HELDOUT_SALT = 0x5EED
+IMAGE_FIELDS = ("views", "reference", "anchor")     # uint8 HWC per sample, float32 CHW per batch
+
+
+@dataclass
+class DataSource:
+    dataset: str            # "URI@REF" (REF = id, prefix, tag, latest)
+    weight: float = 1.0     # mixing weight among several sources
+
+
+@dataclass
+class LoaderConfig:         # loaded from YAML by pipelines.config.load_config (plain types only)
+    batch_size: int = 4          # per rank
+    num_workers: int = 2         # DataLoader workers per rank (0 allowed)
+    shuffle_buffer: int = 64     # per-worker shuffle buffer, samples
+    seed: int = 0
+    resolution: int = 128        # pixel side of delivered views/reference (square)
+    views: int = 4               # target views per sample (mid/post); pretrain always 1
+    face_views: int = 0          # post: how many of the views are face crops, when the sample has them
+    augment: bool = True         # pretrain augmentation (crop, flip, colour)
+    holdout_fraction: float = 0.0  # samples (by key hash) excluded from training, served by heldout_batch
+    prefetch_factor: int = 2
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.views < 1 or self.resolution < 8 or self.prefetch_factor < 1:
+            raise ValueError("batch_size, views and prefetch_factor must be >= 1 and resolution >= 8")
+        if self.num_workers < 0 or self.face_views < 0 or self.shuffle_buffer < 0:
+            raise ValueError("num_workers, face_views and shuffle_buffer must be >= 0")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must lie in [0, 1), got {self.holdout_fraction}")
+
+
+# ---- position ranges: sorted, disjoint, non-adjacent [a, b) lists ---------------------------------
+
+def _normalize(ranges) -> list[list[int]]:
+    out: list[list[int]] = []
+    for a, b in sorted((int(a), int(b)) for a, b in ranges if b > a):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _count(ranges) -> int:
+    return sum(b - a for a, b in ranges)
+
+
+def _complement(ranges, n: int) -> list[list[int]]:
+    out, prev = [], 0
+    for a, b in ranges:
+        if a > prev:
+            out.append([prev, a])
+        prev = b
+    return out + [[prev, n]] if prev < n else out
+
+
+def _slice(ranges, lo: int, hi: int) -> list[list[int]]:
+    """The members of `ranges` ranked lo..hi-1 in ascending order, as ranges."""
+    out, seen = [], 0
+    for a, b in ranges:
+        s, e = max(lo - seen, 0), min(hi - seen, b - a)
+        if s < e:
+            out.append([a + s, a + e])
+        seen += b - a
+        if seen >= hi:
+            break
+    return out
+
+
+def _share(n: int, parts: int, k: int) -> tuple[int, int]:
+    """Part k of n items cut into `parts` contiguous parts whose sizes differ by at most one."""
+    return k * n // parts, (k + 1) * n // parts
+
+
+def _slot_ranges(remaining, rank: int, world: int, worker: int, workers: int) -> list[list[int]]:
+    """A worker's sub-range of its rank's range of the remaining positions."""
+    a, b = _share(_count(remaining), world, rank)
+    wa, wb = _share(b - a, workers, worker)
+    return _slice(remaining, a + wa, a + wb)
+
+
+def _rle_union(block_lists) -> list[list]:
+    """Union of run-length encoded consumed sets ([epoch_from, epoch_to, ranges] blocks)."""
+    blocks = [b for bl in block_lists for b in bl if b[2]]
+    cuts = sorted({int(e) for b in blocks for e in b[:2]})
+    out: list[list] = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        ranges = _normalize([r for b in blocks if b[0] <= lo and hi <= b[1] for r in b[2]])
+        if not ranges:
+            continue
+        if out and out[-1][1] == lo and out[-1][2] == ranges:
+            out[-1][1] = hi
+        else:
+            out.append([lo, hi, ranges])
+    return out
+
+
+def _rle_at(blocks, epoch: int) -> list[list[int]]:
+    return next((b[2] for b in blocks if b[0] <= epoch < b[1]), [])
+
+
+def _first_open_epoch(blocks, n: int) -> int:
+    epoch = 0
+    for lo, hi, ranges in blocks:
+        if lo > epoch or ranges != [[0, n]]:
+            break
+        epoch = hi
+    return epoch
+
+
+# ---- versions -> plans ----------------------------------------------------------------------------
+
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "little")
+
+
+def held_out(key: str, fraction: float) -> bool:
+    """Holdout by key hash: stable across versions, ranks, workers and runs."""
+    return fraction > 0 and _key_hash(key) / 2.0 ** 64 < fraction
+
+
+@dataclass
+class _Source:
+    """What a worker needs of one source (picklable; no open handles)."""
+    index: int
+    label: str                  # URI@id, for messages
+    version: str
+    uri: str
+    weight: float
+    shards: list[dict]
+    keys: list[np.ndarray]      # per shard, the training keys in tar order (bytes: one buffer,
+                                # so forked workers do not copy them by touching refcounts)
+    heldout: list[tuple[int, str]]
+    axis_m: float               # drawn anchor axis length of the version
+    fingerprint: str
+    consumed: list              # RLE consumed set the loader started from
+
+    @property
+    def n(self) -> int:
+        return sum(len(k) for k in self.keys)
+
+    @property
+    def salt(self) -> int:
+        return _key_hash(self.version) & 0xFFFFFFFF
+
+
+def _plan_source(i: int, src: DataSource, stage: str, cfg: LoaderConfig, storage_options: dict) -> tuple[_Source, dict]:
+    uri, ref = split_ref(src.dataset)
+    store = DatasetStore(uri, **storage_options)
+    record = store.resolve(ref)
+    label = f"{store.uri}@{record['id']}"
+    if not src.weight > 0:
+        raise DataError(f"{label}: mixing weight must be > 0, got {src.weight}")
+    shards = store.version_shards(record)
+    with ThreadPoolExecutor(8) as pool:       # one small parquet per shard: hide object-store latency
+        indexes = list(pool.map(store.shard_index, shards))
+    kind, kinds = STAGE_KIND[stage], Counter()
+    keys, heldout = [], []
+    for j, index in enumerate(indexes):
+        mine = []
+        for key, k in zip(index.column("key").to_pylist(), index.column("kind").to_pylist()):
+            kinds[k] += 1
+            if k == kind:
+                (heldout.append((j, key)) if held_out(key, cfg.holdout_fraction) else mine.append(key))
+        keys.append(np.array([k.encode() for k in mine], dtype=np.bytes_))
+    if not kinds[kind]:
+        raise DataError(f"{label}: no samples usable by stage '{stage}' (it needs '{kind}' samples; "
+                        f"the version holds {dict(kinds) or 'none'})")
+    if not any(len(k) for k in keys):
+        raise DataError(f"{label}: all {kinds[kind]} '{kind}' samples are held out "
+                        f"(holdout_fraction={cfg.holdout_fraction}): nothing left to train stage '{stage}'")
+    fingerprint = hashlib.sha1(json.dumps([kind, cfg.seed, cfg.holdout_fraction, len(shards),
+                                           sum(map(len, keys))]).encode()).hexdigest()[:16]
+    axis_m = float((record.get("config") or {}).get("anchor_axis_m", 0.2))
+    plan = _Source(i, label, record["id"], store.uri, float(src.weight), shards, keys, heldout, axis_m,
+                   fingerprint, [])
+    return plan, {**record, "uri": store.uri}
+
+
+def _epoch_order(plan: _Source, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shard order of an epoch and the first position of each shard in that order."""
+    order = np.random.default_rng([seed, epoch, plan.salt]).permutation(len(plan.shards))
+    sizes = np.array([len(plan.keys[j]) for j in order], np.int64)
+    return order, np.cumsum(sizes) - sizes
+
+
+def stage_member(stage: str, name: str) -> bool:
+    """Whether a member (`{key}.{suffix}`) is needed by the stage: masks never, and mid needs no
+    anchors, face crops or Plücker maps. The others are skipped unread."""
+    suffix = name.split(".", 1)[-1]
+    if suffix.endswith("mask.png"):
+        return False
+    return stage != "mid" or not (suffix.startswith(("face", "plucker", "anchor")) or ".anchor." in suffix)
+
+
+def _read_shard(store: DatasetStore, shard: dict, wanted, stage: str) -> Iterator[dict]:
+    """The wanted samples of a shard, in tar order, read with stock webdataset; other samples'
+    members are skipped unread, and reading stops after the last wanted sample."""
+    left = set(wanted)
+    with store.open_shard(shard) as stream:
+        files = tar_file_expander([{"url": shard["url"], "stream": stream}],
+                                  select_files=lambda name: name.split(".", 1)[0] in left and stage_member(stage, name))
+        for sample in group_by_keys(files):
+            if sample["__key__"] in left:
+                left.discard(sample["__key__"])
+                yield sample
+                if not left:
+                    return
+    if left:
+        raise DataError(f"{shard['url']}: {len(left)} samples of its index are not in the tar (e.g. {min(left)})")
+
+
+def _shuffled(items, size: int, rng: np.random.Generator):
+    """Shuffle buffer: emit a random buffered item for each new one, the rest shuffled at the end."""
+    buf = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        k = int(rng.integers(len(buf)))
+        out, buf[k] = buf[k], item
+        yield out
+    for k in rng.permutation(len(buf)):
+        yield buf[k]
+
+
+# ---- decoding -------------------------------------------------------------------------------------
+
+def _image(raw: dict, stem: str = "") -> np.ndarray:
+    """RGB uint8 of the image member `{stem}.jpg` (png, ...) of a sample; the photo if no stem."""
+    data = next((raw[n] for n in (f"{stem}.{e}" if stem else e for e in IMAGE_EXTS) if n in raw), None)
+    img = None if data is None else cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DataError(f"sample {raw['__key__']}: image member {stem or '(photo)'} missing or undecodable")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _resize(img: np.ndarray, side: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    if (h, w) == (side, side):
+        return img
+    interp = cv2.INTER_AREA if side < min(h, w) else cv2.INTER_LINEAR
+    return cv2.resize(np.ascontiguousarray(img), (side, side), interpolation=interp)
+
+
+def _random_resized_crop(img, side: int, rng, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    h, w = img.shape[:2]
+    area = h * w * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    cw = max(1, min(w, round(math.sqrt(area * aspect))))
+    ch = max(1, min(h, round(math.sqrt(area / aspect))))
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    crop = _resize(img[y0:y0 + ch, x0:x0 + cw], side)
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+def _colour_jitter(img, rng, strength: float = 0.2) -> np.ndarray:
+    x = img.astype(np.float32) / 255.0 * rng.uniform(1 - strength, 1 + strength)         # brightness
+    grey = x.mean(axis=2, keepdims=True)
+    x = grey + (x - grey) * rng.uniform(1 - strength, 1 + strength)                     # saturation
+    x = x.mean() + (x - x.mean()) * rng.uniform(1 - strength, 1 + strength)             # contrast
+    return np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def frontal_view(meta: dict) -> int:
+    """Index of the view whose camera lies most in front of the face (module docstring)."""
+    head_R, head_t = np.asarray(meta["anchor"]["R"], np.float64), np.asarray(meta["anchor"]["t"], np.float64)
+    forward = head_R[:, FACE_AXIS]
+    scores = []
+    for v in meta["views"]:
+        d = camera_center(v["R"], v["t"]) - head_t
+        scores.append(float(forward @ d) / max(float(np.linalg.norm(d)), 1e-12))
+    return int(np.argmax(scores))
+
+
+def choose_targets(n: int, count: int, reference: int, rng) -> np.ndarray:
+    """`count` target view indices of n views (module docstring: mid)."""
+    others = np.array([v for v in range(n) if v != reference])
+    if len(others) >= count:
+        return rng.choice(others, count, replace=False)
+    if n >= count:
+        return rng.choice(n, count, replace=False)
+    return np.resize(rng.permutation(n), count)
+
+
+def _pretrain_sample(raw: dict, cfg: LoaderConfig, rng, augment: bool) -> dict:
+    img = _image(raw)
+    if augment:
+        target = _random_resized_crop(img, cfg.resolution, rng)
+        reference = _colour_jitter(_random_resized_crop(img, cfg.resolution, rng), rng)
+    else:
+        target = reference = _resize(img, cfg.resolution)
+    return {"views": target[None], "reference": reference,
+            "_view_index": np.zeros(1, np.int64), "_face": np.zeros(1, bool), "_reference_index": -1}
+
+
+def _face_slots(targets, faces: dict, count: int) -> np.ndarray:
+    """The first `count` target slots whose camera has a face crop."""
+    slots = [k for k, v in enumerate(targets) if v in faces][:count]
+    return np.isin(np.arange(len(targets)), slots)
+
+
+def _studio_sample(raw: dict, meta: dict, post: bool, cfg: LoaderConfig, axis_m: float, rng) -> dict:
+    res, views = cfg.resolution, meta["views"]
+    ref = frontal_view(meta)
+    targets = choose_targets(len(views), cfg.views, ref, rng)
+    faces = {f["view"]: f for f in meta.get("face_views", [])} if post else {}
+    is_face = _face_slots(targets, faces, cfg.face_views)
+    out = {"views": np.stack([_resize(_image(raw, f"{'face' if f else 'view'}{v:02d}"), res)
+                              for v, f in zip(targets, is_face)]),
+           "reference": _resize(_image(raw, f"view{ref:02d}"), res),
+           "_view_index": targets.astype(np.int64), "_face": is_face, "_reference_index": ref}
+    Rs = torch.tensor(np.array([views[v]["R"] for v in targets]), dtype=torch.float64)
+    ts = torch.tensor(np.array([views[v]["t"] for v in targets]), dtype=torch.float64)
+    out["cameras"] = camera_vectors(Rs, ts).numpy().astype(np.float32)
+    if post:
+        stored = np.load(io.BytesIO(raw["plucker.npy"]), allow_pickle=False)
+        pose = np.concatenate([np.asarray(meta["anchor"]["R"]), np.asarray(meta["anchor"]["t"])[:, None]], axis=1)
+        controls = [_controls(raw, meta, v, faces[v] if f else None, stored, pose, res, axis_m)
+                    for v, f in zip(targets, is_face)]
+        out["plucker"] = np.stack([c[0] for c in controls])
+        out["anchor"] = np.stack([c[1] for c in controls])
+    return out
+
+
+def _controls(raw, meta, v: int, face: dict | None, stored, pose, res: int, axis_m: float):
+    """(Plücker (6, h, w) float32, anchor (R, R, 3) uint8) of view v, or of its face crop."""
+    cam = meta["views"][v]
+    R, t = np.asarray(cam["R"], np.float64), np.asarray(cam["t"], np.float64)
+    src = face or cam
+    K = resize_intrinsics(src["K"], res / src["width"], res / src["height"])
+    if face is None:
+        rays = stored[v].astype(np.float32)
+        if (cam["height"], cam["width"]) == (res, res):
+            return rays, _stored_anchor(raw, v)
+    else:
+        gh, gw = meta["plucker_hw"]
+        rays = plucker(resize_intrinsics(K, gw / res, gh / res), R, t, gh, gw)
+    return rays, draw_anchor(K, R, t, res, res, pose, axis_m).image.transpose(1, 2, 0)
+
+
+def _stored_anchor(raw: dict, v: int) -> np.ndarray:
+    """Anchor of view v as HWC uint8: the per-view palette PNG, or the (V, 3, H, W) anchor.npy."""
+    name = f"view{v:02d}.anchor.png"
+    if name in raw:
+        return np.asarray(Image.open(io.BytesIO(raw[name])).convert("RGB"))
+    return np.load(io.BytesIO(raw["anchor.npy"]), allow_pickle=False)[v].transpose(1, 2, 0)
+
+
+def decode_sample(raw: dict, stage: str, cfg: LoaderConfig, axis_m: float, rng, augment: bool) -> dict:
+    """One raw webdataset sample (member -> bytes) -> the per-sample arrays of a batch."""
+    if stage == "pretrain":
+        out = _pretrain_sample(raw, cfg, rng, augment)
+    else:
+        out = _studio_sample(raw, json.loads(raw["json"]), stage == "post", cfg, axis_m, rng)
+    out["key"] = raw["__key__"]
+    return out
+
+
+SMALL = 4096      # elements: smaller fields cross from a worker pickled inline, larger ones in shm
+
+
+def _empty(shape, dtype) -> torch.Tensor:
+    """A batch tensor; in a DataLoader worker directly in shared memory, so handing it to the main
+    process does not copy it once more."""
+    out = torch.empty(shape, dtype=dtype)
+    return out.share_memory_() if get_worker_info() is not None else out
+
+
+def collate(samples: list[dict]) -> dict:
+    """Per-sample arrays -> a batch. Images travel as uint8 HWC up to here and become float32 CHW
+    in [-1, 1] in one pass, written straight into the (shared) batch tensor. Small fields stay
+    numpy arrays: pickled inline they cost the main process far less than one shm segment each
+    (`_as_tensors` makes them tensors there)."""
+    batch = {"keys": [s["key"] for s in samples]}
+    for name in samples[0]:
+        if name == "key":
+            continue
+        arrays = [np.asarray(s[name]) for s in samples]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise DataError(f"samples {batch['keys']} cannot share a batch: '{name}' shapes differ "
+                            f"({sorted(shapes)}); mixed versions need the same Plücker grid")
+        stacked = np.stack(arrays)
+        if name in IMAGE_FIELDS:
+            chw = torch.from_numpy(stacked).movedim(-1, -3)
+            batch[name] = _empty(chw.shape, torch.float32).copy_(chw).div_(127.5).sub_(1.0)
+        elif stacked.size > SMALL:
+            batch[name] = _empty(stacked.shape, torch.from_numpy(stacked).dtype).copy_(torch.from_numpy(stacked))
+        else:
+            batch[name] = stacked
+    return batch
+
+
+def _as_tensors(batch: dict) -> dict:
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+
+def _as_is(batch):
+    """The DataLoader's collate_fn: batches are made in the worker (`collate`)."""
+    return batch
+
+
+# ---- the worker-side stream -----------------------------------------------------------------------
+
+class _Stream(IterableDataset):
+    """Runs in each DataLoader worker: its slice of every source, mixed, decoded, batched."""
+
+    def __init__(self, sources: list[_Source], stage: str, cfg: LoaderConfig, rank: int, world: int,
+                 storage_options: dict):
+        self.sources, self.stage, self.cfg = sources, stage, cfg
+        self.rank, self.world, self.storage_options = rank, world, storage_options
+        self._stores: dict[str, DatasetStore] = {}
+
+    def _store(self, uri: str) -> DatasetStore:
+        # created in the worker: no filesystem handle crosses the fork
+        if uri not in self._stores:
+            self._stores[uri] = DatasetStore(uri, **self.storage_options)
+        return self._stores[uri]
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            cv2.setNumThreads(1)            # one core per worker: no thread pool oversubscription
+        streams = {s.index: self._source_samples(s, worker, workers) for s in self.sources}
+        rng = np.random.default_rng([self.cfg.seed, self.rank, worker, 0x4D4958])
+        batch = []
+        while streams:
+            ids = list(streams)
+            weights = np.array([self.sources[i].weight for i in ids])
+            i = ids[int(rng.choice(len(ids), p=weights / weights.sum()))] if len(ids) > 1 else ids[0]
+            try:
+                batch.append(next(streams[i]))
+            except StopIteration:           # this worker has no share of that source any more
+                del streams[i]
+                continue
+            if len(batch) == self.cfg.batch_size:
+                yield collate(batch)
+                batch = []
+        if batch:   # a worker of a tiny version whose share ran out: deliver, never lose samples
+            yield collate(batch)
+
+    def _source_samples(self, src: _Source, worker: int, workers: int) -> Iterator[dict]:
+        """Decoded samples of `src` for this worker, epoch after epoch; ends only when the worker's
+        share of a full epoch is empty (more workers than samples) after the resumed epochs."""
+        epoch = _first_open_epoch(src.consumed, src.n)
+        state_end = max((b[1] for b in src.consumed), default=0)
+        has_share = bool(_slot_ranges([[0, src.n]], self.rank, self.world, worker, workers))
+        while epoch < state_end or has_share:
+            remaining = _complement(_rle_at(src.consumed, epoch), src.n)
+            mine = _slot_ranges(remaining, self.rank, self.world, worker, workers)
+            rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, worker, src.salt])
+            for position, raw in _shuffled(self._read(src, epoch, mine), self.cfg.shuffle_buffer, rng):
+                sample_rng = np.random.default_rng([self.cfg.seed, epoch, _key_hash(raw["__key__"])])
+                out = decode_sample(raw, self.stage, self.cfg, src.axis_m, sample_rng, self.cfg.augment)
+                out.update(_source=src.index, _epoch=epoch, _position=position)
+                yield out
+            epoch += 1
+
+    def _read(self, src: _Source, epoch: int, mine) -> Iterator[tuple[int, dict]]:
+        """(position, raw sample) of the positions in `mine`, shard by shard in the epoch's order."""
+        order, starts = _epoch_order(src, self.cfg.seed, epoch)
+        for j, start in zip(order, starts):
+            keys = src.keys[j]
+            wanted = {keys[p - start].decode(): p
+                      for a, b in mine for p in range(max(a, start), min(b, start + len(keys)))}
+            if wanted:
+                for raw in _read_shard(self._store(src.uri), src.shards[j], wanted, self.stage):
+                    yield wanted[raw["__key__"]], raw
+
+
+# ---- the loader -----------------------------------------------------------------------------------
+
+class TrainingLoader:
+    """Batches of one rank from weighted dataset versions (module docstring: contract, state)."""
+
+    def __init__(self, sources: list[DataSource], stage: str, cfg: LoaderConfig, *, rank: int = 0,
+                 world_size: int = 1, state: dict | None = None, storage_options: dict | None = None):
+        if stage not in STAGE_KIND:
+            raise DataError(f"unknown stage {stage!r} (pretrain, mid or post)")
+        if not sources:
+            raise DataError("the loader needs at least one dataset source")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not within world_size {world_size}")
+        self.stage, self.cfg, self.rank, self.world_size = stage, cfg, rank, world_size
+        self._storage_options = dict(storage_options or {})
+        planned = [_plan_source(i, s, stage, cfg, self._storage_options) for i, s in enumerate(sources)]
+        self._sources = [p for p, _ in planned]
+        self.versions = [r for _, r in planned]
+        ids = [s.version for s in self._sources]
+        if len(set(ids)) < len(ids):
+            raise DataError(f"a version is listed twice among the sources ({ids})")
+        for s in self._sources:
+            if s.n < world_size:
+                raise DataError(f"{s.label}: {s.n} training samples for stage '{stage}' < world_size "
+                                f"{world_size}: some ranks would get no data")
+        self._apply_state(state)
+        self.samples_per_epoch = sum(s.n for s in self._sources)
+        self._seen: dict[tuple[int, int], list] = {}
+        self._folded: dict[int, list] = {}
+
+    def _apply_state(self, state: dict | None) -> None:
+        if not state:
+            return
+        if state.get("format") != STATE_FORMAT:
+            raise DataError(f"loader state format {state.get('format')!r} is not {STATE_FORMAT}")
+        saved = dict(state.get("sources", {}))
+        for s in self._sources:
+            entry = saved.pop(s.version, None)
+            if entry is None:
+                continue
+            if (entry["n"], entry["fingerprint"]) != (s.n, s.fingerprint):
+                raise DataError(f"{s.label}: the loader state was saved with another stage kind, seed or "
+                                "holdout_fraction; it cannot resume sample-exactly")
+            s.consumed = _rle_union([entry["consumed"]])
+        if saved:
+            log.warning("loader state of versions not among the sources ignored: %s", sorted(saved))
+
+    def __iter__(self) -> Iterator[dict]:
+        self._seen, self._folded = {}, {}
+        stream = _Stream(self._sources, self.stage, self.cfg, self.rank, self.world_size, self._storage_options)
+        workers = self.cfg.num_workers
+        loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                            prefetch_factor=self.cfg.prefetch_factor if workers else None)
+        for batch in loader:
+            batch = _as_tensors(batch)
+            self._record(batch)
+            yield batch
+        raise RuntimeError("the training stream ended (a bug: it is infinite)")
+
+    def _record(self, batch: dict) -> None:
+        """Mark a batch consumed, before it is handed out (the state is what was yielded)."""
+        for s, e, p in zip(batch["_source"].tolist(), batch["_epoch"].tolist(), batch["_position"].tolist()):
+            seen = self._seen.setdefault((s, e), [])
+            seen.append([p, p + 1])
+            if len(seen) > 4096:
+                self._seen[(s, e)] = _normalize(seen)
+        if len(self._seen) > 64:        # bound memory over many epochs: fold into the RLE form
+            self._fold()
+
+    def _fold(self) -> None:
+        for s in self._sources:
+            blocks = [[e, e + 1, _normalize(r)] for (i, e), r in self._seen.items() if i == s.index]
+            self._folded[s.index] = _rle_union([self._folded.get(s.index, []), blocks])
+        self._seen = {}
+
+    def state_dict(self) -> dict:
+        """JSON-able: what this rank's iterator has yielded, plus the state it started from."""
+        self._fold()
+        return {"format": STATE_FORMAT, "sources": {
+            s.version: {"n": s.n, "fingerprint": s.fingerprint,
+                        "consumed": _rle_union([s.consumed, self._folded.get(s.index, [])])}
+            for s in self._sources}}
+
+    @staticmethod
+    def merge_states(states: list[dict]) -> dict:
+        """Union of the ranks' states: the `state` of a loader of any world size / workers."""
+        merged: dict[str, dict] = {}
+        for state in states:
+            if state.get("format") != STATE_FORMAT:
+                raise DataError(f"loader state format {state.get('format')!r} is not {STATE_FORMAT}")
+            for vid, entry in state["sources"].items():
+                m = merged.setdefault(vid, {"n": entry["n"], "fingerprint": entry["fingerprint"], "parts": []})
+                if (m["n"], m["fingerprint"]) != (entry["n"], entry["fingerprint"]):
+                    raise DataError(f"version {vid}: loader states of different configurations cannot be merged")
+                m["parts"].append(entry["consumed"])
+        return {"format": STATE_FORMAT, "sources": {
+            vid: {"n": m["n"], "fingerprint": m["fingerprint"], "consumed": _rle_union(m["parts"])}
+            for vid, m in merged.items()}}
+
+    def heldout_batch(self, n: int) -> dict:
+        """The first n held-out samples (sources, shards, tar order), no augmentation; views drawn
+        with a generator seeded by (seed, key) so every call returns the same batch."""
+        items = [(s, j, key) for s in self._sources for j, key in s.heldout][:n]
+        if not items:
+            raise DataError(f"no held-out samples for stage '{self.stage}' "
+                            f"(holdout_fraction={self.cfg.holdout_fraction})")
+        raws: dict[tuple[int, str], dict] = {}
+        for i, j in dict.fromkeys((src.index, j) for src, j, _ in items):
+            src = self._sources[i]
+            wanted = {key for t, jj, key in items if t.index == i and jj == j}
+            store = DatasetStore(src.uri, **self._storage_options)
+            raws.update({(i, raw["__key__"]): raw for raw in _read_shard(store, src.shards[j], wanted, self.stage)})
+        samples = []
+        for position, (src, _, key) in enumerate(items):
+            rng = np.random.default_rng([self.cfg.seed, HELDOUT_SALT, _key_hash(key)])
+            out = decode_sample(raws[(src.index, key)], self.stage, self.cfg, src.axis_m, rng, augment=False)
+            out.update(_source=src.index, _epoch=-1, _position=position)
+            samples.append(out)
+        return _as_tensors(collate(samples))
