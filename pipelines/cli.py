@@ -131,7 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipe = top.add_parser("pipeline", help="the workflow DAG", description="Workflow commands.")
     psub = pipe.add_subparsers(dest="pipeline_command", metavar="SUBCOMMAND", required=True)
-    p = _add(psub, "run", "pipelines.workflow_commands:run", "run the workflow DAG (cached, resumable)")
+    p = _add(psub, "run", "pipelines.workflow_commands:run", "run the workflow DAG (cached, resumable)",
+             "Run a DAG of steps (synth, dataprep, train, eval) declared in YAML. Each step is cached by a "
+             "hash of code, config and input artifact ids (dataset versions, checkpoints): a re-run skips "
+             "finished steps, a changed config re-runs only that step and what is downstream of it. One "
+             "MLflow parent run per invocation, a child run per step; prints the parent run id last."
+             "\n\nexamples:\n"
+             "  pippo pipeline run configs/pipelines/demo.yaml\n"
+             "  pippo pipeline run configs/pipelines/demo.yaml steps.post.overrides.steps=200\n"
+             "  pippo pipeline run configs/pipelines/demo.yaml steps.eval.enabled=false\n"
+             "  pippo pipeline run configs/pipelines/demo.yaml --resume 3f2a...   # continue a failed run")
     p.add_argument("config", help="pipeline config YAML")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--resume", metavar="RUN", help="resume this pipeline run id")
@@ -141,16 +150,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
     p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the pippo arguments")
 
-    p = _add(top, "compare", "pipelines.compare:main", "MLflow comparison table and plots")
-    p.add_argument("--experiment", help="experiment name")
-    p.add_argument("--out", help="output directory for plots")
+    p = _add(top, "compare", "pipelines.compare:main", "MLflow comparison table and plots",
+             "Compare the runs of one MLflow experiment (MLFLOW_TRACKING_URI): one row per run tagged "
+             "pippo.step, parent pipeline runs with their step runs below them, the dataset version each "
+             "trained on, the params that DIFFER between the runs, the final train/loss and eval metrics, "
+             "the checkpoint. Plots (PNG) into --out: train/loss curves per stage and eval metrics per run."
+             "\n\nexamples:\n"
+             "  pippo compare                                  # the demo's experiment (or the newest one)\n"
+             "  pippo compare --experiment pippo-demo --out out/compare\n"
+             "  pippo compare --experiment test-post --json | jq '.runs[].metrics'")
+    p.add_argument("--experiment", help="experiment name (default: configs/pipelines/demo.yaml's "
+                                        "experiment, else the most recently active one)")
+    p.add_argument("--out", default="out/compare", help="directory for the PNG plots (default out/compare)")
     _json_flag(p)
 
-    p = _add(top, "sample", "pipelines.sample:main", "one photo -> turnaround GIF/MP4")
-    p.add_argument("--checkpoint", required=True, help="checkpoint URI")
-    p.add_argument("--image", required=True, help="input photo")
+    p = _add(top, "sample", "pipelines.sample:main", "one photo -> turnaround GIF/MP4",
+             "Generate a turnaround of the person in one photo (any size; cropped around the person "
+             "found, else the centre square) with a trained stage: N views on an orbit at a fixed "
+             "elevation and radius looking at the head, sampled jointly with DDIM and classifier-free "
+             "guidance (attention biasing when N exceeds the trained views). Writes --out as a GIF, an "
+             "MP4 beside it, and <out stem>_views/ (view00.png ..., cameras.json: the `pippo eval "
+             "reprojection` layout). Prints the GIF path last.\n\nexamples:\n"
+             "  pippo sample --checkpoint .pippo/store/checkpoints/post-1a2b3c4d5e --image me.jpg --out me.gif\n"
+             "  pippo sample --checkpoint s3://bucket/ckpt/post-1a2b3c4d5e/final --image photo.png "
+             "--views 48 --elevation 15 --out out/turn.gif\n"
+             "  pippo eval reprojection out/turn_views      # score the generated views")
+    p.add_argument("--checkpoint", required=True, help="a training run dir, its final/, or a .safetensors URI")
+    p.add_argument("--image", required=True, help="input photo (local path or fsspec URL)")
     p.add_argument("--views", type=int, default=24, help="number of views (default 24)")
-    p.add_argument("--out", required=True, help="output GIF or MP4 path")
+    p.add_argument("--out", required=True, help="output .gif (an .mp4 and a _views/ folder go beside it)")
+    p.add_argument("--elevation", type=float, default=10.0, metavar="DEG",
+                   help="camera elevation above the head, degrees (default 10)")
+    p.add_argument("--radius", type=float, default=2.2, metavar="M",
+                   help="orbit radius, metres (default 2.2, the capture dome's)")
+    p.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30)")
+    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (default 2.0; 1 = off)")
+    p.add_argument("--gamma", type=float, default=1.0,
+                   help="attention-biasing growth factor, used when N exceeds the trained views (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="view side in pixels (default: the stage's training resolution)")
 
     ev = top.add_parser("eval", help="evaluation", description="Evaluation commands.")
     esub = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)

@@ -1,0 +1,197 @@
+"""Running a workflow: cached, resumable steps on Ray, tracked as one MLflow parent run.
+
+Cache. A step's key = sha256(code version, kind, its normalised config with every `${steps.X}`
+replaced by X's output — a dataset version `URI@id`, a checkpoint URI —). A finished step writes its
+record `{store}/pipelines/{name}/steps/{step}/{key}.json` (output, MLflow run id) LAST; a step
+whose key has a record is skipped and its output reused. So a no-change re-run does no work, a
+changed config re-runs that step and, through the outputs it changes, exactly the steps downstream
+of it, and a crash anywhere leaves every finished step recorded. Train steps are themselves
+resumable (checkpoints), so re-running a half-trained step continues it.
+
+Runs. One MLflow parent run per invocation (tag `pippo.pipeline`); each step a child run. A cached
+step gets a small child run tagged `pippo.cached` that points at the run that produced it, so every
+invocation lists all its steps. `--resume RUN` continues a failed invocation's parent run: the
+finished steps are cached, the failed one runs again.
+
+Why not Ray Workflows: it was removed from Ray (gone in 2.60). Flyte, Dagster and Metaflow cache a
+task by a hash of its inputs and code version as well (Flyte's `cache_version` + input literals,
+Dagster's code version + data version, Metaflow's `resume` reusing finished steps of a failed run);
+here the "inputs" are content ids — dataset versions are content-addressed and checkpoints are
+addressed by a hash of their config — so the same idea needs no metadata service beyond the
+object store (records) and MLflow (lineage, comparison).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from dataprep.storage import absolute_url, atomic_write_bytes, fs_and_path, join
+from pipelines.workflow.config import STEP_REF, PipelineConfig
+from pipelines.workflow.steps import normalised, run_step, step_config
+
+log = logging.getLogger("pippo.workflow")
+CODE_DIRS = ("dataprep", "pippo_model", "pipelines", "cluster")
+
+
+def code_version() -> str:
+    """Digest of the project's source and pinned requirements: a code change invalidates caches."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for d in CODE_DIRS:
+        for path in sorted((root / d).rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    lock = root / "requirements.lock"
+    if lock.exists():
+        h.update(lock.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def substitute(value, outputs: dict):
+    """Replace `${steps.NAME[.FIELD]}` in every string by the outputs of finished steps."""
+    if isinstance(value, dict):
+        return {k: substitute(v, outputs) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute(v, outputs) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(m):
+        out = outputs[m.group(1)]
+        if m.group(2):
+            if not isinstance(out, dict) or m.group(2) not in out:
+                raise ValueError(f"${{steps.{m.group(1)}.{m.group(2)}}}: step {m.group(1)!r} has no such output")
+            return str(out[m.group(2)])
+        return out if isinstance(out, str) else json.dumps(out)
+    whole = STEP_REF.fullmatch(value)
+    if whole and not whole.group(2) and not isinstance(outputs[whole.group(1)], str):
+        return outputs[whole.group(1)]       # a whole non-string output keeps its type
+    return STEP_REF.sub(one, value)
+
+
+class Workflow:
+    def __init__(self, cfg: PipelineConfig, source: str = "<pipeline>"):
+        self.cfg, self.source = cfg, source
+        self.root = join(absolute_url(cfg.store), "pipelines", cfg.name)
+        self.code = code_version()
+        self.workdir = str(Path(cfg.workdir, cfg.name).resolve())
+
+    # -- records ------------------------------------------------------------------------------------
+    def record_url(self, step: str, key: str) -> str:
+        return join(self.root, "steps", step, f"{key}.json")
+
+    def read_record(self, step: str, key: str) -> dict | None:
+        fs, path = fs_and_path(self.record_url(step, key))
+        try:
+            with fs.open(path, "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+
+    def key(self, name: str, config: dict) -> str:
+        step = self.cfg.steps[name]
+        canon = json.dumps({"code": self.code, "kind": step.kind, "config": config}, sort_keys=True, default=str)
+        return hashlib.sha256(canon.encode()).hexdigest()[:24]
+
+    def prepare(self, name: str, outputs: dict):
+        """(typed config, normalised dict, cache key) of a step whose upstream outputs are known."""
+        step = self.cfg.steps[name]
+        overrides = substitute(step.overrides, outputs)
+        try:
+            cfg = step_config(step.kind, step.config, overrides, step.params)
+        except Exception as exc:
+            raise type(exc)(f"step {name!r}: {exc}") from None
+        config = normalised(step.kind, cfg)
+        return cfg, config, self.key(name, config)
+
+    # -- running --------------------------------------------------------------------------------------
+    def run(self, resume: str | None = None) -> dict:
+        from pipelines.training.tracking import RunTracker
+
+        order = [s for s in self.cfg.order() if self.cfg.steps[s].enabled]
+        parent = RunTracker(self.cfg.experiment_name, f"{self.cfg.name}", step_tag="pipeline",
+                            resume_run_id=resume, system_metrics=False,
+                            tags={"pippo.pipeline": self.cfg.name, "pippo.code_version": self.code,
+                                  "pippo.config_source": self.source})
+        log.info("pipeline %s: MLflow run %s (experiment %s); %d steps", self.cfg.name, parent.run_id,
+                 self.cfg.experiment_name, len(order))
+        outputs: dict = {}
+        results: dict = {}
+        try:
+            with parent:
+                for name in order:
+                    results[name] = self._one(name, outputs, parent)
+                parent.set_tags({"pippo.status": "succeeded"})
+        except Exception as exc:
+            log.error("pipeline %s failed at a step: %s — fix it and re-run, or continue this run with "
+                      "--resume %s", self.cfg.name, exc, parent.run_id)
+            raise
+        return {"run_id": parent.run_id, "steps": results}
+
+    def _one(self, name: str, outputs: dict, parent) -> dict:
+        kind = self.cfg.steps[name].kind
+        cfg, config, key = self.prepare(name, outputs)
+        record = self.read_record(name, key)
+        if record is not None:
+            outputs[name] = record["output"]
+            self._cached_child(name, kind, record, parent)
+            log.info("step %s (%s): cached %s -> %s", name, kind, key[:12], _short(record["output"]))
+            return {**record, "cached": True}
+        log.info("step %s (%s): running (key %s)", name, kind, key[:12])
+        start = time.time()
+        ctx = {"pipeline": self.cfg.name, "experiment": self.cfg.experiment_name, "parent_run_id": parent.run_id,
+               "workdir": self.workdir, "key": key}
+        output, run_id = _execute(kind, name, cfg, ctx)
+        record = {"step": name, "kind": kind, "key": key, "output": output, "mlflow_run_id": run_id,
+                  "code_version": self.code, "config": config, "seconds": round(time.time() - start, 1),
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_bytes(self.record_url(name, key), json.dumps(record, indent=1, sort_keys=True,
+                                                                  default=str).encode())
+        outputs[name] = output
+        log.info("step %s (%s): done in %.1f s -> %s", name, kind, record["seconds"], _short(output))
+        return {**record, "cached": False}
+
+    def _cached_child(self, name: str, kind: str, record: dict, parent) -> None:
+        from pipelines.training.tracking import RunTracker
+        from pipelines.workflow.config import STEP_TAGS
+
+        tag = STEP_TAGS[kind] or self._train_tag(record)
+        with RunTracker(self.cfg.experiment_name, f"{self.cfg.name}/{name}", step_tag=tag,
+                        parent_run_id=parent.run_id, system_metrics=False,
+                        tags={"pippo.workflow_step": name, "pippo.cached": "true",
+                              "pippo.source_run": record.get("mlflow_run_id") or "",
+                              "pippo.output": _short(record["output"], 5000)}):
+            pass
+
+    @staticmethod
+    def _train_tag(record: dict) -> str:
+        return record.get("config", {}).get("stage", "pretrain")
+
+
+def _execute(kind: str, name: str, cfg, ctx: dict):
+    """Run one step as a Ray task (num_cpus=0: it only orchestrates; the build's tasks and Ray
+    Train's workers ask for the resources), on the cluster of RAY_ADDRESS or a local Ray."""
+    if os.environ.get("PIPPO_WORKFLOW_INPROCESS") == "1":
+        return run_step(kind, name, cfg, ctx)
+    from dataprep.build import ensure_ray
+
+    ray = ensure_ray(dashboard=True)
+    task = ray.remote(num_cpus=0, max_retries=0)(_step_task)
+    return ray.get(task.options(name=f"pippo-step-{name}").remote(kind, name, cfg, ctx))
+
+
+def _step_task(kind, name, cfg, ctx):
+    import logging as _logging
+
+    os.dup2(2, 1)      # the driver's stdout carries the command's result; step output goes to stderr
+    _logging.basicConfig(level=_logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_step(kind, name, cfg, ctx)
+
+
+def _short(output, limit: int = 200) -> str:
+    text = output if isinstance(output, str) else json.dumps(output, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
