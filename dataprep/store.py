@@ -302,8 +302,12 @@ class DatasetStore:
                 rows = pq.read_table(f).to_pylist()
         else:   # a record without a manifest: the index lies beside its shard (ShardWriter naming)
             rows = [{**s, "index_url": s["url"][: -len(".tar")] + ".index.parquet"} for s in record["shards"]]
+        # shards an incremental build carried over from its parent may lack index_url in the
+        # manifest: their index lies beside them under the ShardWriter's naming
         return [{"url": self.resolve_url(r["url"]), "samples": int(r["samples"]), "bytes": int(r["bytes"]),
-                 "sha256": r.get("sha256", ""), "index_url": self.resolve_url(r["index_url"])} for r in rows]
+                 "sha256": r.get("sha256", ""),
+                 "index_url": self.resolve_url(r.get("index_url") or r["url"][: -len(".tar")] + ".index.parquet")}
+                for r in rows]
 
     def shard_index(self, shard: dict) -> pa.Table:
         """The samples of a shard in tar order: a table with columns key, kind."""

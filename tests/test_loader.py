@@ -327,3 +327,22 @@ def test_s3_version_with_more_ranks_than_shards(data, s3_server):
         assert loader.versions[0]["uri"] == dataset
         served += rows(take(loader, 4)[0])
     assert_epochs_exact(served, data["photos"]["image"], epochs=(0, 1))
+
+
+def test_incremental_version_reads_carried_over_shards(data, tmp_path):
+    """A child version reuses its parent's shards (their manifest rows may lack index_url): the
+    loader serves the parent's samples and the new ones, each once per epoch."""
+    import shutil
+    root = data["root"]
+    photos = tmp_path / "photos"
+    shutil.copytree(root / "photos_b", photos)
+    build(tmp_path / "ds", [("images", photos)], **BUILD, shard=ShardLimits(max_samples=2))
+    synth_images(photos / "more", count=3, seed=9, person_fraction=1.0)
+    child = build(tmp_path / "ds", [("images", photos)], **BUILD, shard=ShardLimits(max_samples=2))
+    store = DatasetStore(tmp_path / "ds")
+    record = store.resolve(child)
+    assert record["parent"] and record["samples"] == 9
+    loader = TrainingLoader([DataSource(f"{tmp_path / 'ds'}@{child}")], "pretrain", cfg_(num_workers=1))
+    batches, _ = take(loader, 5)                  # 10 samples: one epoch of 9 + 1
+    keys = sorted(samples_of(record))
+    assert_epochs_exact(rows(batches), keys, epochs=[0])
