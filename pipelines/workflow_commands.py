@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 
 def run(args) -> int:
@@ -9,8 +10,14 @@ def run(args) -> int:
     from pipelines.workflow.config import PipelineConfig
     from pipelines.workflow.dag import Workflow
 
+    from pipelines.workflow.dag import StepFailed
+
     cfg = load_config(PipelineConfig, args.config, args.overrides)
-    result = Workflow(cfg, source=args.config).run(resume=args.resume)
+    try:
+        result = Workflow(cfg, source=args.config).run(resume=args.resume)
+    except StepFailed as exc:
+        print(f"pippo: error: {exc}", file=sys.stderr)
+        return 1
     for name, step in result["steps"].items():
         state = "cached" if step["cached"] else f"ran {step['seconds']} s"
         out = step["output"] if isinstance(step["output"], str) else json.dumps(step["output"])

@@ -124,4 +124,7 @@ class StageConfig:
         return f"{self.stage}-{digest}"
 
     def run_uri(self) -> str:
-        return self.checkpoint.root.rstrip("/") + "/" + self.resolved_run_name()
+        from pipelines.config import expand_env
+
+        root = expand_env(self.checkpoint.root)      # a default is not YAML: ${PIPPO_STORE} expands here
+        return root.rstrip("/") + "/" + self.resolved_run_name()

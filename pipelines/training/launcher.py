@@ -48,7 +48,9 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
 
     pin_datasets(cfg)
     stage = to_dict(cfg)
-    stage["checkpoint"]["root"] = absolute_url(cfg.checkpoint.root)
+    from pipelines.config import expand_env
+
+    stage["checkpoint"]["root"] = absolute_url(expand_env(cfg.checkpoint.root))
     if cfg.init_from:
         from pipelines.training.checkpoint import resolve_weights
 

@@ -73,10 +73,21 @@ def substitute(value, outputs: dict):
     return STEP_REF.sub(one, value)
 
 
+class StepFailed(RuntimeError):
+    def __init__(self, step: str, cause: BaseException, run_id: str):
+        self.step, self.cause, self.run_id = step, cause, run_id
+        text = str(getattr(cause, "cause", None) or cause).strip().splitlines()
+        super().__init__(f"step {step!r} failed: {text[-1] if text else type(cause).__name__} — fix it and "
+                         f"continue this run with --resume {run_id}")
+
+
 class Workflow:
     def __init__(self, cfg: PipelineConfig, source: str = "<pipeline>"):
         self.cfg, self.source = cfg, source
-        self.root = join(absolute_url(cfg.store), "pipelines", cfg.name)
+        from pipelines.config import expand_env
+
+        # defaults are not YAML, so ${PIPPO_STORE} in a default is expanded here
+        self.root = join(absolute_url(expand_env(cfg.store, source)), "pipelines", cfg.name)
         self.code = code_version()
         self.workdir = str(Path(cfg.workdir, cfg.name).resolve())
 
@@ -113,6 +124,7 @@ class Workflow:
         from pipelines.training.tracking import RunTracker
 
         order = [s for s in self.cfg.order() if self.cfg.steps[s].enabled]
+        self.validate(order)
         parent = RunTracker(self.cfg.experiment_name, f"{self.cfg.name}", step_tag="pipeline",
                             resume_run_id=resume, system_metrics=False,
                             tags={"pippo.pipeline": self.cfg.name, "pippo.code_version": self.code,
@@ -121,16 +133,35 @@ class Workflow:
                  self.cfg.experiment_name, len(order))
         outputs: dict = {}
         results: dict = {}
-        try:
-            with parent:
-                for name in order:
+        with parent:
+            for name in order:
+                try:
                     results[name] = self._one(name, outputs, parent)
-                parent.set_tags({"pippo.status": "succeeded"})
-        except Exception as exc:
-            log.error("pipeline %s failed at a step: %s — fix it and re-run, or continue this run with "
-                      "--resume %s", self.cfg.name, exc, parent.run_id)
-            raise
+                except Exception as exc:
+                    failure = StepFailed(name, exc, parent.run_id)
+                    log.error("pipeline %s: %s", self.cfg.name, failure)
+                    parent.set_tags({"pippo.status": f"failed at {name}"})
+                    raise failure from exc
+            parent.set_tags({"pippo.status": "succeeded"})
         return {"run_id": parent.run_id, "steps": results}
+
+    def validate(self, order: list[str]) -> None:
+        """Load every step's typed config with placeholders for upstream outputs, so a bad config
+        fails in one line before the first step runs (not hours later, at its step)."""
+        from pipelines.config import ConfigError
+
+        class Pending(dict):
+            def __missing__(self, name):
+                return {"captures": f"/pending/{name}", "photos": f"/pending/{name}"} \
+                    if self_steps[name].kind == "synth" else f"/pending/{name}@pending"
+
+        self_steps = self.cfg.steps
+        for name in order:
+            step = self.cfg.steps[name]
+            try:
+                step_config(step.kind, step.config, substitute(step.overrides, Pending()), step.params)
+            except (ConfigError, ValueError, TypeError) as exc:
+                raise ConfigError(f"{self.source}: step {name!r}: {exc}") from None
 
     def _one(self, name: str, outputs: dict, parent) -> dict:
         kind = self.cfg.steps[name].kind

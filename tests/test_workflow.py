@@ -1,0 +1,120 @@
+"""Workflows: steps cached by code/config/input ids, downstream-only re-runs, resume of a failed
+invocation, MLflow parent/child runs — on Ray, with the real build and trainer at tiny scale."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from dataprep.synth import synth_images
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+MODEL = {"space": "pixel", "latent_channels": 3, "vae_downsample": 1, "patch_size": 4, "resolution": 32,
+         "dim": 32, "depth": 1, "heads": 2, "camera_hidden": 32}
+
+
+def train_step(stage, init_from=None, **over):
+    o = {"dataset": "${steps.dataprep}", "steps": 2, "model_overrides": MODEL, "resources": {"ray": False},
+         "data": {"resolution": 32, "batch_size": 2, "num_workers": 0, "views": 1 if stage == "pretrain" else 2,
+                  "holdout_fraction": 0.0},
+         "tracking": {"sample_every": 0, "log_every": 1, "system_metrics": False, "register_model": None},
+         "checkpoint": {"every_steps": 2}, **over}
+    if init_from:
+        o["init_from"] = init_from
+    return {"kind": "train", "config": str(REPO / f"configs/stages/{stage}.yaml"), "overrides": o}
+
+
+def pipeline(tmp_path, photos_dir=None):
+    dataprep_sources = [{"kind": "captures", "uri": "${steps.data.captures}"},
+                        {"kind": "images", "uri": str(photos_dir) if photos_dir else "${steps.data.photos}"}]
+    return {"name": "t", "experiment": "wf-test", "workdir": str(tmp_path / "work"), "steps": {
+        "data": {"kind": "synth", "params": {"captures": 1, "cameras": 4, "frames": 3, "height": 96, "width": 64,
+                                             "photos": 6}},
+        "dataprep": {"kind": "dataprep", "config": str(REPO / "configs/datasets/demo.yaml"),
+                     "overrides": {"dataset": str(tmp_path / "store/datasets/d"), "resolution": 32,
+                                   "plucker_stride": 8, "face_crop": False, "sources": dataprep_sources}},
+        "pretrain": train_step("pretrain"),
+        "mid": train_step("mid", init_from="${steps.pretrain}")}}
+
+
+def run(tmp_path, cfg, *args, env=None):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "pipeline", "run", str(path), *args],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    lines = proc.stdout.strip().splitlines()
+    states = {ln.split()[0]: ln.split()[1] for ln in lines[:-1]}
+    return proc, states, (lines[-1] if lines else ""), time.time() - start
+
+
+@pytest.fixture()
+def env(tmp_path, monkeypatch):
+    import os
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PIPPO_STORE": str(tmp_path / "store")}
+
+
+def children(parent_id):
+    runs = mlflow.search_runs(experiment_names=["wf-test"], output_format="list",
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.data.tags["pippo.workflow_step"] if "pippo.workflow_step" in r.data.tags else r.data.tags["pippo.step"]: r
+            for r in runs}
+
+
+def test_cache_and_downstream_only_reruns(tmp_path, env):
+    cfg = pipeline(tmp_path)
+    proc, states, parent, _ = run(tmp_path, cfg, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert states == {"data": "ran", "dataprep": "ran", "pretrain": "ran", "mid": "ran"}
+    kids = children(parent)
+    assert {r.data.tags["pippo.step"] for r in kids.values()} == {"dataprep", "pretrain", "mid"}
+    assert mlflow.get_run(parent).data.tags["pippo.pipeline"] == "t"
+
+    proc, states, parent2, took = run(tmp_path, cfg, env=env)      # no change: nothing runs
+    assert proc.returncode == 0 and set(states.values()) == {"cached"} and parent2 != parent
+    assert len(children(parent2)) == 4
+    print(f"no-change re-run: {took:.1f} s")
+
+    cfg["steps"]["mid"]["overrides"]["optim"] = {"lr": 3e-4}      # change mid only
+    proc, states, _, _ = run(tmp_path, cfg, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert states == {"data": "cached", "dataprep": "cached", "pretrain": "cached", "mid": "ran"}
+
+    cfg["steps"]["pretrain"]["overrides"]["optim"] = {"lr": 2e-4}  # change pretrain: mid follows
+    proc, states, _, _ = run(tmp_path, cfg, env=env)
+    assert states == {"data": "cached", "dataprep": "cached", "pretrain": "ran", "mid": "ran"}
+
+
+def test_resume_after_a_failed_step(tmp_path, env):
+    photos = tmp_path / "late_photos"                # the dataprep step's source is not there yet
+    cfg = pipeline(tmp_path, photos_dir=photos)
+    proc, states, _, _ = run(tmp_path, cfg, env=env)
+    assert proc.returncode != 0 and "--resume" in proc.stderr
+    parent = proc.stderr.split("--resume ")[-1].split()[0]
+    assert mlflow.get_run(parent).info.status == "FAILED"
+    synth_images(photos, 4, seed=1, person_fraction=1.0)
+    proc, states, parent2, _ = run(tmp_path, cfg, "--resume", parent, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert parent2 == parent and mlflow.get_run(parent).info.status == "FINISHED"
+    assert states == {"data": "cached", "dataprep": "ran", "pretrain": "ran", "mid": "ran"}
+    kids = children(parent)
+    assert kids["mid"].data.tags["pippo.checkpoint"].endswith("/final")
+
+
+def test_bad_pipeline_config_is_one_line(tmp_path, env):
+    cfg = pipeline(tmp_path)
+    cfg["steps"]["mid"]["overrides"]["init_from"] = "${steps.nosuch}"
+    proc, _, _, _ = run(tmp_path, cfg, env=env)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "nosuch" in proc.stderr
+    cfg = pipeline(tmp_path)
+    cfg["steps"]["pretrain"]["overrides"]["optim"] = {"lr": "fast"}
+    proc, _, _, _ = run(tmp_path, cfg, env=env)
+    assert proc.returncode == 2 and "optim.lr" in proc.stderr.strip().splitlines()[-1]
+    json.dumps(cfg)
