@@ -1,0 +1,359 @@
+"""`pippo sample --checkpoint URI --image PATH [--views N] --out PATH`: one photo -> a turnaround.
+
+The photo (any size, any format PIL decodes) is decoded the way the build decodes photos, the
+person is found and cropped to a square, and that crop becomes the reference at the model's
+training resolution. N target cameras sit on an orbit (Hi3D-style: fixed elevation and radius,
+evenly spaced azimuths, all looking at the origin, where the head is). The stage's conditioning is
+built exactly like the loader builds it for training: camera vectors (mid, post), Plücker maps on
+the model's token grid and spatial anchors of an identity head pose at the origin (post). All N
+views are sampled jointly with DDIM + classifier-free guidance (attention biasing when the
+sequence is longer than in training), in chunks only when they do not fit; then decoded by the
+model's autoencoder and written as a GIF, an MP4, PNG views and a cameras.json that
+`pippo eval reprojection` reads (SPEC §2).
+
+World frame: metres, z up, the subject faces +y (the convention of dataprep.synth and of the
+loader's frontal view), so azimuth 0 looks at the face — the view the reference photo shows.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import posixpath
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.cli import UserError
+
+log = logging.getLogger("pippo.sample")
+
+# The dome's cameras see 30-40 deg vertically on portrait frames that the build square-crops to
+# their width (~0.65 of the height): ~20-27 deg across the square views the model was trained on.
+FOV_DEG = 24.0
+AXIS_M = 0.2               # spatial-anchor axis length, as dataprep draws it (anchor_axis_m)
+MARGIN = 0.2               # around a detected person, each side, as a fraction of the box
+MAX_PIXELS = 64_000_000    # the build's decompression-bomb limit (filters.max_pixels)
+FRAME_MS = 100             # GIF frame time; the MP4 runs at the same rate
+
+
+# -- the photo ------------------------------------------------------------------------------------
+
+def read_photo(uri: str) -> np.ndarray:
+    """Upright 8-bit RGB of a local path or fsspec URL, decoded like the build decodes photos."""
+    from dataprep.photos import Rejected, decode_photo
+    from dataprep.storage import read_bytes
+
+    try:
+        return decode_photo(read_bytes(uri), MAX_PIXELS).rgb
+    except Rejected as exc:
+        raise UserError(f"{uri}: {exc.reason}") from None
+
+
+def detect_people(rgb: np.ndarray) -> list[tuple[float, float, float, float]] | None:
+    """(x, y, w, h) boxes of OpenCV's bundled HOG people detector (as dataprep.photos.has_person
+    runs it), or None when this OpenCV has no HOG (OpenCV 5 moved it out of the main module)."""
+    import cv2
+
+    if not hasattr(cv2, "HOGDescriptor"):
+        return None
+    hog = cv2.HOGDescriptor()
+    hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    scale = min(1.0, 400.0 / max(grey.shape))      # the detector's cost grows with the pixels
+    if scale < 1.0:
+        grey = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    rects, _ = hog.detectMultiScale(grey, winStride=(8, 8), padding=(8, 8), scale=1.05)
+    return [tuple(float(v) / scale for v in r) for r in rects]
+
+
+def square_around(height: int, width: int, box, margin: float = MARGIN) -> tuple[int, int, int]:
+    """(x0, y0, side): the square around `box` (x, y, w, h) plus `margin` per side, centred on the
+    box and shifted (then shrunk) to stay inside the image — no padding the model never saw."""
+    x, y, w, h = box
+    side = int(round(max(w, h) * (1 + 2 * margin)))
+    side = max(1, min(side, height, width))
+    cx, cy = x + w / 2, y + h / 2
+    x0 = int(round(min(max(cx - side / 2, 0), width - side)))
+    y0 = int(round(min(max(cy - side / 2, 0), height - side)))
+    return x0, y0, side
+
+
+def reference_crop(rgb: np.ndarray, side_out: int) -> tuple[np.ndarray, dict]:
+    """The reference (side_out², uint8) and how it was cut: around the largest detected person,
+    else the centre square (logged: the subject may be cut)."""
+    from dataprep.photos import center_square, resize
+
+    h, w = rgb.shape[:2]
+    boxes = detect_people(rgb)
+    if boxes:
+        box = max(boxes, key=lambda b: b[2] * b[3])
+        x0, y0, side = square_around(h, w, box)
+        crop = resize(rgb[y0:y0 + side, x0:x0 + side], side_out, side_out)
+        return crop, {"how": "person", "box": [x0, y0, side], "person": [round(v, 1) for v in box]}
+    why = "no person detected (HOG)" if boxes is not None else "no HOG people detector in this OpenCV"
+    log.info("%s: using the centre square of the %dx%d photo", why, w, h)
+    crop, box = center_square(rgb, side_out)
+    return crop, {"how": "centre", "box": box, "reason": why}
+
+
+# -- cameras and conditioning ------------------------------------------------------------------------
+
+def orbit_cameras(n: int, side: int, elevation_deg: float, radius: float,
+                  fov_deg: float = FOV_DEG) -> list[dict]:
+    """`n` square cameras on a horizontal orbit (fixed elevation and radius, azimuth 2πk/n from
+    the front), looking at the origin; SPEC §4 (world-to-camera OpenCV, metres)."""
+    from dataprep.geometry import look_at
+
+    f = (side / 2) / math.tan(math.radians(fov_deg) / 2)
+    c = (side - 1) / 2                                 # pixel centres: the image centre
+    K = np.array([[f, 0.0, c], [0.0, f, c], [0.0, 0.0, 1.0]])
+    el = math.radians(elevation_deg)
+    cams = []
+    for k in range(n):
+        az = 2 * math.pi * k / n
+        eye = radius * np.array([math.cos(el) * math.sin(az), math.cos(el) * math.cos(az), math.sin(el)])
+        R, t = look_at(eye, np.zeros(3))
+        cams.append({"K": K.copy(), "R": R, "t": t, "height": side, "width": side,
+                     "camera_id": f"orbit{k:03d}", "azimuth_deg": math.degrees(az)})
+    return cams
+
+
+def pixel_conditions(model_cfg, reference: np.ndarray, cams: list[dict]) -> dict:
+    """The loader's batch contract (dataprep.loader, pixels in [-1, 1]) for one sample: what
+    `to_model_space` turns into the model's `cond`. Only the inputs the stage has."""
+    import torch
+
+    from dataprep.anchors import draw_anchor
+    from dataprep.geometry import plucker, resize_intrinsics
+    from pippo_model.conditioning import camera_vectors
+
+    def images(hwc: np.ndarray) -> torch.Tensor:           # uint8 (..., H, W, 3) -> [-1, 1] CHW
+        return torch.from_numpy(hwc).movedim(-1, -3).float().div(127.5).sub(1.0)
+
+    side = reference.shape[0]
+    batch = {"reference": images(reference)[None]}
+    if model_cfg.camera_mlp:
+        Rs = torch.tensor(np.array([c["R"] for c in cams]))
+        ts = torch.tensor(np.array([c["t"] for c in cams]))
+        batch["cameras"] = camera_vectors(Rs, ts).float()[None]
+    if model_cfg.control_mlp:
+        # Plücker on the token grid (training: the version's stored grid, resolution/stride),
+        # with K resized to that grid (SPEC §4); anchors of the head pose at the origin.
+        grid = side // (model_cfg.vae_downsample * model_cfg.patch_size)
+        pose = np.concatenate([np.eye(3), np.zeros((3, 1))], axis=1)
+        rays = [plucker(resize_intrinsics(c["K"], grid / side), c["R"], c["t"], grid, grid) for c in cams]
+        anchors = [draw_anchor(c["K"], c["R"], c["t"], side, side, pose, AXIS_M).image.transpose(1, 2, 0)
+                   for c in cams]
+        batch["plucker"] = torch.from_numpy(np.stack(rays)).float()[None]
+        batch["anchor"] = images(np.stack(anchors))[None]
+    return batch
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+def stage_of(model_cfg) -> str:
+    return "post" if model_cfg.control_mlp else "mid" if model_cfg.camera_mlp else "pretrain"
+
+
+def training_run(uri: str) -> dict:
+    """The training stage config saved beside a run's final/ (run.json), or {} (a bare
+    .safetensors has none): the resolution and the views the model was really trained with."""
+    from dataprep.storage import read_bytes
+    from pipelines.training.checkpoint import resolve_weights
+
+    weights, _ = resolve_weights(uri)
+    final = posixpath.dirname(weights)
+    if posixpath.basename(final) != "final":
+        return {}
+    try:
+        return json.loads(read_bytes(posixpath.join(posixpath.dirname(final), "run.json"))).get("config", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def train_tokens(model_cfg, run_cfg: dict) -> int:
+    """Tokens of one training sample, reference included (N_train of attention biasing). The model
+    config's `views` is a size preset's; the stage's data.views/resolution are what was trained."""
+    if model_cfg.attn_n_train:
+        return model_cfg.attn_n_train
+    data = run_cfg.get("data", {})
+    views = int(data.get("views") or model_cfg.views)
+    side = int(data.get("resolution") or model_cfg.resolution)
+    per_view = (side // (model_cfg.vae_downsample * model_cfg.patch_size)) ** 2
+    return (views + 1) * per_view
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OOM, or the CPU allocator's refusal (Linux may kill the process instead: the CPU's
+    SDPA kernels never hold the N x N logits, so activations would have to reach the RAM first)."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
+def _sample_chunks(model, schedule, cond: dict, n: int, chunk: int, side: int, *, steps: int,
+                   guidance: float, seed: int, gamma: float, n_train: int, device) -> tuple:
+    """DDIM + CFG over views [0, n) in passes of `chunk` views, each pass with the reference.
+    Returns ((n, C, h, w), the gamma used or None)."""
+    import torch
+
+    from pippo_model.sampler import ddim_sample
+
+    cfg = model.cfg
+    h = side // cfg.vae_downsample
+    per_view = (h // cfg.patch_size) ** 2
+    outs, used = [], None
+    for k, lo in enumerate(range(0, n, chunk)):
+        v = min(chunk, n - lo)
+        part = {key: (val[:, lo:lo + v] if key in ("cameras", "plucker", "anchor") else val)
+                for key, val in cond.items()}
+        # attention biasing only for sequences longer than a training sample (Pippo eq. 4)
+        g = gamma if (v + 1) * per_view > n_train else None
+        used = used if g is None else g
+        gen = torch.Generator(device=device).manual_seed(seed + 7919 * k)
+        outs.append(ddim_sample(model, schedule, part, (1, v, cfg.latent_channels, h, h), steps=steps, eta=0.0,
+                                guidance=guidance, gamma=g, generator=gen,
+                                clip=1.0 if cfg.space == "pixel" else None)[0])
+    return torch.cat(outs), used
+
+
+def sample_views(model, cond: dict, n: int, side: int, **kw) -> tuple:
+    """(N, C, h, w) model-space views: all jointly when they fit, else in chunks halved until they
+    do (fewer views see each other, so consistency drops: logged). Returns (x, info)."""
+    import torch
+
+    from pippo_model.diffusion import CosineSchedule
+
+    passes = math.ceil(n / model.cfg.max_views)        # rows of the per-view embedding table
+    chunk = math.ceil(n / passes)                      # balanced passes: 33 -> 17 + 16, not 32 + 1
+    schedule = CosineSchedule(model.cfg.timesteps).to(kw["device"])
+    while True:
+        try:
+            x, gamma = _sample_chunks(model, schedule, cond, n, chunk, side, **kw)
+            break
+        except RuntimeError as exc:                    # torch.OutOfMemoryError is one
+            if chunk == 1 or not _out_of_memory(exc):
+                raise
+            chunk = (chunk + 1) // 2
+            if kw["device"].type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning("out of memory: sampling %d views per pass instead", chunk)
+    if chunk < n:
+        log.warning("%d views sampled in chunks of %d (jointly only within a chunk)", n, chunk)
+    return x, {"chunk": chunk, "gamma": gamma}
+
+
+# -- outputs --------------------------------------------------------------------------------------
+
+def output_paths(out: str) -> dict[str, Path]:
+    path = Path(out)
+    if path.suffix.lower() not in (".gif", ".mp4"):
+        raise UserError(f"--out {out}: name a .gif (or .mp4) file")
+    return {"gif": path.with_suffix(".gif"), "mp4": path.with_suffix(".mp4"),
+            "views": path.with_name(f"{path.stem}_views")}
+
+
+def write_gif(frames: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    # disposal 2 and no optimize: every frame is stored whole, so N views are N frames
+    images[0].save(path, save_all=True, append_images=images[1:], duration=FRAME_MS, loop=0,
+                   disposal=2, optimize=False)
+
+
+def write_mp4(frames: np.ndarray, path: Path) -> bool:
+    import cv2
+
+    h, w = frames.shape[1:3]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 1000 / FRAME_MS, (w, h))
+    if not writer.isOpened():
+        log.warning("no MP4 written: this OpenCV cannot encode mp4v")
+        return False
+    for f in frames:
+        writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return True
+
+
+def write_views(frames: np.ndarray, reference: np.ndarray, cams: list[dict], directory: Path,
+                meta: dict) -> None:
+    """view00.png, ... + cameras.json in the `pippo eval reprojection` layout (SPEC §2); stale
+    views of an earlier, longer run are removed so the folder stays one consistent set."""
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("view[0-9][0-9]*.png"):
+        old.unlink()
+    for k, f in enumerate(frames):
+        Image.fromarray(f).save(directory / f"view{k:02d}.png")
+    Image.fromarray(reference).save(directory / "reference.png")
+    records = [{"K": c["K"].tolist(), "R": c["R"].tolist(), "t": c["t"].tolist(), "height": c["height"],
+                "width": c["width"], "camera_id": c["camera_id"], "azimuth_deg": round(c["azimuth_deg"], 6)}
+               for c in cams]
+    (directory / "cameras.json").write_text(json.dumps({"views": records, "sample": meta}, indent=1))
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+def _check_args(args, model_cfg, side: int) -> None:
+    unit = model_cfg.vae_downsample * model_cfg.patch_size
+    if side < unit or side % unit:
+        raise UserError(f"--resolution {side} must be a positive multiple of {unit} (VAE x patch)")
+    if args.views < 1:
+        raise UserError(f"--views {args.views}: at least 1 view")
+    if not 1 <= args.steps <= model_cfg.timesteps:
+        raise UserError(f"--steps {args.steps} must lie in [1, {model_cfg.timesteps}]")
+    if args.radius <= 0:
+        raise UserError(f"--radius {args.radius} must be > 0 metres")
+
+
+def main(args) -> int:
+    import torch
+
+    from pipelines.model_commands import load_autoencoder_for
+    from pipelines.training.engine import to_model_space
+    from pipelines.training.tracking import redact
+    from pipelines.training.worker import load_final_model
+    from pippo_model.diffusion import conditions
+
+    paths = output_paths(args.out)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        model, model_cfg = load_final_model(args.checkpoint, device)
+    except FileNotFoundError:           # its message speaks of init_from, the training option
+        raise UserError(f"--checkpoint {redact(args.checkpoint)}: no complete checkpoint there (a run "
+                        "directory, its final/, or a .safetensors with model.json beside it)") from None
+    model = model.to(dtype)
+    run_cfg = training_run(args.checkpoint)
+    side = args.resolution or int(run_cfg.get("data", {}).get("resolution") or model_cfg.resolution)
+    _check_args(args, model_cfg, side)
+    stage = stage_of(model_cfg)
+    n_train = train_tokens(model_cfg, run_cfg)
+
+    reference, crop = reference_crop(read_photo(args.image), side)
+    cams = orbit_cameras(args.views, side, args.elevation, args.radius)
+    autoencoder = load_autoencoder_for(model_cfg, device)
+    cond = conditions(to_model_space(pixel_conditions(model_cfg, reference, cams), autoencoder, device, dtype))
+    log.info("%s model, %d views at %d px (elevation %.1f deg, radius %.2f m), %d DDIM steps, guidance %.2f",
+             stage, args.views, side, args.elevation, args.radius, args.steps, args.guidance)
+    x, info = sample_views(model, cond, args.views, side, steps=args.steps, guidance=args.guidance,
+                           seed=args.seed, gamma=args.gamma, n_train=n_train, device=device)
+    with torch.no_grad():       # one view at a time: a VAE decoder's activations dwarf the latents
+        pixels = torch.cat([autoencoder.decode(v[None].float()) for v in x]).clamp(-1, 1)
+    frames = ((pixels + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    meta = {"checkpoint": redact(args.checkpoint), "stage": stage, "image": redact(args.image), "crop": crop,
+            "views": args.views, "resolution": side, "elevation_deg": args.elevation, "radius_m": args.radius,
+            "fov_deg": FOV_DEG, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+            "gamma": info["gamma"], "n_train_tokens": n_train, "views_per_pass": info["chunk"]}
+    write_views(frames, reference, cams, paths["views"], meta)
+    mp4 = write_mp4(frames, paths["mp4"])
+    write_gif(frames, paths["gif"])
+    print(f"views: {paths['views']}")
+    if mp4:
+        print(f"mp4: {paths['mp4']}")
+    print(paths["gif"])
+    return 0
