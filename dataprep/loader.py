@@ -14,7 +14,10 @@ views, R = cfg.resolution:
     internal (the trainer ignores them): "_source", "_epoch", "_position" (B,) int64: where each
     sample sits in the position space below; "_view_index" (B, V) int64: each target's index in the
     sample's json "views"; "_face" (B, V) bool: the target is that view's face crop;
-    "_reference_index" (B,) int64: the view used as reference (-1 in pretrain).
+    "_reference_index" (B,) int64: the view used as reference (-1 in pretrain); mid, post: "_K"
+    (B, V, 3, 3), "_R" (B, V, 3, 3), "_t" (B, V, 3) float64: each target's camera (SPEC §4, world
+    = the sample's frame) with K describing the DELIVERED R x R pixels (face crops included), so
+    the views of a batch can be measured geometrically (reprojection error in evaluation).
 
 Stages (a sample's kind comes from the shard index, so filtering happens before any read):
 - pretrain: "image" samples. Target = random-resized crop (35-100 % of the area, aspect 3/4-4/3)
@@ -397,6 +400,8 @@ def _studio_sample(raw: dict, meta: dict, post: bool, cfg: LoaderConfig, axis_m:
     Rs = torch.tensor(np.array([views[v]["R"] for v in targets]), dtype=torch.float64)
     ts = torch.tensor(np.array([views[v]["t"] for v in targets]), dtype=torch.float64)
     out["cameras"] = camera_vectors(Rs, ts).numpy().astype(np.float32)
+    out["_K"] = np.stack([_delivered_K(faces[v] if f else views[v], res) for v, f in zip(targets, is_face)])
+    out["_R"], out["_t"] = Rs.numpy(), ts.numpy()
     if post:
         stored = np.load(io.BytesIO(raw["plucker.npy"]), allow_pickle=False)
         pose = np.concatenate([np.asarray(meta["anchor"]["R"]), np.asarray(meta["anchor"]["t"])[:, None]], axis=1)
@@ -407,12 +412,16 @@ def _studio_sample(raw: dict, meta: dict, post: bool, cfg: LoaderConfig, axis_m:
     return out
 
 
+def _delivered_K(src: dict, res: int) -> np.ndarray:
+    """K of a stored view (or face crop) `src` after `_resize` to res x res (SPEC §4 resize rule)."""
+    return resize_intrinsics(src["K"], res / src["width"], res / src["height"])
+
+
 def _controls(raw, meta, v: int, face: dict | None, stored, pose, res: int, axis_m: float):
     """(Plücker (6, h, w) float32, anchor (R, R, 3) uint8) of view v, or of its face crop."""
     cam = meta["views"][v]
     R, t = np.asarray(cam["R"], np.float64), np.asarray(cam["t"], np.float64)
-    src = face or cam
-    K = resize_intrinsics(src["K"], res / src["width"], res / src["height"])
+    K = _delivered_K(face or cam, res)
     if face is None:
         rays = stored[v].astype(np.float32)
         if (cam["height"], cam["width"]) == (res, res):

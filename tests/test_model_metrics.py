@@ -9,20 +9,12 @@ from PIL import Image
 
 from pippo_model.metrics.fid import fid, frechet_distance, gaussian_stats
 from pippo_model.metrics.image import psnr, ssim
-from pippo_model.metrics.reprojection import (ExactMatcher, SiftMatcher, camera_centre, pair_views,
-                                              project, reprojection_error, reprojection_report, triangulate)
+from pippo_model.metrics.reprojection import (ExactMatcher, FeatureMatcher, SiftMatcher, WideBaselineMatcher,
+                                              _fundamental_inliers, camera_centre, pair_views, project,
+                                              reprojection_error, reprojection_report, triangulate)
 from pipelines.cli import main
 
 torch.set_num_threads(1)
-
-
-def rot(axis, deg):
-    a = math.radians(deg)
-    c, s = math.cos(a), math.sin(a)
-    i, j = [(1, 2), (0, 2), (0, 1)]["xyz".index(axis)]
-    R = np.eye(3)
-    R[i, i], R[i, j], R[j, i], R[j, j] = c, -s, s, c
-    return R
 
 
 def look_at(eye, target=(0.0, 0.0, 0.0)):
@@ -63,16 +55,25 @@ def perturbed(cams, scale, seed=0):
     return out
 
 
-def test_pairs_by_camera_centres_not_translations():
-    # two tight clusters of centres, {0, 2} and {1, 3}, with very different orientations
-    centres = [np.array([2.0, 0, 0]), np.array([-2.0, 0, 0]), np.array([2.0, 0.1, 0]), np.array([-2.0, 0.1, 0])]
-    rotations = [np.eye(3), rot("z", 180), rot("z", 180), np.eye(3)]
-    cams = [{"K": np.eye(3), "R": R, "t": -R @ o} for R, o in zip(rotations, centres)]
-    assert pair_views(cams) == [(0, 2), (1, 3)]
-    ts = np.stack([c["t"] for c in cams])  # pairing by t (the release) would pick other pairs
-    assert np.linalg.norm(ts[0] - ts[1]) < np.linalg.norm(ts[0] - ts[2])
-    assert sorted({tuple(sorted(p)) for p in pair_views(ring_cameras(6))}) == pair_views(ring_cameras(6))
-    assert all(abs(i - j) in (1, 5) for i, j in pair_views(ring_cameras(6)))  # neighbours on the ring
+def test_pairs_by_viewing_direction():
+    ring = ring_cameras(8)
+    pairs = pair_views(ring)
+    assert pairs == sorted({(min(i, j), max(i, j)) for i, j in pairs})          # unordered, sorted
+    assert pairs == sorted((min(k, (k + 1) % 8), max(k, (k + 1) % 8)) for k in range(8))  # ring neighbours
+    assert np.bincount(np.ravel(pairs)).tolist() == [2] * 8                      # each view in 2 pairs
+    assert len(pair_views(ring, per_view=1)) == 4
+    assert all(abs(i - j) in (1, 7) for i, j in pair_views(ring, per_view=1))
+    # beside camera 0 but facing away (axis reversed): it sees the other side, so a pairing by
+    # camera centres would pick it first; by viewing direction it has no partner
+    R = np.diag([-1.0, 1.0, -1.0]) @ ring[0]["R"]
+    away = {"K": ring[0]["K"], "R": R, "t": -R @ (camera_centre(ring[0]) + [0.01, 0.0, 0.0])}
+    assert all(8 not in p for p in pair_views([*ring, away]))
+    # a crop of view 3 (same camera, other K) sits at the same centre: no baseline, never a pair
+    crop = {**ring[3], "K": ring[3]["K"] * np.array([[2.0], [2.0], [1.0]])}
+    assert (3, 8) not in pair_views([*ring, crop])
+    # parallel cameras (equal angles): the nearer centre is the partner
+    cams = [{"K": np.eye(3), "R": np.eye(3), "t": -np.array(c, float)} for c in ([0, 0, 0], [5, 0, 0], [0.1, 0, 0])]
+    assert pair_views(cams, per_view=1) == [(0, 2)]
 
 
 def test_dlt_recovers_points_and_re_grows_with_pixel_noise():
@@ -92,7 +93,7 @@ def test_dlt_recovers_points_and_re_grows_with_pixel_noise():
         return match
 
     exact = reprojection_error(images, cams, noisy(0.0))
-    assert exact.pairs == 4 and exact.re_px < 1e-8
+    assert exact.pairs == 8 and exact.re_px < 1e-8
     res = [reprojection_error(images, cams, noisy(s)) for s in (0.5, 1.0, 2.0)]
     assert res[0].re_px < res[1].re_px < res[2].re_px
     # DLT absorbs the error component along the epipolar direction: RE is a fraction of sigma
@@ -161,6 +162,52 @@ def test_eval_reprojection_command(synth_views, tmp_path, capsys):
     out = capsys.readouterr()
     assert out.out == "" and "view03.png" in out.err and len(out.err.strip().splitlines()) == 1
     assert main(["eval", "reprojection", str(tmp_path / "nowhere")]) == 2
+
+
+@pytest.fixture(scope="module")
+def sparse_rig(tmp_path_factory):
+    """8 cameras evenly around the figure (45 degrees apart), 256 x 256: the eval layout on disk."""
+    synth = pytest.importorskip("dataprep.synth")
+    return synth.write_views(tmp_path_factory.mktemp("ring8"), 8, 256, 256)
+
+
+def read_rig(directory):
+    doc = json.loads((directory / "cameras.json").read_text())
+    images = [np.asarray(Image.open(directory / f"view{i:02d}.png").convert("RGB")) for i in range(len(doc["views"]))]
+    return images, [{k: np.array(v[k]) for k in ("K", "R", "t")} for v in doc["views"]]
+
+
+def test_sparse_rig_measures_pairs_at_the_noise_floor(sparse_rig, capsys):
+    """Camera-centre pairing + SIFT found no pair here; viewing-direction pairs + ASIFT + the
+    a-contrario test measure the pairs that share surface and drop those with chance matches."""
+    assert main(["eval", "reprojection", str(sparse_rig), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"re_pct", "re_px", "pairs"}
+    assert doc["pairs"] >= 4 and doc["re_pct"] < 0.5, doc
+    images, cams = read_rig(sparse_rig)
+    matcher = WideBaselineMatcher()                  # one instance: features are computed once
+    base = reprojection_error(images, cams, matcher)
+    assert base.re_pct == pytest.approx(doc["re_pct"]) and max(base.per_pair.values()) < 0.005 * 256
+    worse = reprojection_error(images, perturbed(cams, 8), matcher)
+    assert worse.re_pct > 2 * base.re_pct                  # still sensitive to the cameras
+
+
+def test_pairs_with_only_chance_matches_are_not_measured(sparse_rig):
+    """The a-contrario test: neighbours on the rig give hundreds of matches, many times what RANSAC
+    fits once their correspondence is broken by a permutation; broken matches and noise images
+    give a pair no matches at all."""
+    images, _ = read_rig(sparse_rig)
+    matcher = FeatureMatcher("asift")
+    x_i, x_j = matcher(0, 1, images[0], images[1])
+    assert len(x_i) >= 100 and len(x_j) == len(x_i)
+    cand_i, cand_j = matcher.candidates(0, 1, images[0], images[1])
+    shuffled = cand_j[np.random.default_rng(1).permutation(len(cand_j))]
+    inliers = int(_fundamental_inliers(cand_i, shuffled, 1.0).sum())
+    assert inliers >= 8 and not matcher.significant(cand_i, shuffled, inliers, seed=0)   # RANSAC fits chance
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for _ in range(2)]
+    for m in (FeatureMatcher("sift"), WideBaselineMatcher()):
+        assert len(m(0, 1, *noise)[0]) == 0
 
 
 def test_psnr_and_ssim():

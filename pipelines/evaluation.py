@@ -1,0 +1,286 @@
+"""The evaluation step: a trained stage's checkpoint on the held-out samples of its dataset version.
+
+    checkpoint + dataset  ->  held-out frames at their TRUE cameras (dataprep.loader.heldout_batch)
+                          ->  DDIM with classifier-free guidance (pippo_model.sampler.ddim_sample)
+                          ->  metrics vs the ground-truth views  ->  one MLflow run (SPEC §7)
+
+Held out = never trained on: the loader holds samples out by a hash of their key, so the same
+`holdout_fraction` as the training stage selects exactly the samples that stage never saw (checked
+against the run's run.json when the checkpoint is a run directory or its final/; a stage trained
+with the stand-in VAE is decoded with the same one).
+
+Metrics (all means over generated target views, images in [-1, 1]):
+    eval/psnr, eval/ssim      fidelity to the ground-truth view at the same camera
+    eval/re_pct               reprojection error of the GENERATED views under their true cameras
+                              (pippo_model.metrics.reprojection), % of the image side; the mean over
+                              every pair measured in every sample (mid, post: pretrain has 1 view)
+    eval/re_pct_gt            the same on the ground-truth views: the metric's noise floor at this
+                              resolution and on these cameras; re_pct is read against it
+    eval/re_pairs(_gt)        pairs measured. A pair is measured only when its matches pass the
+                              matcher's significance test, so views with no consistent
+                              correspondence (an untrained model's noise) measure no pair: re_pct is
+                              then NaN ("not measurable"), never a number made of chance matches
+    eval/fid                  only with >= fid_min_samples generated images (Fréchet distance of
+                              features; the default extractor is a fixed random conv net: compare
+                              runs of this pipeline with it, not published FIDs)
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import posixpath
+import dataclasses
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+log = logging.getLogger("pippo.eval")
+
+
+@dataclass
+class EvalConfig:                 # typed: pipelines.config.load_config / from_dict
+    checkpoint: str               # a trained stage: run dir, its final/, or .safetensors (resolve_weights)
+    dataset: str                  # URI@REF of the version the stage trained on
+    holdout_fraction: float = 0.1  # must equal the training stage's data.holdout_fraction
+    samples: int = 4              # held-out samples to generate
+    views: int = 4                # target views per sample (mid, post; pretrain: 1)
+    resolution: int = 64
+    steps: int = 20               # DDIM steps
+    guidance: float = 2.0         # CFG scale (1 = no guidance)
+    seed: int = 0
+    fid_min_samples: int = 64     # FID only when at least this many generated images
+    experiment: str = "pippo"
+    vae_standin_seed: int | None = None  # TESTS ONLY: the random VAE a latent test stage trained with
+    face_views: int = 0           # post: target slots that carry the camera's face crop
+    batch_size: int = 4           # samples generated at once
+    fid_extractor: str | None = None  # "module:callable" (N,3,H,W) [-1,1] -> (N,D); None = random conv
+    run_name: str | None = None   # MLflow run name (default "eval-{stage}")
+
+    def __post_init__(self):
+        if "@" not in self.dataset:
+            self.dataset = f"{self.dataset}@latest"
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError("holdout_fraction must lie in (0, 1): held-out samples are what is evaluated")
+        if min(self.samples, self.views, self.steps, self.batch_size) < 1 or self.resolution < 8:
+            raise ValueError("samples, views, steps and batch_size must be >= 1 and resolution >= 8")
+        if self.guidance <= 0 or self.face_views < 0 or self.fid_min_samples < 2:
+            raise ValueError("guidance must be > 0, face_views >= 0, fid_min_samples >= 2")
+
+
+def stage_of(model_cfg) -> str:
+    """The stage a model config was trained as: its conditioning modules (ModelConfig.for_stage)."""
+    if model_cfg.control_mlp:
+        return "post"
+    return "mid" if model_cfg.camera_mlp else "pretrain"
+
+
+def run_eval(cfg: EvalConfig, parent_run_id: str | None = None) -> dict:
+    """Evaluate `cfg.checkpoint`; one MLflow run tagged pippo.step=eval (a child of
+    `parent_run_id` when given). Returns the eval/* metrics, "run_id", "stage", "samples"."""
+    from dataprep.storage import absolute_url
+    from pipelines.config import flatten, to_dict
+    from pipelines.training.tracking import RunTracker
+    from pipelines.training.worker import load_final_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    checkpoint = absolute_url(cfg.checkpoint.rstrip("/"))
+    model, model_cfg = load_final_model(checkpoint, device)
+    stage = stage_of(model_cfg)
+    trained = training_config(checkpoint)
+    cfg = check_against_training(cfg, trained)
+    unit = model_cfg.vae_downsample * model_cfg.patch_size
+    if cfg.resolution % unit:
+        raise ValueError(f"resolution {cfg.resolution} is not a multiple of {unit} (the model's VAE x patch)")
+    with RunTracker(cfg.experiment, cfg.run_name or f"eval-{stage}", step_tag="eval", parent_run_id=parent_run_id,
+                    system_metrics=False, tags={"pippo.checkpoint": checkpoint, "pippo.eval_stage": stage}) as run:
+        loader, pixel = _heldout(cfg, stage)
+        run.log_params({**flatten(to_dict(cfg)), "stage": stage, "checkpoint_url": checkpoint,
+                        **{f"model.{k}": v for k, v in flatten(asdict(model_cfg)).items()}})
+        version = loader.versions[0]["id"]
+        if trained.get("dataset") and trained["dataset"].rsplit("@", 1)[-1] != version:
+            log.warning("evaluating on version %s, but the stage trained on %s", version, trained["dataset"])
+        run.log_dataset(cfg.dataset, version, name=cfg.dataset.rsplit("/", 1)[-1].split("@")[0], context="evaluation")
+        generated = generate(model, model_cfg, pixel, cfg, device)
+        metrics = evaluate(generated, pixel, cfg, stage)
+        run.log_metrics(metrics, step=0)
+        run.log_image(contact_sheet(pixel["reference"], pixel["views"], generated), "eval/contact_sheet.png")
+        log.info("eval of %s (%s, %d held-out samples): %s", checkpoint, stage, len(pixel["keys"]),
+                 ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return {**metrics, "run_id": run.run_id, "stage": stage, "samples": len(pixel["keys"]),
+            "dataset_version": version, "checkpoint": checkpoint}
+
+
+# -- inputs --------------------------------------------------------------------------------------------
+
+def training_config(checkpoint: str) -> dict:
+    """The training stage's config from its run's run.json (the checkpoint's run directory: the
+    run itself, or <run>/final, or <run>/final/model.safetensors); {} when there is none."""
+    import json
+
+    from dataprep.storage import fs_and_path
+    from pipelines.training.checkpoint import resolve_weights
+
+    weights, _ = resolve_weights(checkpoint)
+    fs, path = fs_and_path(posixpath.join(posixpath.dirname(posixpath.dirname(weights)), "run.json"))
+    return json.loads(fs.cat_file(path)).get("config", {}) if fs.exists(path) else {}
+
+
+def check_against_training(cfg: EvalConfig, trained: dict) -> EvalConfig:
+    """A holdout_fraction other than the stage's would evaluate on training samples (or skip some
+    it never saw): an error. A latent stage trained with the stand-in VAE is decoded by the same
+    one unless told otherwise."""
+    fraction = trained.get("data", {}).get("holdout_fraction")
+    if fraction is not None and not math.isclose(float(fraction), cfg.holdout_fraction):
+        raise ValueError(f"holdout_fraction {cfg.holdout_fraction} differs from the training stage's "
+                         f"data.holdout_fraction {fraction}: the held-out set would not be the samples "
+                         f"that stage never saw")
+    if cfg.vae_standin_seed is None and trained.get("vae_standin_seed") is not None:
+        return dataclasses.replace(cfg, vae_standin_seed=trained["vae_standin_seed"])
+    return cfg
+
+
+def _heldout(cfg: EvalConfig, stage: str):
+    """(loader, pixel batch of the held-out samples: views at their true cameras, _K/_R/_t)."""
+    from dataprep.loader import DataSource, LoaderConfig, TrainingLoader
+
+    data = LoaderConfig(batch_size=cfg.batch_size, num_workers=0, resolution=cfg.resolution,
+                        views=1 if stage == "pretrain" else cfg.views,
+                        face_views=cfg.face_views if stage == "post" else 0,
+                        augment=False, holdout_fraction=cfg.holdout_fraction, seed=cfg.seed)
+    loader = TrainingLoader([DataSource(cfg.dataset)], stage, data)
+    return loader, loader.heldout_batch(cfg.samples)
+
+
+# -- generation ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate(model, model_cfg, pixel: dict, cfg: EvalConfig, device) -> torch.Tensor:
+    """Generated target views (B, V, 3, R, R) in [-1, 1] on the CPU: DDIM (eta 0) with CFG over
+    the model's learned nulls, `cfg.batch_size` samples at a time, decoded by the stage's VAE."""
+    from pipelines.training.engine import make_autoencoder, to_model_space
+    from pippo_model.diffusion import CosineSchedule, conditions
+    from pippo_model.sampler import ddim_sample
+
+    autoencoder = make_autoencoder(model_cfg, cfg.vae_standin_seed, device)
+    schedule = CosineSchedule(model_cfg.timesteps).to(device)
+    dtype = next(model.parameters()).dtype
+    out = []
+    n = len(pixel["keys"])
+    for k, start in enumerate(range(0, n, cfg.batch_size)):
+        chunk = {key: v[start:start + cfg.batch_size] for key, v in pixel.items() if torch.is_tensor(v)}
+        batch = to_model_space(chunk, autoencoder, device, dtype)
+        g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + k)
+        x = ddim_sample(model, schedule, conditions(batch), tuple(batch["views"].shape), steps=cfg.steps,
+                        eta=0.0, guidance=cfg.guidance, clip=1.0 if model_cfg.space == "pixel" else None,
+                        generator=g)
+        b, v = x.shape[:2]
+        images = autoencoder.decode(x.reshape(b * v, *x.shape[2:]).float()).clamp(-1, 1)
+        out.append(images.reshape(b, v, *images.shape[1:]).cpu())
+    return torch.cat(out)
+
+
+# -- metrics -------------------------------------------------------------------------------------------
+
+def evaluate(generated: torch.Tensor, pixel: dict, cfg: EvalConfig, stage: str) -> dict:
+    """eval/* metrics of generated views against the held-out batch (module docstring)."""
+    from pippo_model.metrics.image import psnr, ssim
+
+    gt = pixel["views"].float()
+    flat_gen, flat_gt = generated.flatten(0, 1), gt.flatten(0, 1)
+    metrics = {"eval/psnr": psnr(flat_gen, flat_gt).mean().item(),
+               "eval/ssim": ssim(flat_gen, flat_gt).mean().item()}
+    if stage != "pretrain":
+        for suffix, views in (("", generated), ("_gt", gt)):
+            re_pct, pairs = reprojection(views, pixel)
+            metrics[f"eval/re_pct{suffix}"], metrics[f"eval/re_pairs{suffix}"] = re_pct, float(pairs)
+    if len(flat_gen) >= cfg.fid_min_samples:
+        metrics["eval/fid"] = fid_score(flat_gt, flat_gen, cfg.fid_extractor)
+    return metrics
+
+
+def sample_cameras(pixel: dict, s: int) -> tuple[list[int], list[dict]]:
+    """Distinct target slots of sample s and their cameras. A view delivered twice (a sample with
+    fewer views than asked repeats them) would pair with itself at zero baseline: kept once."""
+    slots, seen = [], set()
+    for v, (index, face) in enumerate(zip(pixel["_view_index"][s].tolist(), pixel["_face"][s].tolist())):
+        if (index, face) not in seen:
+            seen.add((index, face))
+            slots.append(v)
+    cams = [{"K": pixel["_K"][s, v].numpy(), "R": pixel["_R"][s, v].numpy(), "t": pixel["_t"][s, v].numpy()}
+            for v in slots]
+    return slots, cams
+
+
+def reprojection(views: torch.Tensor, pixel: dict) -> tuple[float, int]:
+    """(RE in % of the image side, pairs measured) of views (B, V, 3, R, R) under the batch's true
+    cameras: every pair measured in any sample weighs the same (the mean of per-pair means, as
+    within one set of views); NaN and 0 when no pair is measurable."""
+    from pippo_model.metrics.reprojection import WideBaselineMatcher, reprojection_error
+
+    errors = []
+    for s in range(views.shape[0]):
+        slots, cams = sample_cameras(pixel, s)
+        if len(slots) < 2:
+            continue
+        try:
+            result = reprojection_error([views[s, v] for v in slots], cams, WideBaselineMatcher())
+        except ValueError:                     # no pair of this sample measurable
+            continue
+        errors += list(result.per_pair.values())
+    if not errors:
+        return float("nan"), 0
+    return 100.0 * float(np.mean(errors)) / max(views.shape[-2:]), len(errors)
+
+
+def random_features(seed: int = 0, size: int = 64):
+    """A fixed, seeded random conv net -> 64-d features of images resized to size x size (the
+    Inception weights of standard FID are not available offline). Random conv features still
+    separate image distributions; the numbers compare runs of this pipeline, not papers."""
+    g = torch.Generator().manual_seed(seed)
+    widths = [3, 16, 32, 64]
+    weights = [torch.randn(o, i, 4, 4, generator=g) / math.sqrt(i * 16) for i, o in zip(widths, widths[1:])]
+
+    def extract(images: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False)
+        for w in weights:
+            x = torch.relu(torch.nn.functional.conv2d(x, w, stride=2, padding=1))
+        return x.mean(dim=(2, 3))
+
+    return extract
+
+
+def fid_score(real: torch.Tensor, fake: torch.Tensor, extractor: str | None) -> float:
+    """Fréchet distance (Heusel et al. 2017) of real vs generated images under the extractor."""
+    import importlib
+
+    from pippo_model.metrics.fid import fid
+
+    if extractor:
+        module, _, name = extractor.partition(":")
+        fn = getattr(importlib.import_module(module), name)
+    else:
+        fn = random_features()
+    return fid(real.split(64), fake.split(64), fn)
+
+
+# -- the contact sheet ---------------------------------------------------------------------------------
+
+def contact_sheet(reference: torch.Tensor, gt: torch.Tensor, generated: torch.Tensor, tile: int = 256) -> bytes:
+    """PNG: one row per sample, reference | ground-truth views | generated views; tiles larger
+    than `tile` pixels are shrunk (a 1K turnaround would make a sheet of hundreds of megapixels)."""
+    from PIL import Image
+
+    def fit(x: torch.Tensor) -> torch.Tensor:
+        if max(x.shape[-2:]) <= tile:
+            return x.float()
+        return torch.nn.functional.interpolate(x.float(), size=(tile, tile), mode="area")
+
+    ref, gt, gen = fit(reference), fit(gt.flatten(0, 1)).unflatten(0, gt.shape[:2]), \
+        fit(generated.flatten(0, 1)).unflatten(0, generated.shape[:2])
+    rows = [torch.cat([ref[i], *gt[i], *gen[i]], dim=-1) for i in range(len(gen))]
+    image = ((torch.cat(rows, dim=-2) + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()

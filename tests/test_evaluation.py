@@ -1,0 +1,207 @@
+"""The evaluation step on real tiny checkpoints: run_stage trains each stage for a few steps on a
+small version (as tests/test_training.py does), run_eval measures it on the held-out samples at
+their true cameras and logs one MLflow run (SPEC §7)."""
+import json
+import math
+
+import mlflow
+import pytest
+import torch
+
+from dataprep.build import run_build
+from dataprep.build_config import BuildConfig, ShardLimits, Source
+from dataprep.synth import synth_capture, synth_images
+from pipelines.config import ConfigError, from_dict
+from pipelines.evaluation import EvalConfig, run_eval
+from pipelines.training.launcher import load_stage_config, run_stage
+
+pytestmark = pytest.mark.slow
+torch.set_num_threads(2)
+
+# patch 8: 128 px eval views are 16x16 tokens, so 8 views + the reference stay cheap on a CPU
+MODEL = {"space": "pixel", "latent_channels": 3, "vae_downsample": 1, "patch_size": 8, "resolution": 64,
+         "dim": 64, "depth": 2, "heads": 2, "camera_hidden": 64}
+EVAL = dict(samples=3, views=8, resolution=128, steps=3, guidance=2.0)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, ray_local):
+    """16 dome cameras (neighbours close enough for the RE to find pairs among 8 of them) at 128 px,
+    face crops, plus photos for pretrain."""
+    root = tmp_path_factory.mktemp("eval_data")
+    for k in range(2):
+        synth_capture(root / "captures" / f"cap{k}", cameras=16, frames=6, height=192, width=128, seed=10 + k)
+    synth_images(root / "photos", count=16, seed=3, person_fraction=1.0)
+    uri = str(root / "store" / "ds")
+    cfg = BuildConfig(dataset=uri, sources=[Source("captures", str(root / "captures")),
+                                            Source("images", str(root / "photos"))],
+                      resolution=128, plucker_stride=8, face_crop=True, face_resolution=64,
+                      shard=ShardLimits(max_samples=5), unit_inputs=8)
+    vid = run_build(cfg, {})
+    return f"{uri}@{vid}", holdout_fraction(uri, vid)
+
+
+def holdout_fraction(uri, vid):
+    """The smallest fraction that holds out 3 studio frames and 2 photos (keys hash their input's
+    path, so which samples a fraction holds out changes with the temporary directory)."""
+    from dataprep.loader import held_out
+    from dataprep.store import DatasetStore
+
+    store = DatasetStore(uri)
+    rows = [row for shard in store.version_shards(store.resolve(vid))
+            for row in zip(*[store.shard_index(shard).column(c).to_pylist() for c in ("key", "kind")])]
+    for fraction in (0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6):
+        held = [kind for k, kind in rows if held_out(k, fraction)]
+        if held.count("studio") >= 3 and held.count("image") >= 2:
+            return fraction
+    pytest.fail("no holdout fraction holds out enough samples")
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def checkpoints(dataset, tmp_path_factory, mlflow_uri):
+    """stage -> final/ URI of a 2-step run of that stage (in this process, no Ray Train)."""
+    dataset, holdout = dataset
+    root = tmp_path_factory.mktemp("ckpt")
+    data = {"pretrain": {"views": 1, "batch_size": 2}, "mid": {"views": 2, "batch_size": 2},
+            "post": {"views": 2, "batch_size": 2, "face_views": 1}}
+    out = {}
+    for stage in ("pretrain", "mid", "post"):
+        overrides = [f"dataset={dataset}", f"checkpoint.root={root}", "steps=2", "checkpoint.every_steps=2",
+                     "tracking.sample_every=0", "tracking.system_metrics=false", "tracking.register_model=null",
+                     f"tracking.experiment=train-{stage}", f"model_overrides={json.dumps(MODEL)}",
+                     "data.resolution=64", "data.num_workers=0", f"data.holdout_fraction={holdout}",
+                     "resources.ray=false", "optim.warmup_steps=1",
+                     *[f"data.{k}={v}" for k, v in data[stage].items()]]
+        out[stage] = run_stage(load_stage_config(f"configs/stages/{stage}.yaml", overrides))["checkpoint"]
+    return out
+
+
+def eval_cfg(checkpoint, dataset, **kw):
+    ref, holdout = dataset
+    return EvalConfig(checkpoint=checkpoint, dataset=ref, experiment="test-eval",
+                      **{"holdout_fraction": holdout, **EVAL, **kw})
+
+
+def parent_run():
+    """A pipeline's parent run (created like every pippo run: artifacts beside the test's db)."""
+    from pipelines.training.tracking import RunTracker
+
+    with RunTracker("test-eval", "pipeline", step_tag="pipeline", system_metrics=False) as run:
+        return run.run_id
+
+
+@pytest.mark.parametrize("stage", ["mid", "post"])
+def test_mid_and_post_metrics_and_the_mlflow_run(stage, checkpoints, dataset, mlflow_uri):
+    parent = parent_run()
+    out = run_eval(eval_cfg(checkpoints[stage], dataset, face_views=1 if stage == "post" else 0), parent_run_id=parent)
+    assert out["stage"] == stage and out["samples"] == EVAL["samples"]
+    for key in ("eval/psnr", "eval/ssim", "eval/re_pct_gt", "eval/re_pairs", "eval/re_pairs_gt"):
+        assert math.isfinite(out[key]), (key, out)
+    # ground truth at its true cameras: pairs are found and the error is the metric's noise floor
+    # (~0.2-0.5 % at 128 px: under a pixel)
+    assert out["eval/re_pairs_gt"] >= 1 and out["eval/re_pct_gt"] < 1.0, out
+    # an untrained model's views: measured (finite) or, with no significant pair, NaN -- never a guess
+    assert math.isfinite(out["eval/re_pct"]) or out["eval/re_pairs"] == 0, out
+    assert -1.0 <= out["eval/ssim"] <= 1.0 and out["eval/psnr"] > 0
+    assert "eval/fid" not in out                          # 16 images < fid_min_samples
+
+    run = mlflow.MlflowClient().get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["pippo.step"] == "eval" and run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["pippo.checkpoint"] == checkpoints[stage]
+    assert run.data.params["stage"] == stage and run.data.params["holdout_fraction"] == str(dataset[1])
+    assert run.data.params["views"] == "8" and run.data.params["checkpoint"] == checkpoints[stage]
+    logged = run.data.metrics
+    assert set(logged) == {k for k in out if k.startswith("eval/")}           # NaN included
+    assert logged["eval/psnr"] == pytest.approx(out["eval/psnr"])
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [dataset[0].split("@")[1]]
+    arts = [a.path for a in mlflow.MlflowClient().list_artifacts(out["run_id"], "eval")]
+    assert arts == ["eval/contact_sheet.png"]
+    found = mlflow.search_runs(experiment_names=["test-eval"], output_format="list",
+                               filter_string=f"tags.`pippo.step` = 'eval' and tags.`mlflow.parentRunId` = '{parent}'")
+    assert [r.info.run_id for r in found] == [out["run_id"]]
+
+
+def test_generated_views_are_measured_at_their_true_cameras(checkpoints, dataset, mlflow_uri, monkeypatch):
+    """A 'model' that returns the ground truth scores the ground truth's RE exactly (the generated
+    views are measured under the same cameras, in the same order), SSIM 1 and the PSNR ceiling;
+    shuffling the generated views' order breaks their geometry and the RE rises."""
+    import pipelines.evaluation as ev
+
+    monkeypatch.setattr(ev, "generate", lambda model, model_cfg, pixel, cfg, device: pixel["views"].clone())
+    perfect = run_eval(eval_cfg(checkpoints["mid"], dataset))
+    assert perfect["eval/re_pct"] == perfect["eval/re_pct_gt"] and perfect["eval/re_pairs"] >= 2
+    assert perfect["eval/ssim"] == pytest.approx(1.0) and perfect["eval/psnr"] > 100
+
+    monkeypatch.setattr(ev, "generate", lambda model, model_cfg, pixel, cfg, device: pixel["views"].roll(1, dims=1))
+    shuffled = run_eval(eval_cfg(checkpoints["mid"], dataset))
+    assert shuffled["eval/re_pairs"] == 0 or shuffled["eval/re_pct"] > 3 * perfect["eval/re_pct_gt"], shuffled
+    assert shuffled["eval/ssim"] < 0.9
+
+
+def test_pretrain_gives_psnr_ssim_and_fid_without_re(checkpoints, dataset, mlflow_uri):
+    out = run_eval(eval_cfg(checkpoints["pretrain"], dataset, resolution=64, fid_min_samples=2))
+    assert out["stage"] == "pretrain"
+    assert math.isfinite(out["eval/psnr"]) and math.isfinite(out["eval/ssim"]) and math.isfinite(out["eval/fid"])
+    assert not any(k.startswith("eval/re_") for k in out)
+    run = mlflow.MlflowClient().get_run(out["run_id"])
+    assert "mlflow.parentRunId" not in run.data.tags and run.data.tags["pippo.step"] == "eval"
+
+
+def test_latent_stage_decodes_with_its_standin_vae(dataset, tmp_path, mlflow_uri):
+    """A latent-space stage trained with the seeded stand-in VAE: the eval finds the seed in the
+    run's run.json and decodes with the same VAE."""
+    ref, holdout = dataset
+    latent = {**MODEL, "space": "latent", "latent_channels": 4, "vae_downsample": 8, "patch_size": 2}
+    overrides = [f"dataset={ref}", f"checkpoint.root={tmp_path}", "steps=1", "tracking.sample_every=0",
+                 "tracking.system_metrics=false", "tracking.register_model=null", "tracking.experiment=train-latent",
+                 f"model_overrides={json.dumps(latent)}", "data.resolution=64", "data.num_workers=0",
+                 f"data.holdout_fraction={holdout}", "resources.ray=false", "vae_standin_seed=7",
+                 "data.views=1", "data.batch_size=2"]
+    ckpt = run_stage(load_stage_config("configs/stages/pretrain.yaml", overrides))["checkpoint"]
+    out = run_eval(eval_cfg(ckpt, dataset, resolution=64, samples=1))
+    assert math.isfinite(out["eval/psnr"]) and math.isfinite(out["eval/ssim"])
+    assert mlflow.MlflowClient().get_run(out["run_id"]).data.params["vae_standin_seed"] == "7"
+
+
+def test_a_holdout_fraction_other_than_the_stages_is_refused(checkpoints, dataset, mlflow_uri):
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        run_eval(eval_cfg(checkpoints["mid"], dataset, holdout_fraction=0.15))
+    with pytest.raises(ConfigError, match="samples"):
+        from_dict(EvalConfig, {"checkpoint": "x", "dataset": "y@latest", "samples": 0})
+
+
+def test_loader_cameras_describe_the_delivered_pixels_of_face_crops(dataset):
+    """`_K` of a face crop is the full view's K after the crop and resize: warping the full view by
+    K_face K_full^-1 (same camera, so a pixel-to-pixel affine map) reproduces the face crop."""
+    import cv2
+    import numpy as np
+
+    from dataprep.loader import DataSource, LoaderConfig, TrainingLoader
+
+    ref, holdout = dataset
+    batches = [TrainingLoader([DataSource(ref)], "post", LoaderConfig(
+        num_workers=0, resolution=128, views=4, face_views=f, holdout_fraction=holdout)).heldout_batch(3)
+        for f in (1, 0)]
+    face, full = batches
+    assert torch.equal(face["_view_index"], full["_view_index"]) and torch.equal(face["_R"], full["_R"])
+    checked = 0
+    for s, v in zip(*torch.nonzero(face["_face"], as_tuple=True)):
+        A = (face["_K"][s, v] @ torch.linalg.inv(full["_K"][s, v])).numpy()
+        assert np.allclose(A[2], [0, 0, 1])
+        src = ((full["views"][s, v].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.float32)
+        want = ((face["views"][s, v].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.float32)
+        errors = [np.abs(cv2.warpAffine(src, (A + [[0, 0, dx], [0, 0, 0], [0, 0, 0]])[:2], (128, 128),
+                                        flags=cv2.INTER_LINEAR) - want).mean() for dx in (0, 6)]
+        assert errors[0] < 6 and errors[0] < 0.4 * errors[1], errors    # aligned; 6 px off is far worse
+        checked += 1
+    assert checked
