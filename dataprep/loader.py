@@ -614,8 +614,13 @@ class TrainingLoader:
         self._seen, self._folded = {}, {}
         stream = _Stream(self._sources, self.stage, self.cfg, self.rank, self.world_size, self._storage_options)
         workers = self.cfg.num_workers
+        # Workers start from a fresh forkserver, never fork()ed from this process: under Ray
+        # (Train workers, tests with a local Ray) the process runs gRPC and other threads, and a
+        # fork taken while one of them holds a lock deadlocks the child (seen: futex wait forever).
         loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                            prefetch_factor=self.cfg.prefetch_factor if workers else None)
+                            prefetch_factor=self.cfg.prefetch_factor if workers else None,
+                            multiprocessing_context="forkserver" if workers else None,
+                            persistent_workers=False)
         for batch in loader:
             batch = _as_tensors(batch)
             self._record(batch)

@@ -111,11 +111,19 @@ def differing_params(runs) -> list[str]:
     """Param keys whose value is not the same in every run that logged params (a key one of them
     lacks differs). Runs without params (pipeline parents, cached steps) are not compared: they
     would make every key differ."""
-    with_params = [r.data.params for r in runs if r.data.params]
-    if len(with_params) < 2:
-        return []
-    keys = set().union(*with_params)
-    return sorted(k for k in keys if len({p.get(k) for p in with_params}) > 1)
+    # compared within one kind of step (a pretrain run against other pretrain runs...): across
+    # kinds every key would "differ"; run-local bookkeeping (the parent run id) is no difference
+    groups: dict = {}
+    for r in runs:
+        if r.data.params:
+            groups.setdefault((r.data.tags.get(STEP_TAG), r.data.tags.get("pippo.workflow_step")), []).append(r.data.params)
+    out = set()
+    for with_params in groups.values():
+        if len(with_params) < 2:
+            continue
+        keys = set().union(*with_params) - {"tracking.parent_run_id"}
+        out |= {k for k in keys if len({p.get(k) for p in with_params}) > 1}
+    return sorted(out)
 
 
 def tree_order(rows: list[dict]) -> list[dict]:
