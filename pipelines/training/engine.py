@@ -66,7 +66,9 @@ def setup_distributed(use_ray: bool) -> DistContext:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank)})
     backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
-        if world == 1 and "MASTER_ADDR" not in os.environ:
+        if world == 1 and not use_ray and "TORCHELASTIC_RUN_ID" not in os.environ:
+            # a lone rank (not torchrun's): a fresh port, never an inherited MASTER_PORT — the
+            # parent that set it (a test process, an earlier run) may still hold that port
             os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
         dist.init_process_group(backend, rank=rank, world_size=world)
     deepspeed.init_distributed(dist_backend=backend)
