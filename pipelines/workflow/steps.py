@@ -65,7 +65,14 @@ def _child_run(name: str, kind: str, ctx: dict):
 def _synth(name: str, params: dict, ctx: dict):
     from dataprep.synth import synth_capture, synth_images
 
-    out = Path(ctx["workdir"]) / f"{name}-{ctx['key'][:12]}"
+    # named by the params alone (not the cache key, which includes the code version): re-rendering
+    # after a code change writes the same files to the same paths, so the build sees the same
+    # inputs, the version id stays, and the trained stages downstream are found finished
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    out = Path(ctx["workdir"]) / f"{name}-{digest}"
     captures, photos = out / "captures", out / "photos"
     seed = int(params.get("seed", 0))
     for k in range(int(params.get("captures", 2))):
