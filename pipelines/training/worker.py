@@ -32,10 +32,21 @@ from pipelines.training.engine import (DiffusionObjective, deepspeed_config, lr_
 log = logging.getLogger("pippo.train")
 
 
-def quiet_logs(verbose: bool = False) -> None:
+def quiet_logs(verbose: bool = False, own_stderr: bool = False) -> None:
+    import sys
+
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pippo").setLevel(logging.DEBUG if verbose else logging.INFO)
+    pippo = logging.getLogger("pippo")
+    pippo.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if own_stderr and not any(getattr(h, "_pippo", False) for h in pippo.handlers):
+        # our own stderr handler: Ray Train's workers route the root logger to stdout, which a
+        # command's caller reads for its result (SPEC §2: the result is the last stdout line)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._pippo = True
+        pippo.addHandler(handler)
+        pippo.propagate = False
     try:
         from deepspeed.utils import logger as ds_logger
 
@@ -60,8 +71,8 @@ def train_worker(job: dict) -> dict:
     from pippo_model.config import ModelConfig
     from pippo_model.diffusion import CosineSchedule
 
-    quiet_logs(job.get("verbose", False))
     use_ray = job.get("launcher") == "ray"
+    quiet_logs(job.get("verbose", False), own_stderr=use_ray)
     ctx = setup_distributed(use_ray)
     cfg: StageConfig = from_dict(StageConfig, job["stage"], source="<job>")
     model_cfg = ModelConfig(**job["model"]).for_stage(cfg.stage)
