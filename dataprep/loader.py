@@ -436,7 +436,7 @@ def _stored_anchor(raw: dict, v: int) -> np.ndarray:
     """Anchor of view v as HWC uint8: the per-view palette PNG, or the (V, 3, H, W) anchor.npy."""
     name = f"view{v:02d}.anchor.png"
     if name in raw:
-        return np.asarray(Image.open(io.BytesIO(raw[name])).convert("RGB"))
+        return np.asarray(Image.open(io.BytesIO(raw[name]), formats=["PNG"]).convert("RGB"))
     return np.load(io.BytesIO(raw["anchor.npy"]), allow_pickle=False)[v].transpose(1, 2, 0)
 
 
