@@ -70,7 +70,7 @@ def bare_loop(paths):
 
 def build(src: Path, dataset: Path, workers: int) -> float:
     cfg = BuildConfig(dataset=str(dataset), sources=[Source("images", str(src))], resolution=RESOLUTION,
-                      unit_inputs=32, workers=workers, parent=None, preview_samples=4,
+                      partitions=2, workers=workers, parent=None, preview_samples=4,
                       shard=ShardLimits(max_samples=500))
     start = time.perf_counter()
     vid = run_build(cfg, {})

@@ -40,7 +40,7 @@ def build_version(root: Path) -> str:
         synth_capture(root / "caps" / f"c{k}", cameras=8, frames=8, height=192, width=128, seed=20 + k)
     cfg = BuildConfig(dataset=str(root / "ds"), sources=[Source("captures", str(root / "caps"))],
                       resolution=RES, plucker_stride=STRIDE, face_crop=True, face_resolution=64,
-                      unit_inputs=8, shard=ShardLimits(max_samples=8))
+                      partitions=2, shard=ShardLimits(max_samples=8))
     return f"{root / 'ds'}@{run_build(cfg, {})}"
 
 

@@ -63,9 +63,17 @@ class BuildConfig:
     filters: PhotoFilters = field(default_factory=PhotoFilters)
     http: HttpConfig = field(default_factory=HttpConfig)
     shard: ShardLimits = field(default_factory=ShardLimits)
-    unit_inputs: int = 64               # inputs per Ray task (a task writes its own shards)
+    # Inputs are hash-partitioned; each partition is one Ray task writing its own parts. A
+    # property of the lineage: a child build keeps its parent's count (so it reads only its
+    # partition's parent parts). Aim for ~1-10 GB of samples per partition: 10^9 photos of
+    # ~100 KB suggest 16384.
+    partitions: int = 16
     workers: int | None = None          # Ray tasks in flight (None = one per CPU)
-    parent: str | None = "latest"       # version to build on (incremental), or null for none
+    # the version to build on: "latest" = the newest version built with the same recipe (the same
+    # sample settings); an id or tag picks another line; null builds from scratch
+    parent: str | None = "latest"
+    on_missing: Literal["remove", "keep"] = "remove"   # inputs gone from a re-read source
+    max_attempts: int = 3               # tries of an input whose download (or a bug) failed
     dedup: bool = True                  # drop exact duplicates (sha256 of source bytes) in the build
     dedup_against_parent: bool = True   # ... and against every sample of the parent version
     tags: list[str] = field(default_factory=list)
@@ -81,15 +89,15 @@ class BuildConfig:
             raise ValueError("plucker_stride must be >= 1")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("jpeg_quality must be within 1..100")
-        if self.unit_inputs < 1 or self.min_views < 1:
-            raise ValueError("unit_inputs and min_views must be >= 1")
+        if self.partitions < 1 or self.min_views < 1 or self.max_attempts < 1:
+            raise ValueError("partitions, min_views and max_attempts must be >= 1")
 
     def sample_settings(self) -> dict:
         """The settings that change how an input becomes a sample: a parent's outputs are reused
         only when these are equal (otherwise incremental reuse would mix two recipes)."""
         d = asdict(self)
-        for key in ("dataset", "sources", "shard", "unit_inputs", "workers", "parent", "dedup",
-                    "dedup_against_parent", "tags", "preview_samples", "http"):
+        for key in ("dataset", "sources", "shard", "partitions", "workers", "parent", "dedup",
+                    "dedup_against_parent", "tags", "preview_samples", "http", "on_missing", "max_attempts"):
             d.pop(key)
         return d
 

@@ -1,4 +1,4 @@
-"""Committing a build: ledgers, manifest, stats and preview, then the version record (last)."""
+"""Committing a build: the parts list, stats and preview, then the version record (last)."""
 from __future__ import annotations
 
 import json
@@ -13,23 +13,14 @@ import pyarrow as pa
 
 from dataprep.build_config import BuildConfig
 from dataprep.preview import contact_sheet, overlay_anchor, png_bytes
-from dataprep.storage import fs_and_path
-from dataprep.store import DatasetStore, _now, table_digest, version_id
+from dataprep.ledger import PARTS_SCHEMA, part_row
+from dataprep.store import FORMAT, DatasetStore, _now, version_id
 
 log = logging.getLogger("pippo.data.commit")
 
-MANIFEST_SCHEMA = pa.schema([("url", pa.string()), ("samples", pa.int64()), ("bytes", pa.int64()),
-                             ("sha256", pa.string()), ("index_url", pa.string())])
-REJECT_SCHEMA = pa.schema([("input", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
-# One row per input ever seen by the version's lineage: how incremental builds know what is done.
-# uri = where the bytes live (the tar of a WebDataset member, the capture of a frame).
-INPUT_SCHEMA = pa.schema([("input", pa.string()), ("status", pa.string()), ("key", pa.string()),
-                          ("sha256", pa.string()), ("kind", pa.string()), ("uri", pa.string()),
-                          ("stage", pa.string()), ("size", pa.int64())])
-
 
 class ConservationError(RuntimeError):
-    """inputs != samples + rejected: a bug, never committed."""
+    """inputs != kept + rejected + removed, or kept != samples in shards: a bug, never committed."""
 
 
 def code_version() -> str:
@@ -40,78 +31,78 @@ def code_version() -> str:
         return "pippo-pipeline (not installed)"
 
 
+COUNT_KEYS = ("inputs", "kept", "rejected", "removed")
+
+
 def commit_version(store: DatasetStore, cfg: BuildConfig, config_dict: dict, parent: dict | None,
-                   reuse: bool, markers: dict, ledger_rejects: list[dict], started: float,
-                   units_reused: int = 0, drop_inputs: set[str] = frozenset(),
-                   extra_stats: dict | None = None) -> str:
-    """Write the version of `markers` (+ the parent's samples when `reuse`) and list it, last."""
-    base = parent if reuse else None
-    shards = list(base["shards"]) if base else []
-    rejects = [r for r in store.read_table(base["rejects_url"]).to_pylist() if r["input"] not in drop_inputs] if base else []
-    inputs = [r for r in store.read_table(base["inputs_url"]).to_pylist() if r["input"] not in drop_inputs] if base else []
-    for r in ledger_rejects:
-        rejects.append({"input": r["input_id"], "stage": r["stage"], "reason": r["reason"]})
-        inputs.append({"input": r["input_id"], "status": "rejected", "key": "", "sha256": r.get("sha256", ""),
-                       "kind": r["kind"], "uri": r["uri"], "stage": r["stage"], "size": r.get("size", -1)})
+                   parent_parts: list[dict], results: list[dict], sha_records: list[dict],
+                   listings: dict, partitions: int, started: float, summaries: list[dict] = (),
+                   base: dict | None | bool = True) -> str:
+    """List `parent_parts` plus the new parts as a version (record last). O(parts), never
+    O(inputs): totals are those of `base` (default: the parent) plus each new part's deltas."""
+    base = parent if base is True else base
+    new_records = [r["record"] for r in results] + list(sha_records)
+    parts = list(parent_parts) + [part_row(store, r) for r in sorted(new_records, key=lambda r: (r["kind"], r["partition"]))]
+    totals = Counter({k: (base or {}).get("counts", {}).get(k, 0) for k in COUNT_KEYS})
+    reasons = Counter((base or {}).get("stats", {}).get("rejected_by_reason", {}))
+    samples = (base or {}).get("samples", 0)
     new_shards, dropped_views = [], 0
-    for unit in sorted(markers):
-        m = markers[unit]
-        new_shards += m["shards"]
-        rejects += m["rejects"]
-        inputs += m["inputs"]
-        dropped_views += m.get("dropped_views", 0)
-    shards += new_shards
-    samples = sum(s["samples"] for s in shards)
-    kept = sum(r["status"] == "kept" for r in inputs)
-    if kept != samples or len(inputs) != samples + len(rejects):
-        raise ConservationError(f"inputs {len(inputs)} != samples {samples} + rejected {len(rejects)}")
-    missing = [s["url"] for s in new_shards if not store.shard_intact(s)]
-    if missing:   # e.g. deleted by a gc that ignored this build's lease: re-running rebuilds them
-        for unit, m in markers.items():
-            if any(s["url"] in missing for s in m["shards"]):
-                store.fs.rm(store.unit_marker_path(cfg.recipe_hash(), unit))
-        raise RuntimeError(f"{len(missing)} shards vanished before the commit (first: {missing[0]}); "
-                           "run the same build again to rebuild them")
-    rejects_t = pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)
-    inputs_t = pa.Table.from_pylist(inputs, schema=INPUT_SCHEMA)
-    vid = version_id(shards, table_digest(rejects_t), table_digest(inputs_t))
+    for r in (x["record"] for x in results):
+        for key, n in r["counts"].items():
+            if key.startswith("reason|"):
+                reasons[key[len("reason|"):]] += n
+            elif key in COUNT_KEYS:
+                totals[key] += n
+        dropped_views += r["counts"].get("dropped_views", 0)
+        samples += sum(s["samples"] for s in r["shards"]) - r.get("dropped_samples", 0)
+        new_shards += r["shards"]
+    if totals["kept"] != samples or totals["inputs"] != totals["kept"] + totals["rejected"] + totals["removed"]:
+        raise ConservationError(f"inputs {totals['inputs']} != kept {totals['kept']} + rejected "
+                                f"{totals['rejected']} + removed {totals['removed']} (samples {samples})")
+    for s in new_shards:     # the parent's shards were checked by each partition job
+        if not store.shard_intact(s):
+            raise RuntimeError(f"shard {store.resolve_url(s['url'])} vanished before the commit; "
+                               "run the same build again to rebuild it")
+    vid = version_id([p["digest"] for p in parts])
     if store.fs.exists(store.path("versions", f"{vid}.json")):
         log.info("version %s already exists (same content): nothing to commit", vid)
         _apply_tags(store, vid, cfg.tags)
         return vid
-
+    if totals["kept"] == 0:
+        log.warning("the version keeps 0 samples (%d inputs, all rejected or removed)", totals["inputs"])
     vdir = ("versions", vid)
-    manifest_url, rejects_url = store.url(*vdir, "manifest.parquet"), store.url(*vdir, "rejects.parquet")
-    inputs_url, stats_url = store.url(*vdir, "inputs.parquet"), store.url(*vdir, "stats.json")
-    preview_url = store.url(*vdir, "preview.png")
-    # Version files are written only if absent: a concurrent build committing the same content
-    # (same id) must not rewrite files of a version that may already be listed.
-    store.write_table(manifest_url, pa.Table.from_pylist(shards, schema=MANIFEST_SCHEMA), exclusive=True)
-    store.write_table(rejects_url, rejects_t, exclusive=True)
-    store.write_table(inputs_url, inputs_t, exclusive=True)
+    parts_url = store.url(*vdir, "parts.parquet")
+    store.write_table(parts_url, pa.Table.from_pylist(parts, schema=PARTS_SCHEMA), exclusive=True)
     wall = time.time() - started
     new_samples = sum(s["samples"] for s in new_shards)
-    stats = {"samples": samples, "rejected": len(rejects), "inputs": len(inputs),
-             "samples_by_kind": dict(Counter(r["kind"] for r in inputs if r["status"] == "kept")),
-             "rejected_by_stage": dict(Counter(r["stage"] for r in rejects)),
-             "rejected_by_reason": dict(Counter(f"{r['stage']}: {_reason_class(r['reason'])}" for r in rejects)),
-             "bytes": sum(s["bytes"] for s in shards), "shards": len(shards),
-             "new_samples": new_samples, "new_shards": len(new_shards), "units_built": len(markers) - units_reused,
-             "units_reused": units_reused, "dropped_views": dropped_views,
+    kinds = Counter((base or {}).get("stats", {}).get("samples_by_kind", {}))
+    for r in (x["record"] for x in results):
+        kinds.update({k[len("kind|"):]: n for k, n in r["counts"].items() if k.startswith("kind|")})
+    stats = {"samples": samples, "samples_by_kind": {k: n for k, n in sorted(kinds.items()) if n}, "rejected": totals["rejected"], "removed": totals["removed"],
+             "inputs": totals["inputs"], "rejected_by_reason": {k: v for k, v in sorted(reasons.items()) if v},
+             "parts": len(parts), "new_parts": len(new_records), "new_samples": new_samples,
+             "new_shards": len(new_shards), "parts_reused": sum(bool(x.get("reused")) for x in results),
+             "dropped_views": dropped_views + (base or {}).get("stats", {}).get("dropped_views", 0),
              "wall_s": round(wall, 3), "samples_per_s": round(new_samples / wall, 3) if wall > 0 else None,
-             **(extra_stats or {})}
+             "listed": sum(s["listed"] for s in summaries)}
+    stats["rejected_by_stage"] = dict(Counter({k.split(":")[0]: 0 for k in stats["rejected_by_reason"]}))
+    for k, n in stats["rejected_by_reason"].items():
+        stats["rejected_by_stage"][k.split(":")[0]] += n
     store.create_exclusive(store.path(*vdir, "stats.json"), json.dumps(stats, indent=1).encode())
-    sheet = version_preview(new_shards or shards, cfg.preview_samples, f"{store.uri}@{vid}")
+    sheet = version_preview(store, [{**s, "url": s["url"]} for s in new_shards], cfg.preview_samples,
+                            f"{store.uri}@{vid}")
     store.create_exclusive(store.path(*vdir, "preview.png"), sheet)
-    record = {"id": vid, "parent": parent["id"] if parent else None, "created": _now(),
-              "samples": samples, "rejected": len(rejects), "shards": [
-                  {k: s[k] for k in ("url", "samples", "bytes", "sha256")} for s in shards],
-              "rejects_url": rejects_url, "preview_url": preview_url,
-              "manifest_url": manifest_url, "inputs_url": inputs_url, "stats_url": stats_url,
-              "stats": stats, "recipe": cfg.recipe_hash(), "config": config_dict or asdict(cfg),
-              "code_version": code_version()}
+    record = {"id": vid, "format": FORMAT, "parent": parent["id"] if parent else None, "created": _now(),
+              "samples": samples, "rejected": totals["rejected"], "counts": dict(totals),
+              "shards_total": (base or {}).get("shards_total", 0) + len(new_shards)
+              - sum(len(x["record"].get("drops", [])) for x in results),
+              "parts_url": store.rel(parts_url), "stats_url": store.rel(store.url(*vdir, "stats.json")),
+              "preview_url": store.rel(store.url(*vdir, "preview.png")), "partitions": partitions,
+              "listings": listings, "stats": stats, "recipe": cfg.recipe_hash(),
+              "config": config_dict or asdict(cfg), "code_version": code_version()}
     if store.commit_version(record):
-        log.info("committed version %s: %d samples, %d rejected, %d shards", vid, samples, len(rejects), len(shards))
+        log.info("committed version %s: %d samples, %d rejected, %d removed, %d new parts", vid, samples,
+                 totals["rejected"], totals["removed"], len(new_records))
     _apply_tags(store, vid, cfg.tags)
     return vid
 
@@ -121,16 +112,10 @@ def _apply_tags(store: DatasetStore, vid: str, tags: list[str]) -> None:
         store.tag(vid, tag)
 
 
-def _reason_class(reason: str) -> str:
-    """Group reasons for stats: the text before the first detail in parentheses or after a colon."""
-    return reason.split(" (")[0].split(": ")[0][:60]
-
-
-def _stream_samples(url: str):
+def _stream_samples(store: DatasetStore, url: str):
     """Samples of a shard in order, read as a stream (a shard may be ~1 GB): key -> {ext: bytes}."""
-    fs, path = fs_and_path(url)
     key, sample = None, {}
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with store.open_shard({"url": url}) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
             k, _, ext = member.name.partition(".")
             if k != key and sample:
@@ -147,11 +132,11 @@ def _decode(data: bytes) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
-def version_preview(shards: list[dict], max_samples: int, title: str) -> bytes:
+def version_preview(store: DatasetStore, shards: list[dict], max_samples: int, title: str) -> bytes:
     """Contact sheet of the first samples of the given shards (studio views with anchors)."""
     tiles, captions, count = [], [], 0
     for shard in shards:
-        for key, sample in _stream_samples(shard["url"]):
+        for key, sample in _stream_samples(store, shard["url"]):
             meta = json.loads(sample["json"])
             if meta["kind"] == "studio":
                 for v in range(min(4, len(meta["views"]))):

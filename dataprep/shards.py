@@ -1,7 +1,8 @@
 """Bounded, atomically committed WebDataset shards with a parquet index per shard.
 
-Each Ray task ("unit") writes its own shards named `{unit}-{part:04d}.tar`: deterministic, so a
-re-run after a crash writes the same names and a finished unit is simply reused. A shard is
+Each partition job writes its own shards named `{part}-{kind}{n:04d}.tar` (one sample kind per
+shard, so readers with a fixed schema, e.g. Ray Data's `read_webdataset`, read them): deterministic,
+so a re-run after a crash writes the same names and a finished part is simply reused. A shard is
 written with webdataset's TarWriter (fixed mtime, so equal samples give equal bytes) to a local
 temporary file, then committed: renamed into place on a local store, uploaded in one finalised
 PUT/multipart upload on an object store. Readers never see a partial shard.
@@ -32,6 +33,7 @@ class ShardInfo:
     bytes: int
     sha256: str
     index_url: str
+    kind: str = ""
 
 
 def _tar_size(key: str, members: dict[str, bytes]) -> int:
@@ -70,16 +72,16 @@ def commit_file(local_tmp: str, url: str) -> None:
 
 
 class ShardWriter:
-    """Writes samples of one unit into shards under `{shards_url}/{unit}-{part:04d}.tar`."""
+    """Writes samples into shards `{shards_url}/{prefix}{n:04d}.tar` of at most `limits`."""
 
-    def __init__(self, shards_url: str, unit: str, limits: ShardLimits):
-        self.shards_url, self.unit, self.limits = shards_url, unit, limits
+    def __init__(self, shards_url: str, prefix: str, limits: ShardLimits, kind: str = ""):
+        self.shards_url, self.unit, self.limits, self.kind = shards_url, prefix, limits, kind
         self.shards: list[ShardInfo] = []
         self._part = 0
         self._open()
 
     def _name(self) -> str:
-        return f"{self.unit}-{self._part:04d}"
+        return f"{self.unit}{self._part:04d}"
 
     def _open(self):
         self._tmp = temp_file_for(join(self.shards_url, f"{self._name()}.tar"), ".tar")
@@ -123,7 +125,7 @@ class ShardWriter:
         commit_file(index_tmp, index_url)
         commit_file(self._tmp, url)
         self.shards.append(ShardInfo(absolute_url(url), len(self._rows), nbytes, digest.hexdigest(),
-                                     absolute_url(index_url)))
+                                     absolute_url(index_url), self.kind))
 
     def close(self) -> list[dict]:
         self._finish()

@@ -44,8 +44,9 @@ class InputItem:
         return asdict(self)
 
 
-def enumerate_source(source: Source) -> tuple[list[InputItem], list[dict]]:
-    """Inputs of one source, plus reject rows for what is broken at the source level."""
+def enumerate_source(source: Source, depth: int | None = None) -> tuple[list[InputItem], list[dict]]:
+    """Inputs of one source, plus reject rows for what is broken at the source level.
+    `depth`: how deep to search a directory (None: the whole tree)."""
     fs, root = fs_and_path(source.uri)
     if not fs.exists(root):
         # a missing source is a config mistake: fail before building a version without it
@@ -53,7 +54,7 @@ def enumerate_source(source: Source) -> tuple[list[InputItem], list[dict]]:
     if source.kind == "captures":
         return _captures(fs, root)
     if source.kind == "images":
-        listing = {root: fs.info(root)} if fs.isfile(root) else fs.find(root, detail=True)
+        listing = {root: fs.info(root)} if fs.isfile(root) else fs.find(root, maxdepth=depth, detail=True)
         files = sorted(listing)
         items = [InputItem(url_of(fs, p), "image", url_of(fs, p), size=int(listing[p].get("size", -1))) for p in files
                  if p.lower().endswith(IMAGE_EXTENSIONS) and not posixpath.basename(p).startswith(".")]
@@ -67,6 +68,12 @@ def enumerate_source(source: Source) -> tuple[list[InputItem], list[dict]]:
         tars = [root] if fs.isfile(root) else sorted(p for p in fs.find(root) if p.endswith(".tar"))
         return [InputItem(url_of(fs, p), "wds", url_of(fs, p)) for p in tars], []
     raise ValueError(f"unknown source kind {source.kind!r}")
+
+
+def list_file_inputs(url: str) -> tuple[list[InputItem], list[dict]]:
+    """Inputs of one URL list file (.txt/.csv/.parquet)."""
+    fs, root = fs_and_path(url)
+    return _url_list(fs, root)
 
 
 def _captures(fs, root: str) -> tuple[list[InputItem], list[dict]]:

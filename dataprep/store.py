@@ -1,18 +1,28 @@
-"""Versioned datasets in object storage (SPEC §6): immutable versions, mutable tags, gc.
+"""Versioned datasets in object storage (SPEC §6): immutable versions as lists of parts.
 
-Layout under a dataset URI (any fsspec URL):
-    shards/{recipe}/{unit}-{part}.tar (+ .index.parquet)   samples, written by build units
-    units/{recipe}/{unit}.json                               unit marker: a finished unit (last write)
-    cache/urls/{sha1(url)}                                   downloaded URL bytes, reused by re-runs
-    versions/{id}/manifest.parquet, rejects.parquet, inputs.parquet, stats.json, preview.png
-    versions/{id}.json                                       the version record, written LAST
-    tags/{name}.json                                         {"id": version id}: mutable
+Layout under a dataset root (any fsspec URL). Every URL a version stores is relative to the root,
+so a copied, moved or symlinked dataset keeps working:
+    .pippo-dataset                                  marker: this directory is a dataset
+    shards/{recipe}/{part}-{kind}{n}.tar (+ .index.parquet)   samples; one sample kind per shard
+    parts/{recipe}/{part}.ledger.parquet            a row per input the part decided
+    parts/{recipe}/{part}.json                      part record (shards, ledger, counts, digest): LAST
+    versions/{id}.json                              version record: summary, parent, recipe, parts_url
+    versions/{id}/parts.parquet, stats.json, preview.png
+    refs/latest.json, refs/recipe-{recipe}.json     {"id"}: the newest version (of a recipe)
+    tags/{name}.json                                {"id"}: mutable
+    builds/{uuid}.json                              leases of running builds
+    cache/urls/{sha1(url)}                          downloaded URL bodies
+
+A part is what one partition job of one build decided (Delta / Iceberg style: a snapshot is a
+list of immutable parts; a commit adds parts and never rewrites one). A version lists its parent's
+parts plus its own; its id is a Merkle hash over the part digests, so equal content has an equal
+id. Ledgers replay in part order (a later row for an input wins: a retried download, a removed
+input), and a part may drop shards of earlier parts it replaced (a takedown rewrites a shard).
 
 A version is listed iff its record exists, and the record is written after everything it
-references, so a crash never leaves a half version listed. Versions never conflict: the id is
-derived from the manifest's content and the record is created with the store's conditional
-create (O_EXCL link on local disks, `If-None-Match: *` on S3), so two concurrent builds each
-commit their own version (or, with identical content, the same one) and nothing is overwritten.
+references, so a crash never leaves a half version listed. The record is created with the
+store's conditional create (O_EXCL link on local disks, `If-None-Match: *` on S3), so concurrent
+builds never overwrite each other. `latest` and tags resolve by reading one small object.
 """
 from __future__ import annotations
 
@@ -28,6 +38,7 @@ import uuid
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dataprep.errors import DataError
@@ -42,16 +53,30 @@ class VersionNotFound(DataError):
     pass
 
 
-def version_id(shards: list[dict], rejects_digest: str, inputs_digest: str) -> str:
-    """Content id of a version: its shards (url, samples, bytes, sha256) and ledgers."""
-    canon = json.dumps({"shards": sorted([s["url"], s["samples"], s["bytes"], s["sha256"]] for s in shards),
-                        "rejects": rejects_digest, "inputs": inputs_digest}, sort_keys=True)
-    return hashlib.sha256(canon.encode()).hexdigest()[:20]
+MARKER = ".pippo-dataset"
+FORMAT = 2
+# What the store itself names (gc deletes nothing else): shards, their indexes, part files,
+# version files, leases, URL cache entries and temporary files of killed writes.
+OWN_DIRS = ("shards", "parts", "versions", "refs", "tags", "builds", "cache")
 
 
-def table_digest(table: pa.Table) -> str:
-    rows = sorted(json.dumps(r, sort_keys=True, default=str) for r in table.to_pylist())
-    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+def canonical_digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def version_id(part_digests: list[str]) -> str:
+    """Content id of a version: a Merkle hash over the digests of its parts (order-free, so the
+    same parts, however committed, are the same version)."""
+    return hashlib.sha256("\n".join(sorted(part_digests)).encode()).hexdigest()[:20]
+
+
+def valid_name(name: str, what: str = "tag") -> str:
+    """Tags and refs become object names: short, printable, no path syntax."""
+    if (not name or len(name) > 128 or name in ("latest", ".", "..") or name.startswith(".")
+            or any(c in name for c in "/\\") or not name.isprintable()):
+        raise DataError(f"invalid {what} name {name[:40]!r}: 1-128 printable characters, no '/', "
+                        "not 'latest', not starting with '.'")
+    return name
 
 
 class DatasetStore:
@@ -69,8 +94,38 @@ class DatasetStore:
     def shards_url(self, recipe: str) -> str:
         return self.url("shards", recipe)
 
-    def unit_marker_path(self, recipe: str, unit: str) -> str:
-        return self.path("units", recipe, f"{unit}.json")
+    def part_path(self, recipe: str, part: str, suffix: str = ".json") -> str:
+        return self.path("parts", recipe, f"{part}{suffix}")
+
+    def rel(self, url_or_path: str) -> str:
+        """The dataset-relative form of a URL or path inside this dataset (what versions store)."""
+        s = str(url_or_path)
+        for prefix in (self.uri + "/", self.root + "/"):
+            if s.startswith(prefix):
+                return s[len(prefix):]
+        raise ValueError(f"{s} is not inside the dataset {self.uri}")
+
+    # -- the dataset marker -----------------------------------------------------------------------
+    def is_dataset(self) -> bool:
+        return self.fs.exists(self.path(MARKER))
+
+    def claim_root(self) -> None:
+        """Before a build writes anything: the root must be a dataset (marker), or empty/absent,
+        in which case it becomes one. A non-empty directory without the marker is refused, so a
+        mistyped `dataset:` never mixes shards into (or later lets gc judge) someone's files."""
+        if self.is_dataset():
+            return
+        try:
+            entries = [p for p in self.fs.ls(self.root, detail=False)
+                       if posixpath.basename(p.rstrip("/")) not in ("", MARKER)]
+        except (FileNotFoundError, NotADirectoryError):
+            entries = []
+        if self.fs.exists(self.root) and not self.fs.isdir(self.root):
+            raise DataError(f"dataset {self.uri} is a file, not a directory")
+        if entries:
+            raise DataError(f"refusing to use {self.uri} as a dataset: the directory is not empty and "
+                            f"has no {MARKER} marker (pick an empty directory or an existing dataset)")
+        atomic_write_bytes(self.url(MARKER), json.dumps({"format": FORMAT}).encode())
 
     # -- small JSON objects -----------------------------------------------------------------------
     def read_json(self, path: str):
@@ -110,24 +165,37 @@ class DatasetStore:
                 return False
             raise
 
-    # -- versions ---------------------------------------------------------------------------------
-    def _tags(self) -> dict[str, str]:
-        tags = {}
-        for p in self._ls("tags"):
-            if p.endswith(".json"):
-                tags[posixpath.basename(p)[:-5]] = self.read_json(p)["id"]
-        return tags
-
+    # -- versions, refs and tags ------------------------------------------------------------------
     def _ls(self, *parts: str) -> list[str]:
         try:
             return sorted(self.fs.ls(self.path(*parts), detail=False))
         except FileNotFoundError:
             return []
 
+    def _record(self, path: str) -> dict | None:
+        """A version record, or None for a file that is not one (a stray notes.json)."""
+        try:
+            record = self.read_json(path)
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if not isinstance(record, dict) or record.get("format") != FORMAT or "id" not in record:
+            return None
+        return record
+
+    def _tags(self) -> dict[str, str]:
+        tags = {}
+        for p in self._ls("tags"):
+            if p.endswith(".json"):
+                try:
+                    tags[posixpath.basename(p)[:-5]] = self.read_json(p)["id"]
+                except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+                    continue
+        return tags
+
     def versions(self) -> list[dict]:
-        """Every listed version, newest first, with its tags."""
+        """Every listed version, newest first, with its tags (reads every record: for listing)."""
         self.fs.invalidate_cache()
-        records = [self.read_json(p) for p in self._ls("versions") if p.endswith(".json")]
+        records = [r for r in (self._record(p) for p in self._ls("versions") if p.endswith(".json")) if r]
         by_id: dict[str, list[str]] = {}
         for name, vid in self._tags().items():
             by_id.setdefault(vid, []).append(name)
@@ -135,18 +203,41 @@ class DatasetStore:
             r["tags"] = sorted(by_id.get(r["id"], []))
         return sorted(records, key=lambda r: (r["created"], r["id"]), reverse=True)
 
-    def resolve(self, ref: str | None) -> dict:
-        """A version by id, unique id prefix, tag, or 'latest'."""
-        versions = self.versions()
-        if not versions:
-            raise VersionNotFound(f"{self.uri}: no versions")
+    def _by_id(self, vid: str) -> dict | None:
+        record = self._record(self.path("versions", f"{vid}.json"))
+        if record is not None:
+            record["tags"] = sorted(n for n, t in self._tags().items() if t == vid)
+        return record
+
+    def _pointer(self, *parts: str) -> str | None:
+        try:
+            return self.read_json(self.path(*parts))["id"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+            return None
+
+    def resolve(self, ref: str | None, recipe: str | None = None) -> dict:
+        """A version by id, unique id prefix, tag, or 'latest' (of `recipe`, if given). Tags and
+        `latest` read one small pointer object; a prefix lists names only."""
+        self.fs.invalidate_cache()
         ref = ref or "latest"
         if ref == "latest":
-            return versions[0]
-        tagged = [v for v in versions if ref in v["tags"]]
-        if tagged:
-            return tagged[0]
-        matches = [v for v in versions if v["id"].startswith(ref)]
+            vid = self._pointer("refs", f"recipe-{recipe}.json" if recipe else "latest.json")
+            record = self._by_id(vid) if vid else None
+            if record is None:
+                if not self.fs.exists(self.root):
+                    raise VersionNotFound(f"{self.uri}: no versions (no dataset there)")
+                raise VersionNotFound(f"{self.uri}: no versions" + (f" of recipe {recipe}" if recipe else ""))
+            return record
+        if not all(c.isalnum() or c in "-_." for c in ref) or len(ref) > 128:
+            raise VersionNotFound(f"{self.uri}@{ref[:40]!r}: not a version id or tag")
+        vid = self._pointer("tags", f"{ref}.json")
+        if vid and (record := self._by_id(vid)):
+            return record
+        if (record := self._by_id(ref)) is not None:
+            return record
+        names = [posixpath.basename(p)[:-5] for p in self._ls("versions")
+                 if p.endswith(".json") and posixpath.basename(p).startswith(ref)]
+        matches = [r for r in (self._by_id(n) for n in names) if r]
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
@@ -154,134 +245,95 @@ class DatasetStore:
         raise VersionNotFound(f"{self.uri}@{ref}: no such version or tag")
 
     def commit_version(self, record: dict) -> bool:
-        """Write the version record (the last write of a build). False if it already existed."""
+        """Write the version record (a build's last write), then move the `latest` pointers.
+        False if the record already existed (same content committed before)."""
         record = {k: v for k, v in record.items() if k != "tags"}
         data = json.dumps(record, indent=1, sort_keys=True).encode()
-        return self.create_exclusive(self.path("versions", f"{record['id']}.json"), data)
+        created = self.create_exclusive(self.path("versions", f"{record['id']}.json"), data)
+        self._advance("refs", "latest.json", record)
+        self._advance("refs", f"recipe-{record['recipe']}.json", record)
+        return created
+
+    def _advance(self, *parts: str) -> None:
+        """Point `parts` at `record` unless it already points at a newer version. (Two commits
+        racing here may leave the older one; `versions` still lists both.)"""
+        *path, record = parts
+        current = self._pointer(*path)
+        if current and current != record["id"]:
+            cur = self._by_id(current)
+            if cur and (cur["created"], cur["id"]) >= (record["created"], record["id"]):
+                return
+        self.write_json(self.path(*path), {"id": record["id"], "created": record["created"]})
 
     def tag(self, ref: str, name: str) -> str:
-        if not name or "/" in name or name == "latest" or name.startswith("."):
-            raise DataError(f"invalid tag name {name!r}")
+        valid_name(name)
         vid = self.resolve(ref)["id"]
         self.write_json(self.path("tags", f"{name}.json"), {"id": vid, "updated": _now()})
         return vid
 
-    def read_table(self, url: str) -> pa.Table:
-        fs, path = fs_and_path(url)
+    def untag(self, name: str) -> str:
+        valid_name(name)
+        vid = self._pointer("tags", f"{name}.json")
+        if vid is None:
+            raise VersionNotFound(f"{self.uri}: no tag {name!r}")
+        self.fs.rm(self.path("tags", f"{name}.json"))
+        return vid
+
+    # -- tables -----------------------------------------------------------------------------------
+    def read_table(self, url: str, **kw) -> pa.Table:
+        fs, path = self._fs_path(url)
         with fs.open(path, "rb") as f:
-            return pq.read_table(f)
+            return pq.read_table(f, **kw)
 
     def write_table(self, url: str, table: pa.Table, exclusive: bool = False) -> None:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         if exclusive:
-            self.create_exclusive(fs_and_path(url)[1], sink.getvalue().to_pybytes())
+            self.create_exclusive(self._fs_path(url)[1], sink.getvalue().to_pybytes())
         else:
-            atomic_write_bytes(url, sink.getvalue().to_pybytes())
+            atomic_write_bytes(self.resolve_url(url), sink.getvalue().to_pybytes())
 
-    # -- units and leases -------------------------------------------------------------------------
+    # -- parts ------------------------------------------------------------------------------------
     def shard_intact(self, shard: dict) -> bool:
         try:
-            return self.fs.info(fs_and_path(shard["url"])[1])["size"] == shard["bytes"]
+            return self._fs_path(shard["url"])[0].info(self._fs_path(shard["url"])[1])["size"] == shard["bytes"]
         except FileNotFoundError:
             return False
 
-    def finished_unit(self, recipe: str, unit: str) -> dict | None:
-        """The marker of a finished unit whose shards are all still there, else None."""
+    def finished_part(self, recipe: str, part: str) -> dict | None:
+        """The record of a finished part whose shards are all still there, else None."""
         try:
-            marker = self.read_json(self.unit_marker_path(recipe, unit))
+            record = self.read_json(self.part_path(recipe, part))
         except FileNotFoundError:
             return None
-        return marker if all(self.shard_intact(s) for s in marker["shards"]) else None
+        return record if all(self.shard_intact(s) for s in record["shards"]) else None
 
-    def live_leases(self) -> list[dict]:
-        """Leases of builds that are running now (heartbeat within LEASE_TTL_S)."""
-        live = []
-        for path in self._ls("builds"):
-            try:
-                lease = self.read_json(path)
-            except (FileNotFoundError, json.JSONDecodeError):
-                continue
-            if path.endswith(".json") and time.time() - lease["heartbeat"] < LEASE_TTL_S:
-                live.append(lease)
-        return live
+    def version_parts(self, record: dict, partition: int | None = None) -> list[dict]:
+        """The version's parts in commit order (parent's first): {part, partition, kind, digest, url}."""
+        rows = self.read_table(record["parts_url"]).to_pylist()
+        return [r for r in rows if partition is None or r["partition"] == partition]
 
-    # -- gc ---------------------------------------------------------------------------------------
-    def gc(self, keep_last: int | None = None, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
-        """Delete shards (and unit markers) no listed version references.
+    def part_records(self, parts: list[dict]) -> list[dict]:
+        """The part records (JSON) of `parts`, fetched in one concurrent batch."""
+        paths = [self._fs_path(p["url"])[1] for p in parts]
+        blobs = self.fs.cat(paths) if paths else {}
+        return [json.loads(blobs[p]) for p in paths]
 
-        Never touched: shards referenced by a listed version; the recipes and parents of running
-        builds (their lease, see BuildLease); files younger than `grace_s` (a build that lost its
-        lease). `keep_last` first un-lists all but the newest N untagged versions (tagged versions
-        and the parents of running builds are always kept).
-        """
-        leases = self.live_leases()
-        busy_recipes = {lease["recipe"] for lease in leases}
-        busy_versions = {lease["parent"] for lease in leases}
-        dropped_versions = []
-        if keep_last is not None:
-            untagged = [v for v in self.versions() if not v["tags"] and v["id"] not in busy_versions]
-            for v in untagged[keep_last:]:
-                dropped_versions.append(v["id"])
-                if not dry_run:
-                    self.fs.rm(self.path("versions", f"{v['id']}.json"))
-                    self.fs.rm(self.path("versions", v["id"]), recursive=True)
-        referenced = {fs_and_path(s["url"])[1] for v in self.versions() for s in v["shards"]}
-        now = time.time()
-        deleted, kept_young = [], 0
+    def ledger(self, record: dict, partition: int | None = None) -> pa.Table:
+        """The version's input ledger (of one partition), replayed: the last row of an input wins."""
+        parts = [p for p in self.version_parts(record, partition) if p["kind"] == "ledger"]
+        tables = [self.read_table(r["ledger_url"]) for r in self.part_records(parts)]
+        return replay(tables)
 
-        def busy(path: str) -> bool:
-            rel = posixpath.relpath(path, self.root).split("/")
-            return len(rel) > 2 and rel[1] in busy_recipes
-
-        for path in self._find("shards"):
-            shard = path[: -len(".index.parquet")] + ".tar" if path.endswith(".index.parquet") else path
-            if shard in referenced or busy(path):
-                continue
-            if now - self._mtime(path) < grace_s:
-                kept_young += 1
-                continue
-            deleted.append(path)
-        # A unit marker vouches for its shards: it goes with them. Temporary files of killed
-        # writes go once they are older than the grace period.
-        doomed = set(deleted)
-        for path in self._find("units") + self._find("versions") + self._find("builds"):
-            name = posixpath.basename(path)
-            if ".tmp-" in name or path.startswith(self.path("builds") + "/"):
-                # temporary files of killed writes, expired leases of killed builds
-                stale = LEASE_TTL_S if ".tmp-" not in name else grace_s
-                if now - self._mtime(path) >= stale:
-                    deleted.append(path)
-            elif path.startswith(self.path("units") + "/") and not busy(path) and name.endswith(".json") \
-                    and any(fs_and_path(s["url"])[1] in doomed for s in self.read_json(path)["shards"]):
-                deleted.append(path)
-        if not dry_run:
-            # markers first: a marker must never outlive the shards it vouches for
-            for path in sorted(deleted, key=lambda p: "/units/" not in p):
-                self.fs.rm(path)
-        log.info("gc %s: %d files deleted, %d unreferenced but younger than %ss kept, %d versions un-listed",
-                 self.uri, len(deleted), kept_young, grace_s, len(dropped_versions))
-        return {"deleted": len(deleted), "kept_young": kept_young, "versions_dropped": dropped_versions}
-
-    def _find(self, *parts: str) -> list[str]:
-        try:
-            return sorted(self.fs.find(self.path(*parts)))
-        except FileNotFoundError:
-            return []
-
-    def _mtime(self, path: str) -> float:
-        info = self.fs.info(path)
-        for key in ("mtime", "LastModified", "last_modified", "created"):
-            value = info.get(key)
-            if value is not None:
-                return value.timestamp() if hasattr(value, "timestamp") else float(value)
-        return time.time()
+    def rejects(self, record: dict) -> pa.Table:
+        ledger = self.ledger(record)
+        return ledger.filter(pc.equal(ledger["status"], "rejected")).select(["input", "stage", "reason"])
 
     # -- reading a version: the training loader goes through these only, never through paths, so
-    # the on-store layout (absolute or dataset-relative URLs, index files) can change behind them.
+    # the on-store layout can change behind them.
     def resolve_url(self, url: str) -> str:
-        """Absolute URL of a URL a version stores: absolute ones as they are, relative ones (a
-        copied or moved dataset, SPEC §6) against the dataset root."""
+        """Absolute URL of a URL a version stores: relative ones (the default: a copied or moved
+        dataset keeps working, SPEC §6) against the dataset root, absolute ones as they are."""
         if "://" in url or url.startswith("/"):
             return absolute_url(url)
         return self.url(url)
@@ -295,30 +347,57 @@ class DatasetStore:
         return fs_and_path(url)
 
     def version_shards(self, record: dict) -> list[dict]:
-        """Shards of a version in manifest order: {url, samples, bytes, sha256, index_url}, URLs absolute."""
-        if record.get("manifest_url"):
-            fs, path = self._fs_path(record["manifest_url"])
-            with fs.open(path, "rb") as f:
-                rows = pq.read_table(f).to_pylist()
-        else:   # a record without a manifest: the index lies beside its shard (ShardWriter naming)
-            rows = [{**s, "index_url": s["url"][: -len(".tar")] + ".index.parquet"} for s in record["shards"]]
-        # shards an incremental build carried over from its parent may lack index_url in the
-        # manifest: their index lies beside them under the ShardWriter's naming
-        return [{"url": self.resolve_url(r["url"]), "samples": int(r["samples"]), "bytes": int(r["bytes"]),
-                 "sha256": r.get("sha256", ""),
-                 "index_url": self.resolve_url(r.get("index_url") or r["url"][: -len(".tar")] + ".index.parquet")}
-                for r in rows]
+        """Shards of a version in part order: {url, samples, bytes, sha256, index_url, kind}, URLs absolute."""
+        parts = [p for p in self.version_parts(record) if p["kind"] == "ledger"]
+        records = self.part_records(parts)
+        dropped = {d for r in records for d in r.get("drops", [])}
+        return [{**s, "url": self.resolve_url(s["url"]), "index_url": self.resolve_url(s["index_url"])}
+                for r in records for s in r["shards"] if s["url"] not in dropped]
+
+    def describe(self, record: dict) -> dict:
+        """The SPEC §6 document of a version: the record plus the shard list assembled from its parts."""
+        shards = self.version_shards(record)
+        urls = {k: self.resolve_url(v) for k, v in record.items() if k.endswith("_url") and isinstance(v, str)}
+        return {**record, **urls, "shards": [{k: s[k] for k in ("url", "samples", "bytes", "sha256")} for s in shards],
+                "rejects_url": urls["parts_url"]}
 
     def shard_index(self, shard: dict) -> pa.Table:
         """The samples of a shard in tar order: a table with columns key, kind."""
-        fs, path = self._fs_path(shard["index_url"])
-        with fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=["key", "kind"])
+        return self.read_table(shard["index_url"], columns=["key", "kind"])
 
     def open_shard(self, shard: dict):
         """A binary read stream of a shard's tar (sequential reads; the caller closes it)."""
         fs, path = self._fs_path(shard["url"])
         return fs.open(path, "rb")
+
+    # -- leases -----------------------------------------------------------------------------------
+    def live_leases(self) -> list[dict]:
+        """Leases of builds that are running now (heartbeat within LEASE_TTL_S)."""
+        live = []
+        for path in self._ls("builds"):
+            try:
+                lease = self.read_json(path)
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue
+            if path.endswith(".json") and time.time() - lease["heartbeat"] < LEASE_TTL_S:
+                live.append(lease)
+        return live
+
+    def gc(self, keep_last: int | None = None, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
+        from dataprep.gc import collect
+        return collect(self, keep_last=keep_last, grace_s=grace_s, dry_run=dry_run)
+
+
+def replay(tables: list[pa.Table]) -> pa.Table:
+    """Ledger tables in order -> one row per input, the last one winning."""
+    if not tables:
+        from dataprep.ledger import LEDGER_SCHEMA
+        return LEDGER_SCHEMA.empty_table()
+    table = pa.concat_tables(tables, promote_options="default")
+    last: dict[str, int] = {}
+    for i, name in enumerate(table.column("input").to_pylist()):
+        last[name] = i
+    return table.take(sorted(last.values()))
 
 
 class BuildLease:
@@ -326,8 +405,8 @@ class BuildLease:
     daemon thread while a build runs and removed when it ends: gc leaves alone the shards of the
     lease's recipe and the parent version (a killed build's lease simply expires)."""
 
-    def __init__(self, store: DatasetStore, recipe: str, parent: str | None):
-        self.store, self.recipe, self.parent = store, recipe, parent
+    def __init__(self, store: DatasetStore, recipe: str, parent: str | None, register: bool = True):
+        self.store, self.recipe, self.parent, self.register = store, recipe, parent, register
         self.path = store.path("builds", f"{uuid.uuid4().hex}.json")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
@@ -339,19 +418,26 @@ class BuildLease:
         while not self._stop.wait(LEASE_TTL_S / 4):
             self._write()
 
+    def set_parent(self, parent: str | None) -> None:
+        self.parent = parent
+        if self.register:
+            self._write()
+
     def __enter__(self):
-        self._write()
-        self._thread.start()
+        if self.register:       # a dry run writes nothing, not even a lease
+            self._write()
+            self._thread.start()
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.store.fs.rm(self.path)
+        if self.register:
+            self._stop.set()
+            self._thread.join()
+            self.store.fs.rm(self.path)
 
 
 def diff(a: dict, b: dict) -> dict:
-    """Shards added and removed from version a to version b, with sample counts."""
+    """Shards added and removed from version a to version b (as `DatasetStore.describe` gives them)."""
     sa = {s["url"]: s for s in a["shards"]}
     sb = {s["url"]: s for s in b["shards"]}
     added = [sb[u] for u in sorted(set(sb) - set(sa))]

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
              "Ray Data build job: sources -> WebDataset shards -> a new dataset version")
     p.add_argument("config", help="build config YAML")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the sources and plan the partitions (new, retried, gone inputs); build nothing")
+    _json_flag(p)
 
     p = _add(dsub, "versions", "pipelines.data_commands:versions", "versions of a dataset, newest first")
     p.add_argument("uri", help="dataset URI")
@@ -107,11 +110,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", help="URI@REF")
     p.add_argument("name", help="tag name")
 
-    p = _add(dsub, "gc", "pipelines.data_commands:gc", "garbage-collect shards no listed version references")
+    p = _add(dsub, "untag", "pipelines.data_commands:untag", "remove a tag (the version stays)")
+    p.add_argument("uri", help="dataset URI")
+    p.add_argument("name", help="tag name")
+
+    p = _add(dsub, "gc", "pipelines.data_commands:gc", "garbage-collect files no listed version references",
+             "Delete the store's own files (shards, parts, files of un-listed versions, expired leases "
+             "and URL cache entries, temporary files) that no listed version references. Never touches "
+             "foreign files, running builds or files younger than the grace period.\n\nexamples:\n"
+             "  pippo data gc s3://bucket/datasets/humans --dry-run\n"
+             "  pippo data gc ./ds --keep-last 3")
     p.add_argument("uri", help="dataset URI")
     p.add_argument("--keep-last", type=int, default=None, help="also drop all but the newest N untagged versions")
     p.add_argument("--grace-seconds", type=float, default=3600.0,
                    help="keep unreferenced files younger than this: they may belong to a running build (default 3600)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
+
+    p = _add(dsub, "compact", "pipelines.data_commands:compact",
+             "a new version with the same samples in fewer parts and full shards",
+             "Merge each partition's parts into one and its small shards into full ones (the build "
+             "config's shard limits); prints the new version id last.\n\nexample:\n"
+             "  pippo data compact s3://bucket/datasets/humans@latest")
+    p.add_argument("ref", help="URI@REF")
+    p.add_argument("--min-fill", type=float, default=0.5, help="merge shards below this fraction of the limits")
+
+    p = _add(dsub, "remove", "pipelines.data_commands:remove",
+             "a new version without the listed inputs (takedown requests)",
+             "Make a version of URI@REF without the inputs listed in FILE (one input id per line, as "
+             "in the ledger); shards holding them are rewritten without them. Run gc after moving "
+             "tags off older versions to delete the bytes.\n\nexample:\n"
+             "  pippo data remove s3://bucket/datasets/humans@latest --inputs takedown.txt")
+    p.add_argument("ref", help="URI@REF")
+    p.add_argument("--inputs", required=True, metavar="FILE", help="input ids, one per line")
+
+    p = _add(dsub, "rejects", "pipelines.data_commands:rejects",
+             "the rejected and removed inputs of a version (JSON lines)")
+    p.add_argument("ref", help="URI@REF")
 
     # ---- training, workflow, cluster ----------------------------------------------------------
     p = _add(top, "train", "pipelines.train_commands:train", "one training stage (pretrain, mid or post)",

@@ -77,6 +77,13 @@ def build(args) -> int:
     from pipelines.config import load_config, to_dict
 
     cfg = load_config(BuildConfig, args.config, args.overrides)
+    if args.dry_run:
+        plan = run_build(cfg, to_dict(cfg), dry_run=True)
+        print(json.dumps(plan) if args.json else
+              f"would build {plan['new_inputs']} new inputs in {plan['partitions_to_build']} of "
+              f"{plan['partitions']} partitions ({plan['listed']} listed, {plan['gone_inputs']} gone; "
+              f"{plan['list_files_skipped']} unchanged list files skipped; parent {plan['parent'] or '-'})")
+        return 0
     vid = run_build(cfg, to_dict(cfg))
     print(vid)
     return 0
@@ -101,7 +108,7 @@ def versions(args) -> int:
     for v in rows:
         tags = f" [{', '.join(v['tags'])}]" if v["tags"] else ""
         print(f"{v['id']}  {v['created']}  {v['samples']:>8} samples  {v['rejected']:>6} rejected  "
-              f"{len(v['shards']):>4} shards  parent {v['parent'] or '-'}{tags}")
+              f"{v.get('shards_total', 0):>4} shards  parent {v['parent'] or '-'}{tags}")
     return 0
 
 
@@ -111,7 +118,7 @@ SPEC_KEYS = ("id", "parent", "created", "tags", "samples", "rejected", "shards",
 
 def show(args) -> int:
     store, ref = _store_and_ref(args.ref)
-    v = store.resolve(ref)
+    v = store.describe(store.resolve(ref))
     if args.json:
         print(json.dumps({**{k: v.get(k) for k in SPEC_KEYS}, **{k: v[k] for k in v if k not in SPEC_KEYS}}))
         return 0
@@ -120,9 +127,12 @@ def show(args) -> int:
     print(f"  created {v['created']}  parent {v['parent'] or '-'}  tags {', '.join(v['tags']) or '-'}")
     print(f"  {v['samples']} samples ({st.get('samples_by_kind', {})}), {v['rejected']} rejected, "
           f"{len(v['shards'])} shards, {st.get('bytes', 0) / 1e6:.1f} MB")
+    if v.get("counts", {}).get("removed"):
+        print(f"  {v['counts']['removed']} inputs removed (gone from their source, or taken down)")
     for reason, n in sorted(st.get("rejected_by_reason", {}).items(), key=lambda kv: -kv[1]):
         print(f"    rejected {n:>6}  {reason}")
-    print(f"  rejects {v['rejects_url']}\n  preview {v['preview_url']}")
+    print(f"  {st.get('parts', '?')} parts (list: {v['rejects_url']}; the ledger: `pippo data rejects`)\n"
+          f"  preview {v['preview_url']}")
     return 0
 
 
@@ -131,7 +141,7 @@ def diff(args) -> int:
 
     store_a, ref_a = _store_and_ref(args.a)
     store_b, ref_b = _store_and_ref(args.b)
-    d = version_diff(store_a.resolve(ref_a), store_b.resolve(ref_b))
+    d = version_diff(store_a.describe(store_a.resolve(ref_a)), store_b.describe(store_b.resolve(ref_b)))
     if args.json:
         print(json.dumps(d))
         return 0
@@ -155,7 +165,49 @@ def tag(args) -> int:
 def gc(args) -> int:
     from dataprep.store import DatasetStore
 
-    result = DatasetStore(args.uri).gc(keep_last=args.keep_last, grace_s=args.grace_seconds)
-    print(f"deleted {result['deleted']} files; kept {result['kept_young']} unreferenced files younger "
-          f"than {args.grace_seconds:g}s; un-listed {len(result['versions_dropped'])} versions")
+    result = DatasetStore(args.uri).gc(keep_last=args.keep_last, grace_s=args.grace_seconds, dry_run=args.dry_run)
+    for path in result["files"]:
+        print(f"  would delete {path}")
+    print(f"{'would delete' if args.dry_run else 'deleted'} {result['deleted']} files; kept "
+          f"{result['kept_young']} unreferenced files younger than {args.grace_seconds:g}s; left "
+          f"{result['foreign']} foreign files alone; {'would un-list' if args.dry_run else 'un-listed'} "
+          f"{len(result['versions_dropped'])} versions")
+    return 0
+
+
+def untag(args) -> int:
+    store, _ = _store_and_ref(args.uri + "@latest")
+    print(store.untag(args.name))
+    return 0
+
+
+def compact(args) -> int:
+    from dataprep.maintenance import compact as compact_version
+
+    store, ref = _store_and_ref(args.ref)
+    vid, info = compact_version(store, ref, min_fill=args.min_fill)
+    print(f"compacted: {info['parts_before']} -> {info['parts_after']} parts, {info['merged_shards']} small "
+          "shards merged", file=sys.stderr)
+    print(vid)
+    return 0
+
+
+def remove(args) -> int:
+    from dataprep.maintenance import remove_inputs
+
+    store, ref = _store_and_ref(args.ref)
+    vid, info = remove_inputs(store, ref, args.inputs)
+    print(f"removed {info['removed']} inputs ({info['not_found']} listed inputs were not in the version)",
+          file=sys.stderr)
+    print(vid)
+    return 0
+
+
+def rejects(args) -> int:
+    """The ledger rows of a version that are not kept, as JSON lines."""
+    store, ref = _store_and_ref(args.ref)
+    ledger = store.ledger(store.resolve(ref))
+    for row in ledger.to_pylist():
+        if row["status"] != "kept":
+            print(json.dumps({k: row[k] for k in ("input", "status", "stage", "reason", "attempts")}))
     return 0

@@ -17,7 +17,7 @@ from test_build import build, samples_of
 
 def write_config(path, dataset, sources, **extra):
     cfg = {"dataset": str(dataset), "sources": [{"kind": k, "uri": str(u)} for k, u in sources],
-           "resolution": 64, "plucker_stride": 4, "unit_inputs": 2, "workers": 2,
+           "resolution": 64, "plucker_stride": 4, "partitions": 3, "workers": 2,
            "shard": {"max_samples": 3}, **extra}
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -55,10 +55,14 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(sources, tmp_path):
     store = DatasetStore(tmp_path / "ds")
     cfg = write_config(tmp_path / "ds.yaml", store.uri, srcs)
     proc = pippo_build(cfg)
-    units = os.path.join(store.root, "units")
+    parts = os.path.join(store.root, "parts")
+
+    def finished_parts():
+        return sum(name.endswith(".json") for _, _, files in os.walk(parts) for name in files)
+
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        done = sum(len(f) for _, _, f in os.walk(units))
+        done = finished_parts()
         if done >= 2:
             break
         time.sleep(0.05)
@@ -66,11 +70,11 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(sources, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert store.versions() == []                     # nothing half-listed
-    killed_at = sum(len(f) for _, _, f in os.walk(units))
+    assert finished_parts() >= 2
     vid, err = finish(pippo_build(cfg))
-    v = store.resolve(vid)
-    assert v["stats"]["units_reused"] >= killed_at >= 2
-    ref = reference.resolve("latest")
+    v = store.describe(store.resolve(vid))
+    assert v["stats"]["parts_reused"] >= 1
+    ref = reference.describe(reference.resolve("latest"))
     assert (v["samples"], v["rejected"]) == (ref["samples"], ref["rejected"]) == (17, 0)
     assert content(v) == content(ref)
     # the same command once more changes nothing
@@ -89,7 +93,7 @@ def test_concurrent_commits_both_end_as_valid_versions(sources, tmp_path):
     assert set(listed) == {vid_a, vid_b}
     assert listed[vid_a]["samples"] == 3 and listed[vid_b]["samples"] == 14
     for v in listed.values():
-        assert len(content(v)) == v["samples"]
+        assert len(content(store.describe(v))) == v["samples"]
 
 
 def test_conditional_create_lets_exactly_one_writer_win(tmp_path, s3_server):
@@ -106,8 +110,8 @@ def test_conditional_create_lets_exactly_one_writer_win(tmp_path, s3_server):
 
 
 def small(store, srcs, **kw):
-    kw = {"resolution": 64, "plucker_stride": 4, "unit_inputs": 2, **kw}
-    return store.resolve(build(store.uri, srcs, **kw))
+    kw = {"resolution": 64, "plucker_stride": 4, "partitions": 3, **kw}
+    return store.describe(store.resolve(build(store.uri, srcs, **kw)))
 
 
 def test_incremental_build_processes_only_new_inputs_and_reuses_shards(tmp_path, ray_local):
@@ -122,15 +126,15 @@ def test_incremental_build_processes_only_new_inputs_and_reuses_shards(tmp_path,
     assert v2["parent"] == v1["id"]
     assert v2["samples"] == 10 and v2["stats"]["new_samples"] == 4
     assert {s["url"] for s in v1["shards"]} <= {s["url"] for s in v2["shards"]}
-    assert v2["stats"]["units_built"] == 2                # 4 new inputs / 2 per unit
+    assert v2["stats"]["parts"] > v1["stats"]["parts"]     # new parts added, none rewritten
     # a photo copied under a new name is a duplicate of a parent sample
     (photos / "copy.jpg").write_bytes(next(photos.glob("photo_*.jpg")).read_bytes())
     v3 = small(store, [("images", photos)])
-    rejects = store.read_table(v3["rejects_url"]).to_pylist()
+    rejects = store.rejects(v3).to_pylist()
     assert v3["samples"] == 10 and rejects[-1]["stage"] == "dedup" and "(parent)" in rejects[-1]["reason"]
-    # a new recipe builds everything again and links the old version as parent
+    # a new recipe builds everything again: `parent: latest` is the latest of the same recipe
     v4 = small(store, [("images", photos)], resolution=32)
-    assert v4["parent"] == v3["id"] and v4["stats"]["new_samples"] == 10
+    assert v4["parent"] is None and v4["stats"]["new_samples"] == 10
     assert not {s["url"] for s in v3["shards"]} & {s["url"] for s in v4["shards"]}
 
 
@@ -140,7 +144,7 @@ def test_gc_never_deletes_referenced_shards(sources, tmp_path, ray_local):
     v1 = small(store, srcs)
     v2 = small(store, srcs, resolution=32)            # another recipe: no shard shared with v1
     store.tag(v1["id"], "keep")
-    stray = os.path.join(store.root, "shards", "x", "stray.tar")
+    stray = os.path.join(store.root, "shards", "0" * 16, "1" * 20 + "-i0000.tar")   # store naming
     os.makedirs(os.path.dirname(stray))
     open(stray, "wb").close()
     result = store.gc(keep_last=0)                    # default grace: the young stray stays
@@ -152,7 +156,7 @@ def test_gc_never_deletes_referenced_shards(sources, tmp_path, ray_local):
         assert os.path.exists(s["url"].removeprefix("file://"))
     for s in v2["shards"]:
         assert not os.path.exists(s["url"].removeprefix("file://"))
-    assert len(content(store.resolve("keep"))) == v1["samples"]
+    assert len(content(store.describe(store.resolve("keep")))) == v1["samples"]
     # rebuilding v2's recipe after gc rebuilds the units whose shards were deleted
     again = small(store, srcs, resolution=32, parent=None)
     assert len(content(again)) == again["samples"] == v2["samples"]
@@ -176,7 +180,7 @@ def test_unchanged_rebuild_of_tars_is_the_same_version_and_applies_new_tags(tmp_
     store = DatasetStore(tmp_path / "ds")
     filters = {"filters": PhotoFilters(min_side=32)}             # the first build's photos are 64 px
     v1 = small(store, [("webdataset", tars)], **filters)
-    rejects = {r["input"].rsplit("/", 1)[-1]: r for r in store.read_table(v1["rejects_url"]).to_pylist()}
+    rejects = {r["input"].rsplit("/", 1)[-1]: r for r in store.rejects(v1).to_pylist()}
     assert v1["samples"] == 3 and set(rejects) == {"no_images.tar#k1", "empty.tar"}
     assert rejects["empty.tar"]["reason"] == "tar holds no samples"
     v2 = small(store, [("webdataset", tars)], tags=["stable"], **filters)
@@ -189,31 +193,31 @@ def test_gc_spares_a_running_build_and_survives_killed_writes(sources, tmp_path,
     store = DatasetStore(tmp_path / "ds")
     v1 = small(store, [("captures", sources / "caps")])
     # an old unreferenced shard of a recipe a build is working on right now
-    busy = os.path.join(store.root, "shards", "busyrecipe", "u-0000.tar")
+    busy = os.path.join(store.root, "shards", "b" * 16, "c" * 20 + "-i0000.tar")
     os.makedirs(os.path.dirname(busy))
     open(busy, "wb").close()
     os.utime(busy, (0, 0))
     # a marker write killed half-way
-    stale_tmp = os.path.join(store.root, "units", v1["recipe"], "x.json.tmp-1234")
+    stale_tmp = os.path.join(store.root, "parts", v1["recipe"], "x.json.tmp-1234")
     open(stale_tmp, "w").write('{"trunc')
     os.utime(stale_tmp, (0, 0))
-    with BuildLease(store, "busyrecipe", v1["id"]):
-        assert [lease["recipe"] for lease in store.live_leases()] == ["busyrecipe"]
+    with BuildLease(store, "b" * 16, v1["id"]):
+        assert [lease["recipe"] for lease in store.live_leases()] == ["b" * 16]
         result = store.gc(keep_last=0, grace_s=0)
     assert os.path.exists(busy) and not os.path.exists(stale_tmp)
     assert [v["id"] for v in store.versions()] == [v1["id"]]         # the lease's parent stays listed
     assert result["versions_dropped"] == [] and store.live_leases() == []
     store.gc(grace_s=0)
     assert not os.path.exists(busy)
-    assert len(content(store.resolve(v1["id"]))) == v1["samples"]
+    assert len(content(store.describe(store.resolve(v1["id"])))) == v1["samples"]
 
 
-def test_a_reused_unit_whose_shard_vanished_is_rebuilt(sources, tmp_path, ray_local):
+def test_a_reused_part_whose_shard_vanished_is_rebuilt(sources, tmp_path, ray_local):
     store = DatasetStore(tmp_path / "ds")
     v1 = small(store, [("captures", sources / "caps")], parent=None)
     os.unlink(v1["shards"][0]["url"].removeprefix("file://"))
     v2 = small(store, [("captures", sources / "caps")], parent=None)
-    assert v2["id"] == v1["id"] or v2["stats"]["units_built"] >= 1
+    assert v2["id"] == v1["id"]                  # rebuilt under the same names, to the same bytes
     for s in v2["shards"]:
         assert os.path.exists(s["url"].removeprefix("file://"))
 
@@ -221,7 +225,7 @@ def test_a_reused_unit_whose_shard_vanished_is_rebuilt(sources, tmp_path, ray_lo
 def test_shards_respect_the_byte_bound(tmp_path, ray_local):
     synth_images(tmp_path / "photos", count=12, seed=61, person_fraction=1.0)
     store = DatasetStore(tmp_path / "ds")
-    v = small(store, [("images", tmp_path / "photos")], unit_inputs=12,
+    v = small(store, [("images", tmp_path / "photos")], partitions=1,
               shard=ShardLimits(max_samples=100, max_bytes=20_000))
     assert len(v["shards"]) > 1
     for s in v["shards"]:

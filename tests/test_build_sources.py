@@ -80,8 +80,8 @@ def test_url_lists_with_retries_and_timeouts(http_photos, tmp_path, ray_local, f
     store = DatasetStore(tmp_path / "ds")
     vid = build(store.uri, [("urls", listing)], resolution=64,
                 http=HttpConfig(timeout_s=0.5, retries=3, backoff_s=0.05))
-    v = store.resolve(vid)
-    rejects = {r["input"].rsplit("/", 1)[-1]: r for r in store.read_table(v["rejects_url"]).to_pylist()}
+    v = store.describe(store.resolve(vid))
+    rejects = {r["input"].rsplit("/", 1)[-1]: r for r in store.rejects(v).to_pylist()}
     assert set(rejects) == {n for n in names if n.startswith("dead_")} | {"missing.jpg"}
     assert all(r["stage"] == "fetch" for r in rejects.values())
     assert "HTTP 500" in next(r for n, r in rejects.items() if n.startswith("dead_"))["reason"]
@@ -96,24 +96,24 @@ def test_url_lists_with_retries_and_timeouts(http_photos, tmp_path, ray_local, f
     assert sum(FlakyHandler.hits.values()) - before == dead_and_missing
     # an incremental build retries inputs that failed to download; the rest is reused
     FlakyHandler.revived = True
-    again = store.resolve(build(store.uri, [("urls", listing)], resolution=32,
-                                http=HttpConfig(timeout_s=0.5, retries=0, backoff_s=0)))
-    rejects = [r["input"].rsplit("/", 1)[-1] for r in store.read_table(again["rejects_url"]).to_pylist()]
+    again = store.describe(store.resolve(build(store.uri, [("urls", listing)], resolution=32,
+                                http=HttpConfig(timeout_s=0.5, retries=0, backoff_s=0))))
+    rejects = [r["input"].rsplit("/", 1)[-1] for r in store.rejects(again).to_pylist()]
     assert again["samples"] == 6 and rejects == ["missing.jpg"] and again["stats"]["new_samples"] == 1
 
 
 def test_existing_webdataset_tars_as_a_source(tmp_path, ray_local):
     synth_images(tmp_path / "photos", count=5, seed=31, person_fraction=1.0)
     first = DatasetStore(tmp_path / "first")
-    v1 = first.resolve(build(first.uri, [("images", tmp_path / "photos")], resolution=64))
+    v1 = first.describe(first.resolve(build(first.uri, [("images", tmp_path / "photos")], resolution=64)))
     second = DatasetStore(tmp_path / "second")
     shard_dir = Path(v1["shards"][0]["url"].removeprefix("file://")).parent
     (shard_dir / "junk.tar").write_bytes(b"not a tar at all" * 64)
     # the first version's 64 px photos pass a 32 px minimum side
-    v2 = second.resolve(build(second.uri, [("webdataset", shard_dir)], resolution=32,
-                              filters=PhotoFilters(min_side=32)))
+    v2 = second.describe(second.resolve(build(second.uri, [("webdataset", shard_dir)], resolution=32,
+                                              filters=PhotoFilters(min_side=32))))
     assert v2["samples"] == 5 and v2["rejected"] == 1
-    reject = second.read_table(v2["rejects_url"]).to_pylist()[0]
+    reject = second.rejects(v2).to_pylist()[0]
     assert reject["input"].endswith("junk.tar") and "not a readable tar" in reject["reason"]
     for s in samples_of(v2).values():
         meta = json.loads(s["json"])

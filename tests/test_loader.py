@@ -37,16 +37,16 @@ def data(tmp_path_factory, ray_local):
     out = {"root": root}
     for name, sources, kw in [
         ("mixed", [("captures", root / "caps"), ("images", root / "photos_a")],
-         dict(face_crop=True, face_resolution=16, unit_inputs=5, shard=ShardLimits(max_samples=3))),
+         dict(face_crop=True, face_resolution=16, partitions=2, shard=ShardLimits(max_samples=3))),
         ("photos", [("images", root / "photos_b")], dict(shard=ShardLimits(max_samples=2)))]:
         vid = build(root / name, sources, **BUILD, **kw)
         store = DatasetStore(root / name)
-        samples = samples_of(store.resolve(vid))
+        samples = samples_of(store.describe(store.resolve(vid)))
         kinds = {k: json.loads(s["json"])["kind"] for k, s in samples.items()}
         out[name] = {"ref": f"{root / name}@{vid}", "samples": samples,
                      "image": sorted(k for k, v in kinds.items() if v == "image"),
                      "studio": sorted(k for k, v in kinds.items() if v == "studio"),
-                     "shards": [s["samples"] for s in store.resolve(vid)["shards"]]}
+                     "shards": [s["samples"] for s in store.version_shards(store.resolve(vid))]}
     assert len(out["mixed"]["studio"]) == 8 and len(out["mixed"]["image"]) == 10
     assert len(set(out["mixed"]["shards"])) > 1                       # uneven shards
     return out
@@ -318,9 +318,10 @@ def test_weighted_mixing_follows_weights_and_keeps_epochs_per_source(data):
 def test_s3_version_with_more_ranks_than_shards(data, s3_server):
     fsspec.filesystem("s3").mkdir("loader-test")
     dataset = "s3://loader-test/datasets/photos"
-    vid = build(dataset, [("images", data["root"] / "photos_b")], **BUILD, unit_inputs=4,
+    vid = build(dataset, [("images", data["root"] / "photos_b")], **BUILD, partitions=2,
                 shard=ShardLimits(max_samples=100))
-    assert len(DatasetStore(dataset).resolve(vid)["shards"]) == 2 < 3
+    store = DatasetStore(dataset)
+    assert len(store.version_shards(store.resolve(vid))) <= 2 < 3
     served = []
     for rank in range(3):
         loader = TrainingLoader([DataSource(f"{dataset}@{vid}")], "pretrain", cfg_(), rank=rank, world_size=3)
@@ -344,5 +345,5 @@ def test_incremental_version_reads_carried_over_shards(data, tmp_path):
     assert record["parent"] and record["samples"] == 9
     loader = TrainingLoader([DataSource(f"{tmp_path / 'ds'}@{child}")], "pretrain", cfg_(num_workers=1))
     batches, _ = take(loader, 5)                  # 10 samples: one epoch of 9 + 1
-    keys = sorted(samples_of(record))
+    keys = sorted(samples_of(store.describe(record)))
     assert_epochs_exact(rows(batches), keys, epochs=[0])

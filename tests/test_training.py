@@ -35,7 +35,7 @@ def dataset(tmp_path_factory, ray_local):
     cfg = BuildConfig(dataset=uri, sources=[Source("captures", str(root / "captures")),
                                             Source("images", str(root / "photos"))],
                       resolution=64, plucker_stride=8, face_crop=True, face_resolution=32,
-                      shard=ShardLimits(max_samples=5), unit_inputs=8)
+                      shard=ShardLimits(max_samples=5), partitions=2)
     vid = run_build(cfg, {})
     return f"{uri}@{vid}", vid
 

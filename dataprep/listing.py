@@ -1,0 +1,94 @@
+"""Listing a build's sources as Ray tasks, each input routed to its partition.
+
+The driver only plans listing units (a URL list file, a sub-directory of a photo tree, a tree of
+tars or captures) from one `ls` per source; each unit is listed in its own task, which returns one
+Arrow table per partition (Ray's object store holds them, not the driver). An input's partition is
+a hash of the URL that holds its bytes (a photo, a capture, a tar), so a capture's frames and a
+tar's members stay together and a partition job can open each once. The partition count is a
+property of the dataset lineage (recorded in each version): a child build reuses its parent's, so
+each partition job reads only the parent parts of its own partition.
+
+A URL list (or tar) the parent consumed whole is not read again: the parent records the size and
+ETag/mtime of every list file it listed, and an unchanged one is skipped (img2dataset's
+input-shard granularity), its inputs taken as unchanged.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from dataprep.build_config import Source
+from dataprep.errors import DataError
+from dataprep.sources import enumerate_source, list_file_inputs
+from dataprep.storage import fs_and_path, url_of
+
+LISTING_SCHEMA = pa.schema([("input_id", pa.string()), ("kind", pa.string()), ("uri", pa.string()),
+                            ("frame", pa.int64()), ("member", pa.string()), ("size", pa.int64()),
+                            ("listing", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
+
+
+def partition_of(uri: str, partitions: int) -> int:
+    return int.from_bytes(hashlib.sha1(uri.encode()).digest()[:8], "big") % partitions
+
+
+@dataclass(frozen=True)
+class ListingUnit:
+    kind: str        # urls | images | webdataset | captures
+    uri: str         # what this task lists
+    listing: str     # the key its inputs are recorded under (the list file, or the source)
+
+
+def file_signature(fs, path: str) -> dict:
+    """What tells an unchanged list file: its size and ETag (object stores) or mtime."""
+    info = fs.info(path)
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return {"size": int(info.get("size") or -1), "tag": str(tag)}
+
+
+def plan_listing(sources: list[Source], parent_listings: dict) -> tuple[list[ListingUnit], dict, set]:
+    """(units to list, signatures of the list files, listing keys skipped as unchanged)."""
+    units, signatures, skipped = [], {}, set()
+    for source in sources:
+        fs, root = fs_and_path(source.uri)
+        if not fs.exists(root):
+            # a missing source is a config mistake: fail before building a version without it
+            raise DataError(f"{source.kind} source {source.uri} does not exist")
+        key = url_of(fs, root)
+        if source.kind == "urls":
+            signatures[key] = file_signature(fs, root)
+            if parent_listings.get(key) == signatures[key]:
+                skipped.add(key)
+            else:
+                units.append(ListingUnit("urls", key, key))
+        elif source.kind == "images" and fs.isdir(root):
+            # one task per sub-directory (and one for the files at the top): the tree is never
+            # walked by the driver
+            top = fs.ls(root, detail=True)
+            dirs = sorted(e["name"] for e in top if e["type"] == "directory")
+            units += [ListingUnit("images", url_of(fs, d), key) for d in dirs]
+            if any(e["type"] != "directory" for e in top):
+                units.append(ListingUnit("images-top", key, key))
+        else:
+            units.append(ListingUnit(source.kind, key, key))
+    return units, signatures, skipped
+
+
+def list_unit(unit: ListingUnit, partitions: int) -> list[pa.Table]:
+    """Inputs (and source-level reject rows) of one unit, as one table per partition."""
+    if unit.kind == "urls":
+        items, rejects = list_file_inputs(unit.uri)
+    elif unit.kind == "images-top":
+        items, rejects = enumerate_source(Source("images", unit.uri), depth=1)
+    else:
+        items, rejects = enumerate_source(Source("images" if unit.kind == "images" else unit.kind, unit.uri))
+    buckets: list[list[dict]] = [[] for _ in range(partitions)]
+    for item in items:
+        buckets[partition_of(item.uri, partitions)].append(
+            {**item.to_row(), "listing": unit.listing, "stage": "", "reason": ""})
+    for r in rejects:
+        row = {k: r.get(k, d) for k, d in (("input_id", ""), ("kind", ""), ("uri", ""), ("frame", -1),
+                                           ("member", ""), ("size", -1), ("stage", ""), ("reason", ""))}
+        buckets[partition_of(row["uri"] or row["input_id"], partitions)].append({**row, "listing": unit.listing})
+    return [pa.Table.from_pylist(b, schema=LISTING_SCHEMA) for b in buckets]

@@ -1,0 +1,374 @@
+"""The three Ray stages of a build, per partition (see dataprep/build.py for the whole job).
+
+    process(p)  reads partition p's listing and its parent parts, decides what is new, retried or
+                gone, reads each new input ONCE (sha256, filters, the sample itself) and sends a
+                (sha256, input) claim per processed photo to the sha bucket that owns its hash
+    dedup(b)    the sha-keyed shuffle's reduce side: bucket b sees every claim on its hashes plus
+                the parent's sha index of bucket b; the smallest input id wins, the rest (and any
+                hash the parent holds) lose; it writes its slice of the sha index as a part
+    write(p)    writes p's winners into shards (one sample kind per shard), rewrites parent shards
+                that lost a removed sample, then the ledger part and its record (last)
+
+Processed samples travel from process to write through Ray's object store (spilled to disk when
+large), so an input is read once and its bytes never pass through the driver; a duplicate is
+dropped before anything is written, so nothing is rewritten for dedup. Every stage is
+deterministic and every name content-derived: a killed build re-run finds its finished parts
+(the part record is written last) and redoes the rest under the same names.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import tarfile
+import time
+
+import pyarrow as pa
+
+from dataprep.build_config import BuildConfig
+from dataprep.capture import Capture
+from dataprep.errors import DataError
+from dataprep.ledger import SHA_SCHEMA, ledger_counts, ledger_row, part_id, write_part
+from dataprep.photos import Rejected
+from dataprep.samples import photo_sample, studio_sample
+from dataprep.shards import ShardWriter
+from dataprep.sources import fetch, sha256, tar_samples, wds_image
+from dataprep.storage import atomic_write_bytes, read_bytes
+from dataprep.store import DatasetStore, replay
+
+log = logging.getLogger("pippo.data.build")
+
+RETRY_STAGES = ("fetch", "error")   # passing failures: a later build tries these inputs again
+CLAIM_SCHEMA = pa.schema([("sha256", pa.string()), ("input", pa.string()), ("partition", pa.int32())])
+LOSER_SCHEMA = pa.schema([("input", pa.string()), ("reason", pa.string())])
+
+
+def cached_fetch(uri: str, cfg: BuildConfig, store_uri: str) -> bytes:
+    """fetch(), with http(s) downloads kept in the store's cache so re-runs never download twice."""
+    if not uri.startswith(("http://", "https://")):
+        return fetch(uri, cfg.http)
+    cache = DatasetStore(store_uri).url("cache", "urls", hashlib.sha1(uri.encode()).hexdigest())
+    try:
+        return read_bytes(cache)
+    except FileNotFoundError:
+        data = fetch(uri, cfg.http)
+        atomic_write_bytes(cache, data)
+        return data
+
+
+def sha_bucket(sha: str, partitions: int) -> int:
+    return int(sha[:12], 16) % partitions
+
+
+# ---- stage 1: process ---------------------------------------------------------------------------
+
+def _check_shards(store: DatasetStore, records: list[dict]) -> None:
+    """Every parent shard the new version will list again must still be there: a shard deleted
+    (by hand, or by a gc that could not see this build) fails the build before it commits."""
+    dropped = {d for r in records for d in r.get("drops", [])}
+    for r in records:
+        for s in r["shards"]:
+            if s["url"] not in dropped and not store.shard_intact(s):
+                raise DataError(f"the parent version lost shard {store.resolve_url(s['url'])} (deleted or "
+                                "truncated): build with parent=null, or from another version")
+
+
+def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str, recipe: str,
+                      parent_parts: list[dict], relisted: list[str], *listing: pa.Table,
+                      dry_run: bool = False) -> tuple:
+    """-> (plan, claims for bucket 0, ..., claims for bucket P-1). `dry_run`: plan only."""
+    import cv2
+    cv2.setNumThreads(1)    # a partition job is a one-CPU task: no thread pool oversubscribing the node
+    started = time.time()
+    store = DatasetStore(store_uri)
+    parent_records = store.part_records(parent_parts)
+    if not dry_run:
+        _check_shards(store, parent_records)
+    previous = {r["input"]: r for r in replay([store.read_table(r["ledger_url"]) for r in parent_records]).to_pylist()}
+    relisted = set(relisted)
+    done_tars = {r["uri"] for r in previous.values()
+                 if r["kind"] == "wds" and not (r["status"] == "rejected" and r["stage"] in RETRY_STAGES)}
+    rows = pa.concat_tables(listing).to_pylist() if listing else []
+
+    decided: list[dict] = []          # ledger rows decided here (rejects, removals)
+    todo: list[dict] = []             # inputs to read
+    seen: set[str] = set()
+    listed_tars: set[str] = set()
+    for r in sorted(rows, key=lambda r: (r["input_id"], r["stage"])):
+        if r["kind"] == "wds":
+            listed_tars.add(r["uri"])
+        old = previous.get(r["input_id"])
+        if r["input_id"] in seen:
+            if old is None:
+                decided.append(ledger_row(input=r["input_id"], status="rejected", kind=r["kind"], uri=r["uri"],
+                                          listing=r["listing"], stage="source", reason="listed twice"))
+            continue
+        seen.add(r["input_id"])
+        if r["stage"]:                                 # broken at the source level
+            if old is None or (old["status"], old["stage"], old["reason"]) != ("rejected", r["stage"], r["reason"]):
+                decided.append(ledger_row(input=r["input_id"], status="rejected", kind=r["kind"], uri=r["uri"],
+                                          listing=r["listing"], stage=r["stage"], reason=r["reason"],
+                                          size=r["size"], attempts=1))
+            continue
+        attempts = 1
+        if old is not None:
+            retry = (old["status"] == "rejected" and old["stage"] in RETRY_STAGES
+                     and old["attempts"] < cfg.max_attempts)
+            back = old["status"] == "removed" and old["stage"] == "source"   # (a takedown stays removed)
+            if not retry and not back:
+                continue                               # decided by an earlier build
+            attempts = old["attempts"] + 1 if retry else 1
+        if r["kind"] == "wds" and r["uri"] in done_tars:
+            continue                                   # a tar an earlier build read whole
+        todo.append({**r, "attempts": attempts})
+
+    # passing failures listed by a list file that was not read again (unchanged) are retried
+    # from their ledger rows
+    for name, old in sorted(previous.items()):
+        if (name not in seen and old["listing"] not in relisted and old["status"] == "rejected"
+                and old["stage"] in RETRY_STAGES and old["attempts"] < cfg.max_attempts
+                and old["kind"] in ("image", "studio")):
+            frame = int(name.rsplit("#frame=", 1)[1]) if old["kind"] == "studio" else -1
+            todo.append({"input_id": name, "kind": old["kind"], "uri": old["uri"], "frame": frame, "member": "",
+                         "size": old["size"], "listing": old["listing"], "stage": "", "reason": "",
+                         "attempts": old["attempts"] + 1})
+            seen.add(name)
+
+    # inputs gone from their source: their listing was read again and no longer has them. (A
+    # source left out of the config is not read, so its inputs stay: a child build may name only
+    # its new sources.)
+    gone = []
+    if cfg.on_missing == "remove":
+        for name, old in sorted(previous.items()):
+            if old["status"] != "removed" and name not in seen and old["uri"] not in listed_tars \
+                    and old["listing"] in relisted:
+                gone.append(old)
+    part = part_id(recipe, p, partitions, *sorted(f"{t['input_id']}:{t['attempts']}" for t in todo),
+                   *sorted(f"{d['input']}:{d['stage']}" for d in decided), *sorted(g["input"] for g in gone),
+                   *sorted(pp["digest"] for pp in parent_parts))
+    plan = {"partition": p, "part": None, "finished": None, "decided": decided, "samples": [],
+            "gone": gone, "previous": {}, "rewrites": {}, "seconds": 0.0, "todo": len(todo)}
+    empty = [CLAIM_SCHEMA.empty_table() for _ in range(partitions)]
+    if dry_run or not (todo or decided or gone):
+        plan["part"] = part if (todo or decided or gone) else None
+        return (plan, *empty)
+    plan["part"] = part
+    finished = store.finished_part(recipe, part)
+    if finished is not None:                           # a re-run: this part was written before
+        plan["finished"] = finished
+        kept = [r for r in store.read_table(finished["ledger_url"]).to_pylist()
+                if r["status"] == "kept" and r["sha256"] and r["kind"] != "studio"]
+        return (plan, *_claims(kept, p, partitions, key="input"))
+
+    samples, captures, tars = [], {}, {}
+    for t in todo:
+        t_rows, t_samples = _process_input(t, cfg, store_uri, captures, tars)
+        decided += t_rows
+        samples += t_samples
+    for cap in captures.values():
+        if isinstance(cap, Capture):
+            cap.close()
+    touched = {r["input"] for r in decided} | {s["row"]["input"] for s in samples} | {g["input"] for g in gone}
+    plan.update(samples=samples, previous={k: previous[k] for k in touched if k in previous})
+    # parent shards holding a sample that is gone are rewritten without it
+    shard_samples = {s["url"]: s["samples"] for r in parent_records for s in r["shards"]}
+    for g in gone:
+        if g["status"] == "kept" and g["shard"]:
+            job = plan["rewrites"].setdefault(g["shard"], {"drop": [], "keep": [], "samples": shard_samples[g["shard"]]})
+            job["drop"].append(g["key"])
+    for old in previous.values():
+        if old["status"] == "kept" and old["shard"] in plan["rewrites"] and old["input"] not in touched:
+            plan["rewrites"][old["shard"]]["keep"].append(old)
+    plan["seconds"] = time.time() - started
+    claims = [s["row"] | {"partition": p} for s in samples if s["row"]["sha256"] and s["kind"] != "studio"]
+    return (plan, *_claims(claims, p, partitions, key="input"))
+
+
+def _claims(rows: list[dict], p: int, partitions: int, key: str) -> list[pa.Table]:
+    buckets: list[list[dict]] = [[] for _ in range(partitions)]
+    for r in rows:
+        buckets[sha_bucket(r["sha256"], partitions)].append({"sha256": r["sha256"], "input": r[key], "partition": p})
+    return [pa.Table.from_pylist(b, schema=CLAIM_SCHEMA) for b in buckets]
+
+
+def _reject(t: dict, stage: str, reason: str, sha: str = "", input_id: str | None = None) -> dict:
+    return ledger_row(input=input_id or t["input_id"], status="rejected", kind=t["kind"], uri=t["uri"],
+                      listing=t["listing"], stage=stage, reason=reason, sha256=sha, size=t["size"],
+                      attempts=t["attempts"])
+
+
+def _process_input(t: dict, cfg: BuildConfig, store_uri: str, captures: dict, tars: dict):
+    """One listed input -> (ledger rows of rejects, processed samples)."""
+    rows, samples = [], []
+    try:
+        if t["kind"] == "studio":
+            if t["uri"] not in captures:
+                try:
+                    captures[t["uri"]] = Capture(t["uri"], strict=False)
+                except DataError as exc:
+                    captures[t["uri"]] = Rejected("capture", str(exc))
+            cap = captures[t["uri"]]
+            if isinstance(cap, Rejected):
+                raise cap
+            key, members, info = studio_sample(cap, t["frame"], cfg, t["input_id"])
+            samples.append(_sample(t, key, members, "studio", "", dropped_views=len(info["dropped"])))
+        elif t["kind"] == "wds":
+            data = cached_fetch(t["uri"], cfg, store_uri)
+            try:
+                members = tar_samples(data)
+            except (tarfile.TarError, OSError, ValueError) as exc:
+                raise Rejected("decode", f"not a readable tar ({type(exc).__name__}: {exc})") from None
+            if not members:
+                raise Rejected("decode", "tar holds no samples")
+            for name in sorted(members):
+                m = {**t, "input_id": f"{t['uri']}#{name}", "member": name}
+                image = wds_image(members[name])
+                if image is None:
+                    rows.append(_reject(m, "decode", "sample has no image member"))
+                    continue
+                m["size"] = len(image)
+                r, s = _photo(m, image, cfg)
+                rows += r
+                samples += s
+        else:
+            data = cached_fetch(t["uri"], cfg, store_uri)
+            if not data:
+                raise Rejected("decode", "empty file (0 bytes)")
+            r, s = _photo({**t, "size": len(data)}, data, cfg)
+            rows += r
+            samples += s
+    except Rejected as exc:
+        rows.append(_reject(t, exc.stage, exc.reason))
+    except Exception as exc:    # a bug must not lose the other inputs: record it, loudly
+        log.exception("unexpected error on %s", t["input_id"])
+        rows.append(_reject(t, "error", f"unexpected {type(exc).__name__}: {exc}"))
+    return rows, samples
+
+
+def _photo(t: dict, data: bytes, cfg: BuildConfig):
+    digest = sha256(data)
+    try:
+        key, members = photo_sample(data, cfg, t["input_id"], digest)
+    except Rejected as exc:
+        return [_reject(t, exc.stage, exc.reason, sha=digest)], []
+    return [], [_sample(t, key, members, "image", digest)]
+
+
+def _sample(t: dict, key: str, members: dict, kind: str, sha: str, dropped_views: int = 0) -> dict:
+    row = ledger_row(input=t["input_id"], status="kept", key=key, sha256=sha, kind=t["kind"], uri=t["uri"],
+                     listing=t["listing"], size=t["size"], attempts=t["attempts"])
+    return {"row": row, "key": key, "members": members, "kind": kind, "dropped_views": dropped_views}
+
+
+# ---- stage 2: dedup (the sha-keyed shuffle's reduce side) ----------------------------------------
+
+def dedup_bucket(b: int, partitions: int, cfg: BuildConfig, store_uri: str, recipe: str,
+                 parent_parts: list[dict], *claims: pa.Table) -> tuple:
+    """-> (sha part record or None, losers of partition 0, ..., losers of partition P-1)."""
+    store = DatasetStore(store_uri)
+    table = pa.concat_tables(claims) if claims else CLAIM_SCHEMA.empty_table()
+    known: dict[str, str] = {}
+    if cfg.dedup_against_parent and table.num_rows:
+        for rec in store.part_records(parent_parts):
+            for r in store.read_table(rec["ledger_url"]).to_pylist():
+                known.setdefault(r["sha256"], r["input"])
+    by_sha: dict[str, list[tuple[str, int]]] = {}
+    for r in table.to_pylist():
+        by_sha.setdefault(r["sha256"], []).append((r["input"], r["partition"]))
+    losers: list[list[dict]] = [[] for _ in range(partitions)]
+    index = []
+    for sha, claimants in sorted(by_sha.items()):
+        claimants.sort()
+        if sha in known and known[sha] not in {c[0] for c in claimants}:
+            for name, p in claimants:
+                losers[p].append({"input": name, "reason": f"duplicate of {known[sha]} (parent)"})
+            continue
+        winner = claimants[0][0]
+        index.append({"sha256": sha, "input": winner})
+        for name, p in claimants[1:]:
+            if cfg.dedup:
+                losers[p].append({"input": name, "reason": f"duplicate of {winner}"})
+    record = None
+    fresh = [r for r in index if r["sha256"] not in known]
+    if fresh:
+        part = part_id(recipe, "sha", b, partitions, *(f"{r['sha256']}:{r['input']}" for r in fresh))
+        record = store.finished_part(recipe, part) or write_part(store, recipe, part, b, "sha", fresh,
+                                                                 schema=SHA_SCHEMA)
+    return (record, *[pa.Table.from_pylist(rows, schema=LOSER_SCHEMA) for rows in losers])
+
+
+# ---- stage 3: write ------------------------------------------------------------------------------
+
+def write_partition(plan: dict, cfg: BuildConfig, store_uri: str, recipe: str, *losers: pa.Table) -> dict | None:
+    """Shards and the ledger part of one partition; returns {record, counts, ...} or None."""
+    if plan["part"] is None:
+        return None
+    if plan["finished"] is not None:
+        return {"record": plan["finished"], "reused": True}
+    started = time.time()
+    store = DatasetStore(store_uri)
+    lost = {r["input"]: r["reason"] for t in losers for r in t.to_pylist()}
+    rows = list(plan["decided"])
+    writers: dict[str, ShardWriter] = {}
+
+    def writer(kind: str) -> ShardWriter:
+        if kind not in writers:
+            writers[kind] = ShardWriter(store.shards_url(recipe), f"{plan['part']}-{kind[0]}", cfg.shard, kind)
+        return writers[kind]
+
+    kept, dropped_views = [], 0
+    try:
+        for s in plan["samples"]:
+            row = s["row"]
+            if row["input"] in lost:
+                rows.append({**row, "status": "rejected", "key": "", "stage": "dedup", "reason": lost[row["input"]]})
+                continue
+            w = writer(s["kind"])
+            w.add(s["key"], s["members"], row["input"], s["kind"], row["sha256"])
+            kept.append((row, s["kind"], len(w.shards)))
+            dropped_views += s["dropped_views"]
+        # parent shards that held a removed sample: their other samples move to this part's shards
+        moved = []
+        for shard_url, job in sorted(plan["rewrites"].items()):
+            drop = set(job["drop"])
+            keep = {o["key"]: o for o in job["keep"]}
+            for key, members in _shard_samples(store, shard_url):
+                if key in drop or key not in keep:
+                    continue
+                kind = keep[key]["kind"] if keep[key]["kind"] == "studio" else "image"
+                w = writer(kind)
+                w.add(key, members, keep[key]["input"], kind, keep[key]["sha256"])
+                moved.append((keep[key], kind, len(w.shards)))
+        shards = {kind: w.close() for kind, w in writers.items()}
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    for row, kind, n in kept + moved:
+        rows.append({**row, "status": "kept", "shard": store.rel(shards[kind][n]["url"])})
+    for g in plan["gone"]:
+        stage, reason = plan.get("gone_reason", ("source", "gone from its source"))
+        rows.append({**g, "status": "removed", "stage": stage, "reason": reason, "shard": ""})
+    counts = ledger_counts(rows, plan["previous"] | {g["input"]: g for g in plan["gone"]}
+                           | {m[0]["input"]: m[0] for m in moved})
+    counts["dropped_views"] = dropped_views
+    all_shards = [s for kind in sorted(shards) for s in shards[kind]]
+    record = write_part(store, recipe, plan["part"], plan["partition"], "ledger", rows, all_shards,
+                        drops=list(plan["rewrites"]), extra={
+                            "counts": dict(counts),
+                            "dropped_samples": sum(j["samples"] for j in plan["rewrites"].values())})
+    return {"record": record, "reused": False, "seconds": plan["seconds"] + time.time() - started}
+
+
+def _shard_samples(store: DatasetStore, shard_url: str):
+    """Samples of a shard in order, streamed: (key, {ext: bytes})."""
+    key, sample = None, {}
+    with store.open_shard({"url": shard_url}) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            k, _, ext = member.name.partition(".")
+            if k != key and sample:
+                yield key, sample
+                sample = {}
+            key = k
+            sample[ext] = tar.extractfile(member).read()
+    if sample:
+        yield key, sample
