@@ -31,11 +31,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dataprep.errors import DataError
+from dataprep.names import validate_tag
 from dataprep.storage import absolute_url, atomic_write_bytes, fs_and_path, is_local, join
 
 log = logging.getLogger("pippo.data.store")
 
 LEASE_TTL_S = 300.0   # a build's lease is live while its heartbeat is younger than this
+_WARNED: set[str] = set()   # stray files already warned about (versions() runs often)
 
 
 class VersionNotFound(DataError):
@@ -115,19 +117,43 @@ class DatasetStore:
         tags = {}
         for p in self._ls("tags"):
             if p.endswith(".json"):
-                tags[posixpath.basename(p)[:-5]] = self.read_json(p)["id"]
+                tag = self._read_listed(p, ("id",))
+                if tag is not None:
+                    tags[posixpath.basename(p)[:-5]] = tag["id"]
         return tags
+
+    def _read_listed(self, path: str, keys: tuple[str, ...], record: bool = False) -> dict | None:
+        """A version record or tag file, or None (with one warning) for a stray file that is not
+        one (e.g. someone's versions/notes.json): a listing never fails on a file it did not write."""
+        try:
+            obj = self.read_json(path)
+        except FileNotFoundError:
+            return None                         # removed between the listing and the read
+        except (ValueError, RecursionError):    # not JSON / not UTF-8 / absurdly nested
+            obj = None
+        name = posixpath.basename(path)
+        if not (isinstance(obj, dict) and all(isinstance(obj.get(k), str) for k in keys)
+                and (not record or (obj["id"] == name[:-5] and isinstance(obj.get("shards"), list)))):
+            if path not in _WARNED:
+                _WARNED.add(path)
+                log.warning("%s: ignoring %s: not a file of this store", self.uri,
+                            posixpath.relpath(path, self.root))
+            return None
+        return obj
 
     def _ls(self, *parts: str) -> list[str]:
         try:
             return sorted(self.fs.ls(self.path(*parts), detail=False))
         except FileNotFoundError:
             return []
+        except NotADirectoryError:
+            raise DataError(f"{self.uri} is not a dataset (it is a file)") from None
 
     def versions(self) -> list[dict]:
         """Every listed version, newest first, with its tags."""
         self.fs.invalidate_cache()
-        records = [self.read_json(p) for p in self._ls("versions") if p.endswith(".json")]
+        records = [r for p in self._ls("versions") if p.endswith(".json")
+                   if (r := self._read_listed(p, ("id", "created"), record=True)) is not None]
         by_id: dict[str, list[str]] = {}
         for name, vid in self._tags().items():
             by_id.setdefault(vid, []).append(name)
@@ -160,8 +186,7 @@ class DatasetStore:
         return self.create_exclusive(self.path("versions", f"{record['id']}.json"), data)
 
     def tag(self, ref: str, name: str) -> str:
-        if not name or "/" in name or name == "latest" or name.startswith("."):
-            raise DataError(f"invalid tag name {name!r}")
+        validate_tag(name)
         vid = self.resolve(ref)["id"]
         self.write_json(self.path("tags", f"{name}.json"), {"id": vid, "updated": _now()})
         return vid
