@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 import types
 import typing
 from pathlib import Path
@@ -23,6 +24,43 @@ class ConfigError(ValueError):
     """A config that cannot be loaded; the message names key, value and file."""
 
 
+MAX_CONFIG_BYTES = 1 << 20      # a config is a few KB; a larger file is a mistake or an attack
+MAX_CONFIG_DEPTH = 64           # nesting of mappings/lists
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """safe_load without aliases: `*name` references share one object in the parsed tree, but
+    every walk over the tree (overrides, ${VAR} expansion, typing) copies it, so nine levels of
+    ten aliases (a "billion laughs" config of 1 KB) would grow to 10^9 nodes. Configs are small and
+    written by hand: they do not need aliases."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML aliases (*{event.anchor}) are not allowed in configs", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
+def _depth(tree: Any) -> int:
+    """Nesting depth of dicts/lists, without recursion."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list):
+            deepest = max(deepest, d)
+            if d > MAX_CONFIG_DEPTH:
+                break
+            stack.extend((v, d + 1) for v in node)
+    return deepest
+
+
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
     """`["a.b=3", "c=[1, 2]"]` -> {"a": {"b": 3}, "c": [1, 2]} (values parsed as YAML scalars)."""
     tree: dict = {}
@@ -31,9 +69,11 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+            value = _load_yaml(raw) if raw != "" else ""
+        except (yaml.YAMLError, RecursionError):
             value = raw
+        if _depth(value) > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"override {key!r}: nested deeper than {MAX_CONFIG_DEPTH} levels")
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
@@ -56,16 +96,32 @@ def merge(base: dict, update: dict) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a dict: a regular file of at most MAX_CONFIG_BYTES, UTF-8, no
+    aliases, nested at most MAX_CONFIG_DEPTH levels (anything else is one ConfigError line)."""
     try:
-        text = Path(path).read_text()
+        # stat first: opening a FIFO blocks, reading /dev/zero never ends
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigError(f"cannot read config {path}: not a regular file")
+        with open(path, "rb") as f:
+            blob = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    if len(blob) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a config")
     try:
-        data = yaml.safe_load(text)
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        data = _load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested deeper than {MAX_CONFIG_DEPTH} levels") from None
+    if _depth(data) > MAX_CONFIG_DEPTH:
+        raise ConfigError(f"{path}: nested deeper than {MAX_CONFIG_DEPTH} levels")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -75,10 +131,18 @@ def read_yaml(path: str | Path) -> dict:
 
 ENV_DEFAULTS = {"PIPPO_STORE": "./.pippo/store"}
 _ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+# Variables whose values may be printed and recorded as they are. Any other variable a config
+# expands may hold a credential (`uri: https://host/list.txt?sig=${TOKEN}`): its value is
+# registered with dataprep.redact, so logs, error lines and version records show `${NAME}`.
+PUBLIC_ENV = frozenset({"PIPPO_STORE", "HOME", "USER", "PWD", "TMPDIR", "AWS_ENDPOINT_URL",
+                        "AWS_REGION", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"})
 
 
 def expand_env(value: Any, source: str = "<config>") -> Any:
-    """Replace ${VAR} and ${VAR:-default} in every string (PIPPO_STORE defaults to ./.pippo/store)."""
+    """Replace ${VAR} and ${VAR:-default} in every string (PIPPO_STORE defaults to ./.pippo/store).
+
+    Values of variables not in PUBLIC_ENV, and URL credentials in the result, are registered as
+    secrets (dataprep.redact): they are never printed or recorded."""
     if isinstance(value, dict):
         return {k: expand_env(v, source) for k, v in value.items()}
     if isinstance(value, list):
@@ -86,13 +150,20 @@ def expand_env(value: Any, source: str = "<config>") -> Any:
     if not isinstance(value, str):
         return value
 
+    from dataprep.redact import register_secret, register_url_credentials
+
     def sub(match: re.Match) -> str:
         name, default = match.group(1), match.group(2)
         got = os.environ.get(name) or default or ENV_DEFAULTS.get(name)
         if got is None:
             raise ConfigError(f"{source}: ${{{name}}} is not set and has no default")
+        if os.environ.get(name) and name not in PUBLIC_ENV:
+            register_secret(got, f"${{{name}}}")
         return got
-    return _ENV_REF.sub(sub, value)
+    out = _ENV_REF.sub(sub, value)
+    if "@" in out:
+        register_url_credentials(out)
+    return out
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides=(), *, data: dict | None = None) -> T:
@@ -164,7 +235,7 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
             raise _bad(source, key, value, f"a mapping for {tp.__name__}")
         hints = typing.get_type_hints(tp)
         fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
-        unknown = sorted(set(value) - set(fields))
+        unknown = sorted(map(str, set(value) - set(fields)))
         if unknown:
             name = f"{key}.{unknown[0]}" if key else unknown[0]
             raise ConfigError(

@@ -49,8 +49,11 @@ def inspect(args) -> int:
     from dataprep.preview import frame_contact_sheet, png_bytes
     from dataprep.storage import atomic_write_bytes
 
+    from dataprep.redact import strip_credentials
+
     with Capture(args.capture, strict=False) as cap:
         info = cap.describe()
+        info["uri"] = strip_credentials(info["uri"])
         if args.preview:
             frame = args.frame if args.frame is not None else cap.frames[0]
             atomic_write_bytes(args.preview, png_bytes(frame_contact_sheet(cap, frame)))
@@ -72,32 +75,49 @@ def inspect(args) -> int:
 
 
 def build(args) -> int:
-    from dataprep.build import run_build
     from dataprep.build_config import BuildConfig
+    from dataprep.redact import redact_config
+    from dataprep.storage import check_store
     from pipelines.config import load_config, to_dict
 
     cfg = load_config(BuildConfig, args.config, args.overrides)
-    vid = run_build(cfg, to_dict(cfg))
+    # A dead endpoint or wrong credentials: one line in seconds, before Ray starts.
+    for uri in dict.fromkeys([cfg.dataset, *(s.uri for s in cfg.sources)]):
+        check_store(uri)
+    from dataprep.build import run_build
+
+    # The version record keeps the config as written: expanded ${VAR}s (tokens) go back to
+    # ${VAR}, URL credentials are dropped.
+    vid = run_build(cfg, redact_config(to_dict(cfg)))
     print(vid)
     return 0
 
 
+def _open_store(uri: str):
+    """The dataset store at `uri`, its object store checked first (fails fast, one line)."""
+    from dataprep.storage import check_store
+    from dataprep.store import DatasetStore
+
+    check_store(uri)
+    return DatasetStore(uri)
+
+
 def _store_and_ref(ref: str):
-    from dataprep.store import DatasetStore, split_ref
+    from dataprep.store import split_ref
     uri, name = split_ref(ref)
-    return DatasetStore(uri), name
+    return _open_store(uri), name
 
 
 def versions(args) -> int:
-    from dataprep.store import DatasetStore
+    from dataprep.redact import strip_credentials
 
-    rows = DatasetStore(args.uri).versions()
+    rows = _open_store(args.uri).versions()
     if args.json:
         print(json.dumps([{k: v[k] for k in ("id", "parent", "created", "tags", "samples", "rejected")}
                           for v in rows]))
         return 0
     if not rows:
-        print(f"{args.uri}: no versions")
+        print(f"{strip_credentials(args.uri)}: no versions")
     for v in rows:
         tags = f" [{', '.join(v['tags'])}]" if v["tags"] else ""
         print(f"{v['id']}  {v['created']}  {v['samples']:>8} samples  {v['rejected']:>6} rejected  "
@@ -110,8 +130,11 @@ SPEC_KEYS = ("id", "parent", "created", "tags", "samples", "rejected", "shards",
 
 
 def show(args) -> int:
+    from dataprep.redact import redact_config
+
     store, ref = _store_and_ref(args.ref)
     v = store.resolve(ref)
+    v["config"] = redact_config(v.get("config"))    # records of older builds kept it expanded
     if args.json:
         print(json.dumps({**{k: v.get(k) for k in SPEC_KEYS}, **{k: v[k] for k in v if k not in SPEC_KEYS}}))
         return 0
@@ -153,9 +176,7 @@ def tag(args) -> int:
 
 
 def gc(args) -> int:
-    from dataprep.store import DatasetStore
-
-    result = DatasetStore(args.uri).gc(keep_last=args.keep_last, grace_s=args.grace_seconds)
+    result = _open_store(args.uri).gc(keep_last=args.keep_last, grace_s=args.grace_seconds)
     print(f"deleted {result['deleted']} files; kept {result['kept_young']} unreferenced files younger "
           f"than {args.grace_seconds:g}s; un-listed {len(result['versions_dropped'])} versions")
     return 0
