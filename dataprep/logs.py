@@ -19,8 +19,9 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # pool notes, lock files, image plugins... shown with -v only.
 LIBRARIES = ("botocore", "aiobotocore", "boto3", "s3transfer", "s3fs", "fsspec", "urllib3", "requests",
              "asyncio", "filelock", "PIL", "matplotlib", "httpx", "httpcore", "git", "numba")
-# Ray's own routine lines: its per-run token-auth notice is a WARNING, but says nothing about the job.
-RAY_ROUTINE = ("ray._private.authentication.authentication_token_setup",)
+# Ray's routine lines logged as WARNINGs that say nothing about the job: the token-auth notice of
+# every local start, and "Progress bars disabled" (we disable them on purpose). Shown with -v.
+RAY_ROUTINE = ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress")
 VERBOSITY_ENV = "PIPPO_VERBOSITY"      # inherited by Ray workers and job entrypoints
 
 _handler: logging.Handler | None = None
@@ -57,6 +58,12 @@ def configure(level: int = 0) -> None:
     for name in RAY_ROUTINE:
         logging.getLogger(name).setLevel(logging.NOTSET if level > 0 else logging.ERROR)
     quiet_ray()
+
+
+def setup_worker() -> None:
+    """Ray's `worker_process_setup_hook` (runtime_env): a worker's log lines, which Ray forwards to
+    the driver's stderr, get the same format, levels (PIPPO_VERBOSITY is inherited) and redaction."""
+    configure(verbosity())
 
 
 def unconfigure() -> None:

@@ -50,7 +50,9 @@ def inspect(args) -> int:
     from dataprep.storage import atomic_write_bytes
 
     from dataprep.redact import strip_credentials
+    from dataprep.storage import check_store
 
+    check_store(args.capture)       # a dead endpoint: one line now, not after s3fs's retries
     with Capture(args.capture, strict=False) as cap:
         info = cap.describe()
         info["uri"] = strip_credentials(info["uri"])
@@ -89,8 +91,25 @@ def build(args) -> int:
     # The version record keeps the config as written: expanded ${VAR}s (tokens) go back to
     # ${VAR}, URL credentials are dropped.
     vid = run_build(cfg, redact_config(to_dict(cfg)))
+    _warn_if_empty(cfg.dataset, vid)
     print(vid)
     return 0
+
+
+def _warn_if_empty(dataset: str, vid: str) -> None:
+    """A version that keeps no sample is committed (its ledger says why), but never silently."""
+    from dataprep.errors import DataError
+    from dataprep.store import DatasetStore
+
+    try:
+        record = DatasetStore(dataset).resolve(vid)
+    except DataError:
+        return
+    if record.get("samples") == 0:
+        reasons = record.get("stats", {}).get("rejected_by_reason", {})
+        top = max(reasons, key=reasons.get) if reasons else "-"
+        log.warning("version %s keeps 0 samples: all %s inputs were rejected (most often: %s); "
+                    "see `pippo data show %s@%s`", vid, record.get("rejected", 0), top, dataset, vid)
 
 
 def _open_store(uri: str):

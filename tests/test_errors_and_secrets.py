@@ -68,7 +68,8 @@ def aws_env(monkeypatch):
 def test_strip_credentials_and_redact():
     assert strip_credentials("http://user:pa55word@host:8080/a/b.jpg") == "http://host:8080/a/b.jpg"
     assert strip_credentials(f"s3://{KEY_ID}:{AWS_SECRET}@bucket/k") == "s3://bucket/k"
-    assert strip_credentials("https://h/x.jpg?X-Amz-Signature=ab12&size=2") == "https://h/x.jpg?X-Amz-Signature=***&size=2"
+    assert strip_credentials("https://h/x.jpg?X-Amz-Signature=ab12&size=2") == \
+        "https://h/x.jpg?X-Amz-Signature=***&size=2"
     for same in ("https://host:8080/a@b", "https://medium.com/@user/p", "s3://b/key@v2", "file:///tmp/a@b.jpg"):
         assert strip_credentials(same) == same                 # no userinfo there
     text = redact_text(f"GET https://bob:hunter2xx@h/x?token=t0k3nval failed; password=pw1234 {KEY_ID}")
@@ -136,6 +137,36 @@ def test_unexpected_errors_keep_their_traceback_but_lose_credentials(capsys, mon
     text = "\n".join(err)
     assert code == 1 and "Traceback" in text and "RuntimeError" in text     # a bug stays visible
     assert "hunter2zz" not in text and AWS_SECRET not in text
+
+
+def test_errors_inside_ray_tasks_are_judged_by_their_cause():
+    from pipelines.cli import user_error_message
+
+    class RayTaskError(Exception):          # the shape of ray.exceptions.RayTaskError
+        def __init__(self, cause):
+            super().__init__("task failed")
+            self.cause = cause
+
+    assert user_error_message(RayTaskError(PermissionError(13, "Permission denied", "/x"))) == \
+        "/x: Permission denied"
+    assert user_error_message(RayTaskError(KeyError("bug"))) is None
+
+
+def test_a_version_without_samples_is_committed_with_a_warning(tmp_path, capsys, monkeypatch):
+    import dataprep.build
+
+    (tmp_path / "photos").mkdir()
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(f"dataset: {tmp_path / 'ds'}\nsources: [{{kind: images, uri: {tmp_path / 'photos'}}}]\n")
+
+    def fake_run_build(cfg, config_dict):
+        fake_version(tmp_path / "ds", "e" * 20)
+        return "e" * 20
+
+    monkeypatch.setattr(dataprep.build, "run_build", fake_run_build)
+    code, out, err = run(capsys, "data", "build", cfg)
+    assert code == 0 and out.strip() == "e" * 20
+    assert len(err) == 1 and "WARNING" in err[0] and "keeps 0 samples" in err[0]
 
 
 # ---- 7. one clear line: object stores ----------------------------------------------------------
@@ -289,7 +320,7 @@ def test_store_paths_tags_and_stray_files(tmp_path, capsys):
 def test_closed_stdout_pipe_is_a_quiet_exit(tmp_path):
     """`pippo data versions D | head -1`: no BrokenPipeError traceback, the SIGPIPE status."""
     ds = tmp_path / "ds"
-    for k in range(1500):       # ~160 KiB of listing (> pipe buffer + reader buffer): the writer meets the closed pipe for sure
+    for k in range(1500):       # ~160 KiB of listing > pipe + reader buffers: the writer meets the closed pipe
         fake_version(ds, f"{k:020d}", created=f"2026-01-01T00:00:{k % 60:02d}+00:00")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "data", "versions", str(ds)],
