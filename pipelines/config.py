@@ -26,39 +26,47 @@ class ConfigError(ValueError):
 
 MAX_CONFIG_BYTES = 1 << 20      # a config is a few KB; a larger file is a mistake or an attack
 MAX_CONFIG_DEPTH = 64           # nesting of mappings/lists
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """safe_load without aliases: `*name` references share one object in the parsed tree, but
-    every walk over the tree (overrides, ${VAR} expansion, typing) copies it, so nine levels of
-    ten aliases (a "billion laughs" config of 1 KB) would grow to 10^9 nodes. Configs are small and
-    written by hand: they do not need aliases."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(
-                None, None, f"YAML aliases (*{event.anchor}) are not allowed in configs", event.start_mark)
-        return super().compose_node(parent, index)
+MAX_CONFIG_VALUES = 100_000     # values of the tree with every YAML alias expanded
 
 
 def _load_yaml(text: str):
-    return yaml.load(text, Loader=_ConfigLoader)
+    """yaml.safe_load, then `_check_tree`. RecursionError (thousands of nested brackets) becomes
+    the nesting ConfigError."""
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"nested deeper than {MAX_CONFIG_DEPTH} levels") from None
+    _check_tree(data)
+    return data
 
 
-def _depth(tree: Any) -> int:
-    """Nesting depth of dicts/lists, without recursion."""
-    deepest, stack = 0, [(tree, 1)]
+def _check_tree(tree: Any) -> None:
+    """Refuse trees that every later walk would blow up: YAML aliases share one object in the
+    parsed tree, but overrides, ${VAR} expansion and typing copy it, so nine levels of nine
+    aliases (a 1 KB "billion laughs" config) become 9^9 values; a recursive alias (`&a [*a]`)
+    never ends. Aliases themselves are fine (PyYAML's dumper writes them for shared objects).
+    Sizes are counted with every alias expanded, but each shared object is visited once."""
+    sizes: dict[int, int] = {}
+    open_ids: set[int] = set()          # containers on the current path: a cycle if met again
+    stack: list[tuple[Any, int, bool]] = [(tree, 1, False)]
     while stack:
-        node, d = stack.pop()
-        if isinstance(node, dict):
-            node = list(node.values())
-        if isinstance(node, list):
-            deepest = max(deepest, d)
-            if d > MAX_CONFIG_DEPTH:
-                break
-            stack.extend((v, d + 1) for v in node)
-    return deepest
+        node, depth, done = stack.pop()
+        children = list(node.values()) if isinstance(node, dict) else node
+        if done:
+            open_ids.discard(id(node))
+            sizes[id(node)] = 1 + len(node) + sum(sizes[id(c)] for c in children if isinstance(c, (dict, list)))
+            if sizes[id(node)] > MAX_CONFIG_VALUES:
+                raise ConfigError(f"expands to more than {MAX_CONFIG_VALUES} values (YAML aliases?)")
+            continue
+        if not isinstance(node, (dict, list)) or id(node) in sizes:
+            continue
+        if id(node) in open_ids:
+            raise ConfigError("a YAML alias refers to itself (a recursive structure)")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"nested deeper than {MAX_CONFIG_DEPTH} levels")
+        open_ids.add(id(node))
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children if isinstance(c, (dict, list)))
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
@@ -70,10 +78,10 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         try:
             value = _load_yaml(raw) if raw != "" else ""
-        except (yaml.YAMLError, RecursionError):
+        except yaml.YAMLError:
             value = raw
-        if _depth(value) > MAX_CONFIG_DEPTH:
-            raise ConfigError(f"override {key!r}: nested deeper than {MAX_CONFIG_DEPTH} levels")
+        except ConfigError as exc:
+            raise ConfigError(f"override {key!r}: {exc}") from None
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
@@ -97,7 +105,8 @@ def merge(base: dict, update: dict) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     """A YAML config file as a dict: a regular file of at most MAX_CONFIG_BYTES, UTF-8, no
-    aliases, nested at most MAX_CONFIG_DEPTH levels (anything else is one ConfigError line)."""
+    more than MAX_CONFIG_VALUES values with aliases expanded, nested at most MAX_CONFIG_DEPTH
+    levels (anything else is one ConfigError line)."""
     try:
         # stat first: opening a FIFO blocks, reading /dev/zero never ends
         if not stat.S_ISREG(os.stat(path).st_mode):
@@ -118,10 +127,8 @@ def read_yaml(path: str | Path) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: nested deeper than {MAX_CONFIG_DEPTH} levels") from None
-    if _depth(data) > MAX_CONFIG_DEPTH:
-        raise ConfigError(f"{path}: nested deeper than {MAX_CONFIG_DEPTH} levels")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
