@@ -47,10 +47,8 @@ def synth_views(args) -> int:
 def inspect(args) -> int:
     from dataprep.capture import Capture
     from dataprep.preview import frame_contact_sheet, png_bytes
-    from dataprep.storage import atomic_write_bytes
-
     from dataprep.redact import strip_credentials
-    from dataprep.storage import check_store
+    from dataprep.storage import atomic_write_bytes, check_store
 
     check_store(args.capture)       # a dead endpoint: one line now, not after s3fs's retries
     with Capture(args.capture, strict=False) as cap:
@@ -89,7 +87,7 @@ def build(args) -> int:
     from dataprep.build import run_build
 
     # The version record keeps the config as written: expanded ${VAR}s (tokens) go back to
-    # ${VAR}, URL credentials are dropped.
+    # ${VAR}, URL credentials are masked.
     vid = run_build(cfg, redact_config(to_dict(cfg)))
     _warn_if_empty(cfg.dataset, vid)
     print(vid)
