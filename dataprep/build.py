@@ -26,6 +26,7 @@ import time
 from dataprep.build_config import BuildConfig
 from dataprep.commit import commit_version
 from dataprep.listing import list_unit, plan_listing
+from dataprep.logs import quiet_ray
 from dataprep.partition_job import dedup_bucket, process_partition, write_partition
 from dataprep.store import BuildLease, DatasetStore, VersionNotFound
 
@@ -38,8 +39,11 @@ def ensure_ray(dashboard: bool = False):
     import ray
 
     if not ray.is_initialized():
+        # workers get the driver's log levels and redaction (their lines are forwarded to stderr)
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=dashboard,
-                 logging_level=logging.WARNING, configure_logging=False)
+                 logging_level=logging.WARNING, configure_logging=False,
+                 runtime_env={"worker_process_setup_hook": "dataprep.logs.setup_worker"})
+        quiet_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -3,8 +3,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
+
+from dataprep.names import check_text, validate_camera_id, validate_tag
+
+MAX_RESOLUTION = 16384      # output side; larger would allocate gigabytes per view
+
+
+def _finite(value: float, name: str, low: float, high: float = math.inf) -> None:
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{name} must be a finite number within [{low:g}, {high:g}], got {value!r}")
 
 
 @dataclass
@@ -14,6 +24,9 @@ class Source:
     paths), webdataset (a .tar, or a dir/prefix of tars)."""
     kind: Literal["captures", "images", "urls", "webdataset"]
     uri: str
+
+    def __post_init__(self):
+        check_text(self.uri, "source uri")    # "" would read the current directory
 
 
 @dataclass
@@ -34,12 +47,24 @@ class PhotoFilters:
     detect_person: bool = False         # OpenCV's bundled HOG people detector
     detect_face: bool = False           # OpenCV's bundled Haar frontal-face cascade
 
+    def __post_init__(self):
+        if self.min_side < 1 or self.max_pixels < 1:
+            raise ValueError(f"min_side and max_pixels must be >= 1 "
+                             f"(got {self.min_side}, {self.max_pixels})")
+        _finite(self.max_aspect, "max_aspect", 1.0)
+
 
 @dataclass
 class HttpConfig:
     timeout_s: float = 20.0
     retries: int = 3                    # extra attempts on connection errors and 429/5xx
     backoff_s: float = 0.2
+
+    def __post_init__(self):
+        _finite(self.timeout_s, "timeout_s", 0.001, 3600.0)
+        _finite(self.backoff_s, "backoff_s", 0.0, 60.0)
+        if not 0 <= self.retries <= 20:
+            raise ValueError(f"retries must be within 0..20, got {self.retries}")
 
 
 @dataclass
@@ -80,17 +105,33 @@ class BuildConfig:
     preview_samples: int = 8
 
     def __post_init__(self):
+        # Everything a build could trip over later is checked here, before anything is built.
+        check_text(self.dataset, "'dataset' (the target dataset URI)")
         if not self.sources:
             raise ValueError("'sources' must list at least one source")
-        if self.resolution < 16 or self.resolution % self.plucker_stride:
-            raise ValueError(f"resolution ({self.resolution}) must be >= 16 and divisible by "
-                             f"plucker_stride ({self.plucker_stride})")
         if self.plucker_stride < 1:
-            raise ValueError("plucker_stride must be >= 1")
+            raise ValueError(f"plucker_stride must be >= 1, got {self.plucker_stride}")
+        if not 16 <= self.resolution <= MAX_RESOLUTION or self.resolution % self.plucker_stride:
+            raise ValueError(f"resolution ({self.resolution}) must be within 16..{MAX_RESOLUTION} and "
+                             f"divisible by plucker_stride ({self.plucker_stride})")
+        if not 16 <= self.face_resolution <= MAX_RESOLUTION:
+            raise ValueError(f"face_resolution must be within 16..{MAX_RESOLUTION}, got {self.face_resolution}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("jpeg_quality must be within 1..100")
         if self.partitions < 1 or self.min_views < 1 or self.max_attempts < 1:
             raise ValueError("partitions, min_views and max_attempts must be >= 1")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1 (or null: one per CPU), got {self.workers}")
+        if self.preview_samples < 0:
+            raise ValueError(f"preview_samples must be >= 0, got {self.preview_samples}")
+        _finite(self.anchor_axis_m, "anchor_axis_m", 1e-6, 1e3)
+        if self.cameras is not None:
+            if not self.cameras:
+                raise ValueError("cameras: [] selects no camera (leave it out, or null, for all)")
+            for cam in self.cameras:
+                validate_camera_id(cam)
+        for tag in self.tags:      # a bad tag must fail now, not after the version is committed
+            validate_tag(tag)
 
     def sample_settings(self) -> dict:
         """The settings that change how an input becomes a sample: a parent's outputs are reused

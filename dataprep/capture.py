@@ -32,6 +32,7 @@ from dataprep.errors import CalibrationError, CaptureError
 from dataprep.geometry import validate_camera, validate_rotation
 
 MM_PER_M = 1000.0
+MAX_POSE_MM = 1e9           # a head pose further than 1000 km is a corrupt file (and overflows later)
 FRAME_EXTENSIONS = (".avif", ".jpg", ".jpeg", ".png")
 
 
@@ -151,6 +152,8 @@ class Capture:
             raise CaptureError(f"{self.uri}: missing {rel}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CalibrationError(f"{self.name}: {rel} is not valid JSON ({exc})") from None
+        except RecursionError:
+            raise CalibrationError(f"{self.name}: {rel} is nested too deeply to be a calibration") from None
 
     def _read_frame_list(self) -> list[int]:
         try:
@@ -265,8 +268,8 @@ class Capture:
             pose = np.loadtxt(io.StringIO(text.decode("utf-8")), dtype=np.float64).reshape(3, 4)
         except (ValueError, UnicodeDecodeError):
             raise CalibrationError(f"{where}: not a 3×4 matrix") from None
-        if not np.all(np.isfinite(pose)):
-            raise CalibrationError(f"{where}: non-finite values")
+        if not np.all(np.isfinite(pose)) or np.abs(pose).max() > MAX_POSE_MM:
+            raise CalibrationError(f"{where}: non-finite or absurd values (|v| > {MAX_POSE_MM:g})")
         validate_rotation(pose[:, :3], where)
         pose[:, 3] /= MM_PER_M
         return pose

@@ -14,6 +14,7 @@ import pyarrow as pa
 from dataprep.build_config import BuildConfig
 from dataprep.preview import contact_sheet, overlay_anchor, png_bytes
 from dataprep.ledger import PARTS_SCHEMA, part_row
+from dataprep.redact import redact_config
 from dataprep.store import FORMAT, DatasetStore, _now, version_id
 
 log = logging.getLogger("pippo.data.commit")
@@ -68,8 +69,6 @@ def commit_version(store: DatasetStore, cfg: BuildConfig, config_dict: dict, par
         log.info("version %s already exists (same content): nothing to commit", vid)
         _apply_tags(store, vid, cfg.tags)
         return vid
-    if totals["kept"] == 0:
-        log.warning("the version keeps 0 samples (%d inputs, all rejected or removed)", totals["inputs"])
     vdir = ("versions", vid)
     parts_url = store.url(*vdir, "parts.parquet")
     store.write_table(parts_url, pa.Table.from_pylist(parts, schema=PARTS_SCHEMA), exclusive=True)
@@ -99,7 +98,8 @@ def commit_version(store: DatasetStore, cfg: BuildConfig, config_dict: dict, par
               "parts_url": store.rel(parts_url), "stats_url": store.rel(store.url(*vdir, "stats.json")),
               "preview_url": store.rel(store.url(*vdir, "preview.png")), "partitions": partitions,
               "listings": listings, "stats": stats, "recipe": cfg.recipe_hash(),
-              "config": config_dict or asdict(cfg), "code_version": code_version()}
+              # the config as written: expanded ${VAR}s (tokens) back to ${VAR}, URL credentials masked
+              "config": redact_config(config_dict or asdict(cfg)), "code_version": code_version()}
     if store.commit_version(record):
         log.info("committed version %s: %d samples, %d rejected, %d removed, %d new parts", vid, samples,
                  totals["rejected"], totals["removed"], len(new_records))

@@ -14,6 +14,11 @@ import numpy as np
 from dataprep.errors import CalibrationError
 
 ROTATION_TOL = 1e-6  # |RᵀR − I| and |det R − 1|; calibrations store ~9 significant digits
+# Plausibility bounds of a calibration, far beyond any real camera (a 100 MP sensor behind a long
+# lens has f ~ 1e5 px): values outside them are corrupt and would overflow in the maths.
+MIN_FOCAL_PX, MAX_PIXELS_COORD = 1e-3, 1e7
+MAX_TRANSLATION_M = 1e6
+MAX_DISTORTION = 1e4
 
 
 def validate_camera(K, R, t, where: str = "camera", dist=None) -> None:
@@ -31,6 +36,18 @@ def validate_camera(K, R, t, where: str = "camera", dist=None) -> None:
         raise CalibrationError(f"{where}: focal lengths must be positive (fx={K[0, 0]:g}, fy={K[1, 1]:g})")
     if abs(K[1, 0]) + abs(K[2, 0]) + abs(K[2, 1]) > 0 or K[2, 2] != 1:
         raise CalibrationError(f"{where}: K is not upper-triangular with K[2,2]=1")
+    # Finite is not enough: fx = 1.7e308 is finite, but resizing, projecting or inverting it
+    # overflows to inf/nan far from here. Bounds well beyond any real camera keep the math finite.
+    for name, value, low, high in (("fx", K[0, 0], MIN_FOCAL_PX, MAX_PIXELS_COORD),
+                                   ("fy", K[1, 1], MIN_FOCAL_PX, MAX_PIXELS_COORD)):
+        if not low <= value <= high:
+            raise CalibrationError(f"{where}: {name}={value:g} is outside [{low:g}, {high:g}] pixels")
+    if max(abs(K[0, 1]), abs(K[0, 2]), abs(K[1, 2])) > MAX_PIXELS_COORD:
+        raise CalibrationError(f"{where}: principal point or skew beyond {MAX_PIXELS_COORD:g} pixels")
+    if np.abs(t).max() > MAX_TRANSLATION_M:
+        raise CalibrationError(f"{where}: translation beyond {MAX_TRANSLATION_M:g} m")
+    if dist is not None and np.abs(arrays["distortion"]).max(initial=0.0) > MAX_DISTORTION:
+        raise CalibrationError(f"{where}: distortion coefficients beyond ±{MAX_DISTORTION:g}")
     validate_rotation(R, where)
 
 

@@ -8,14 +8,74 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 
 import fsspec
 
+from dataprep.errors import DataError
+from dataprep.redact import has_credentials, redact_text
+
+# Object stores whose URL authority is a bucket name: an "@" there can only be credentials.
+_BUCKET_SCHEMES = re.compile(r"(?:s3a?|gs|gcs)://", re.IGNORECASE)
+PROBE_TIMEOUT_S = 5.0
+
+
+class StorageError(DataError):
+    """A URL that cannot be opened, or an object store that cannot be reached: one line."""
+
 
 def fs_and_path(url: str, **storage_options):
     """(filesystem, path) of any fsspec URL or local path."""
-    return fsspec.core.url_to_fs(str(url), **storage_options)
+    url = str(url)
+    if _BUCKET_SCHEMES.match(url) and (has_credentials(url) or "@" in url.split("/")[2]):
+        # s3fs would take "KEY:SECRET@bucket" for a bucket name and botocore echo it in its error
+        raise StorageError(f"{redact_text(url)}: credentials in an object-store URL are not supported "
+                           "(and never printed); use the AWS_* environment variables or a profile")
+    try:
+        return fsspec.core.url_to_fs(url, **storage_options)
+    except (ValueError, ImportError) as exc:    # unknown protocol, its package not installed
+        raise StorageError(f"cannot open {redact_text(url)}: {' '.join(redact_text(exc).split())}") from None
+
+
+def check_store(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Fail fast, in one line, if the object store of `url` cannot be used: a dead endpoint, wrong
+    credentials or a missing bucket. s3:// only (local paths fail fast by themselves): one
+    list request with one attempt and short timeouts, where the store's own client would retry
+    for ~12 s (botocore's and s3fs's retries multiplied) before a traceback."""
+    fs, path = fs_and_path(url)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol not in ("s3", "s3a"):
+        return
+    import s3fs
+
+    config = {**fs.storage_options.get("config_kwargs", {}),
+              "connect_timeout": timeout_s, "read_timeout": 2 * timeout_s,
+              "retries": {"max_attempts": 1, "mode": "standard"}}
+    probe = s3fs.S3FileSystem(**{**fs.storage_options, "config_kwargs": config, "skip_instance_cache": True})
+    probe.retries = 1                       # s3fs's own retry loop around botocore's
+    bucket, key, _ = probe.split_path(path)
+    shown = redact_text(url)
+    try:
+        probe.call_s3("list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=1)
+    except PermissionError as exc:
+        raise StorageError(f"{shown}: access denied by the object store ({redact_text(exc)}); check the "
+                           "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE)") from None
+    except FileNotFoundError:
+        raise StorageError(f"{shown}: bucket {bucket!r} does not exist") from None
+    except Exception as exc:
+        name = type(exc).__name__
+        if name == "NoCredentialsError":
+            raise StorageError(f"{shown}: no AWS credentials found (set AWS_ACCESS_KEY_ID / "
+                               "AWS_SECRET_ACCESS_KEY or AWS_PROFILE)") from None
+        if "Connect" in name or "Timeout" in name:
+            client = getattr(probe, "_s3", None)
+            endpoint = (getattr(getattr(client, "meta", None), "endpoint_url", None)
+                        or os.environ.get("AWS_ENDPOINT_URL") or "the AWS endpoint")
+            raise StorageError(f"{shown}: cannot reach the object store at {redact_text(endpoint)} "
+                               f"({name}); check AWS_ENDPOINT_URL and the network") from None
+        raise StorageError(f"{shown}: the object store refused a listing ({name}: "
+                           f"{' '.join(redact_text(exc).split())[:300]})") from None
 
 
 def is_local(fs) -> bool:

@@ -42,11 +42,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dataprep.errors import DataError
+from dataprep.names import validate_tag
 from dataprep.storage import absolute_url, atomic_write_bytes, fs_and_path, is_local, join
 
 log = logging.getLogger("pippo.data.store")
 
 LEASE_TTL_S = 300.0   # a build's lease is live while its heartbeat is younger than this
+_WARNED: set[str] = set()   # stray files already warned about (versions() runs often)
 
 
 class VersionNotFound(DataError):
@@ -68,15 +70,6 @@ def version_id(part_digests: list[str]) -> str:
     """Content id of a version: a Merkle hash over the digests of its parts (order-free, so the
     same parts, however committed, are the same version)."""
     return hashlib.sha256("\n".join(sorted(part_digests)).encode()).hexdigest()[:20]
-
-
-def valid_name(name: str, what: str = "tag") -> str:
-    """Tags and refs become object names: short, printable, no path syntax."""
-    if (not name or len(name) > 128 or name in ("latest", ".", "..") or name.startswith(".")
-            or any(c in name for c in "/\\") or not name.isprintable()):
-        raise DataError(f"invalid {what} name {name[:40]!r}: 1-128 printable characters, no '/', "
-                        "not 'latest', not starting with '.'")
-    return name
 
 
 class DatasetStore:
@@ -166,31 +159,45 @@ class DatasetStore:
             raise
 
     # -- versions, refs and tags ------------------------------------------------------------------
+    def _tags(self) -> dict[str, str]:
+        tags = {}
+        for p in self._ls("tags"):
+            if p.endswith(".json"):
+                tag = self._read_listed(p, ("id",))
+                if tag is not None:
+                    tags[posixpath.basename(p)[:-5]] = tag["id"]
+        return tags
+
+    def _read_listed(self, path: str, keys: tuple[str, ...], record: bool = False) -> dict | None:
+        """A version record or tag file, or None (with one warning) for a stray file that is not
+        one (e.g. someone's versions/notes.json): a listing never fails on a file it did not write."""
+        try:
+            obj = self.read_json(path)
+        except FileNotFoundError:
+            return None                         # removed between the listing and the read
+        except (ValueError, RecursionError):    # not JSON / not UTF-8 / absurdly nested
+            obj = None
+        name = posixpath.basename(path)
+        if not (isinstance(obj, dict) and all(isinstance(obj.get(k), str) for k in keys)
+                and (not record or (obj["id"] == name[:-5] and obj.get("format") == FORMAT))):
+            if path not in _WARNED:
+                _WARNED.add(path)
+                log.warning("%s: ignoring %s: not a file of this store", self.uri,
+                            posixpath.relpath(path, self.root))
+            return None
+        return obj
+
     def _ls(self, *parts: str) -> list[str]:
         try:
             return sorted(self.fs.ls(self.path(*parts), detail=False))
         except FileNotFoundError:
             return []
+        except NotADirectoryError:
+            raise DataError(f"{self.uri} is not a dataset (it is a file)") from None
 
     def _record(self, path: str) -> dict | None:
-        """A version record, or None for a file that is not one (a stray notes.json)."""
-        try:
-            record = self.read_json(path)
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        if not isinstance(record, dict) or record.get("format") != FORMAT or "id" not in record:
-            return None
-        return record
-
-    def _tags(self) -> dict[str, str]:
-        tags = {}
-        for p in self._ls("tags"):
-            if p.endswith(".json"):
-                try:
-                    tags[posixpath.basename(p)[:-5]] = self.read_json(p)["id"]
-                except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
-                    continue
-        return tags
+        """A version record, or None (one warning) for a file that is not one (a stray notes.json)."""
+        return self._read_listed(path, ("id", "created"), record=True)
 
     def versions(self) -> list[dict]:
         """Every listed version, newest first, with its tags (reads every record: for listing)."""
@@ -266,13 +273,13 @@ class DatasetStore:
         self.write_json(self.path(*path), {"id": record["id"], "created": record["created"]})
 
     def tag(self, ref: str, name: str) -> str:
-        valid_name(name)
+        validate_tag(name)
         vid = self.resolve(ref)["id"]
         self.write_json(self.path("tags", f"{name}.json"), {"id": vid, "updated": _now()})
         return vid
 
     def untag(self, name: str) -> str:
-        valid_name(name)
+        validate_tag(name)
         vid = self._pointer("tags", f"{name}.json")
         if vid is None:
             raise VersionNotFound(f"{self.uri}: no tag {name!r}")

@@ -234,10 +234,22 @@ def render_views(n_views: int, height: int, width: int, seed: int = 0, frame: in
     return views
 
 
+def _check_counts(**counts: int) -> None:
+    """Counts and sizes must be positive (a negative count would silently write nothing, zero
+    cameras an unreadable capture); sides at least 16 px."""
+    for name, value in counts.items():
+        low = 16 if name in ("height", "width") else 1
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
 def synth_capture(out_dir: str | Path, cameras: int = 8, frames: int = 2, height: int = 256,
                   width: int = 168, seed: int = 0, fmt: str = "png", masks: bool = True,
                   distortion: bool = False, progress=None) -> Path:
     """Render one capture and write it in the SPEC §3 layout (atomically: temp dir, then rename)."""
+    _check_counts(cameras=cameras, frames=frames, height=height, width=width)
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     cams = dome_cameras(cameras, height, width, seed, distortion)
     frame_ids = list(range(0, 10 * frames, 10))          # Ava frame ids are sparse, not 0..n
     writer = CaptureWriter(out_dir)
@@ -277,6 +289,9 @@ def synth_image(rng: np.random.Generator, person: bool = True) -> np.ndarray:
 def synth_images(out_dir: str | Path, count: int = 16, seed: int = 0, person_fraction: float = 0.85,
                  progress=None) -> list[Path]:
     """Write `count` JPEG/PNG photos and labels.json ({file: has_person}); returns the paths."""
+    _check_counts(count=count)
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -319,6 +334,7 @@ def turnaround_cameras(n: int, height: int, width: int, radius: float = 2.2, ele
 def write_views(out_dir: str | Path, n_views: int, height: int, width: int, frame: int = 0) -> Path:
     """A rendered turnaround with its cameras in the `pippo eval reprojection` layout (SPEC §2):
     cameras.json = {"views": [{K, R, t, height, width}]} and view00.png, view01.png, ..."""
+    _check_counts(n_views=n_views, height=height, width=width)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pose = head_pose_for_frame(frame)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import os
 import sys
+import traceback
 
 EPILOG = ("Configs are YAML files; override any key after the file name as key.sub=value "
           "(values parsed as YAML). Environment: PIPPO_STORE, MLFLOW_TRACKING_URI, RAY_ADDRESS, "
@@ -18,6 +19,63 @@ EPILOG = ("Configs are YAML files; override any key after the file name as key.s
 
 class UserError(Exception):
     """An error caused by input (config, data, arguments); reported as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line promise: a usage error is one line on stderr (exit 2), not the
+    usage block plus the error."""
+
+    def error(self, message):
+        from dataprep.redact import redact_text
+        self.exit(2, f"{self.prog}: error: {_one_line(redact_text(message))} (see {self.prog} --help)\n")
+
+
+def _int_in(low: int, high: int):
+    """argparse type: an integer within low..high (a negative count or zero cameras is one line)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not within {low}..{high}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float_in(low: float, high: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+        if not low <= value <= high:      # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text} is not within {low:g}..{high:g}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+SIDE = _int_in(16, 8192)          # image sides in pixels
+SEED = _int_in(0, 2**31 - 1)
+
+
+def _verbosity_flags(p, top: bool) -> None:
+    """-v/-q on the top parser and on every subcommand (`pippo data build C -v` = `pippo -v data
+    build C`). Subcommands default to SUPPRESS so they never overwrite a flag given before them."""
+    default = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging (and libraries' INFO lines, tracebacks of errors)", **default)
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only", **default)
+
+
+def _all_parsers(parser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):   # aliases repeat a parser
+                yield from _all_parsers(sub)
 
 
 def _add(sub, name: str, target: str, help_text: str, description: str | None = None):
@@ -32,12 +90,11 @@ def _json_flag(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pippo",
         description="Pippo pipeline: data build (Ray -> WebDataset versions), DeepSpeed training "
                     "stages, workflow runs, Ray job submission and MLflow comparison.",
         epilog=EPILOG)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # ---- data ---------------------------------------------------------------------------------
@@ -50,12 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
              "Render a procedural textured figure from a dome of cameras by exact ray casting and "
              "write each capture in the Ava-256 layout (transposed K/T, millimetres, per-camera zips).")
     p.add_argument("out", help="output directory (one sub-directory per capture)")
-    p.add_argument("--captures", type=int, default=1, help="number of captures (default 1)")
-    p.add_argument("--cameras", type=int, default=8, help="cameras per capture (default 8)")
-    p.add_argument("--frames", type=int, default=2, help="frames per capture (default 2)")
-    p.add_argument("--height", type=int, default=256, help="frame height in pixels (default 256)")
-    p.add_argument("--width", type=int, default=168, help="frame width in pixels (default 168, Ava's portrait aspect)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--captures", type=_int_in(1, 10_000), default=1, help="number of captures (default 1)")
+    p.add_argument("--cameras", type=_int_in(1, 10_000), default=8, help="cameras per capture (default 8)")
+    p.add_argument("--frames", type=_int_in(1, 1_000_000), default=2, help="frames per capture (default 2)")
+    p.add_argument("--height", type=SIDE, default=256, help="frame height in pixels (default 256)")
+    p.add_argument("--width", type=SIDE, default=168, help="frame width in pixels (default 168, Ava's portrait aspect)")
+    p.add_argument("--seed", type=SEED, default=0, help="random seed (default 0)")
     p.add_argument("--format", choices=["png", "jpg", "avif"], default="png", help="frame encoding (default png)")
     p.add_argument("--no-masks", action="store_true", help="do not write segmentation masks")
     p.add_argument("--distortion", action="store_true", help="give cameras non-zero lens distortion")
@@ -63,18 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(dsub, "synth-images", "pipelines.data_commands:synth_images",
              "write unstructured person-like photos (JPEG/PNG, varied sizes)")
     p.add_argument("out", help="output directory")
-    p.add_argument("--count", type=int, default=16, help="number of images (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--count", type=_int_in(1, 10_000_000), default=16, help="number of images (default 16)")
+    p.add_argument("--seed", type=SEED, default=0, help="random seed (default 0)")
 
     p = _add(dsub, "synth-views", "pipelines.data_commands:synth_views",
              "write a rendered turnaround + cameras.json in the `pippo eval reprojection` layout",
              "Ground-truth turnaround views of the synthetic figure with exact cameras: the "
              "reprojection error's noise floor, and test input for the metric.")
     p.add_argument("out", help="output directory")
-    p.add_argument("--views", type=int, default=24, help="number of views on the ring (default 24)")
-    p.add_argument("--height", type=int, default=256, help="view height (default 256)")
-    p.add_argument("--width", type=int, default=256, help="view width (default 256)")
-    p.add_argument("--frame", type=int, default=0, help="head-pose frame (default 0)")
+    p.add_argument("--views", type=_int_in(1, 100_000), default=24, help="number of views on the ring (default 24)")
+    p.add_argument("--height", type=SIDE, default=256, help="view height (default 256)")
+    p.add_argument("--width", type=SIDE, default=256, help="view width (default 256)")
+    p.add_argument("--frame", type=_int_in(0, 2**31 - 1), default=0, help="head-pose frame (default 0)")
 
     p = _add(dsub, "inspect", "pipelines.data_commands:inspect",
              "cameras and frames of one capture (metres, SPEC §4)",
@@ -83,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("capture", help="capture directory or URL")
     _json_flag(p)
     p.add_argument("--preview", metavar="PNG", help="write a contact sheet of a frame to this file")
-    p.add_argument("--frame", type=int, default=None, help="frame for --preview (default: first)")
+    p.add_argument("--frame", type=_int_in(0, 2**31 - 1), default=None, help="frame for --preview (default: first)")
 
     p = _add(dsub, "build", "pipelines.data_commands:build",
              "Ray Data build job: sources -> WebDataset shards -> a new dataset version")
@@ -121,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
              "  pippo data gc s3://bucket/datasets/humans --dry-run\n"
              "  pippo data gc ./ds --keep-last 3")
     p.add_argument("uri", help="dataset URI")
-    p.add_argument("--keep-last", type=int, default=None, help="also drop all but the newest N untagged versions")
-    p.add_argument("--grace-seconds", type=float, default=3600.0,
+    p.add_argument("--keep-last", type=_int_in(0, 2**31 - 1), default=None, help="also drop all but the newest N untagged versions")
+    p.add_argument("--grace-seconds", type=_float_in(0.0, 1e9), default=3600.0,
                    help="keep unreferenced files younger than this: they may belong to a running build (default 3600)")
     p.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
 
@@ -292,14 +349,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="model config YAML")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     _json_flag(p)
+    for n, sub in enumerate(_all_parsers(parser)):
+        _verbosity_flags(sub, top=n == 0)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dataprep.logs import configure
+    from dataprep.redact import register_url_credentials
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for arg in argv:                 # e.g. s3://KEY:SECRET@bucket: never echoed, in any form
+        register_url_credentials(arg)
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    verbose = bool(getattr(args, "verbose", False))
+    configure(1 if verbose else -1 if getattr(args, "quiet", False) else 0)
     module_name, func_name = args._target.split(":")
     try:
         module = importlib.import_module(module_name)
@@ -312,30 +377,91 @@ def main(argv: list[str] | None = None) -> int:
     if func is None:
         print(f"pippo: '{args.command}' is not built yet", file=sys.stderr)
         return 3
-    from pipelines.config import ConfigError
     try:
         code = func(args)
-    except (UserError, ConfigError) as exc:
-        print(f"pippo: error: {exc}", file=sys.stderr)
-        return 2
-    except _user_errors() as exc:
-        print(f"pippo: error: {exc}", file=sys.stderr)
-        return 2
+        sys.stdout.flush()       # a closed pipe must fail here, not at interpreter exit
+    except BrokenPipeError:
+        if _stdout_broken():     # `pippo data versions D | head -1`: the reader left; so do we
+            _silence_stdout()
+            return 141           # 128 + SIGPIPE, what a shell reports for `seq 9999 | head -1`
+        return _report(sys.exc_info()[1], verbose)
     except KeyboardInterrupt:
         print("pippo: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        return _report(exc, verbose)
     return int(code or 0)
 
 
+def _report(exc: BaseException, verbose: bool) -> int:
+    """One redacted line and exit 2 for an error the input caused; a redacted traceback and exit
+    1 for anything else (a bug). With -v, user errors show their traceback too."""
+    from dataprep.redact import redact_text
+
+    message = user_error_message(exc)
+    if message is None or verbose:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        sys.stderr.write(redact_text(text))
+    if message is None:
+        return 1
+    print(f"pippo: error: {_one_line(redact_text(message))}", file=sys.stderr)
+    return 2
+
+
+def _one_line(text: str, limit: int = 1000) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The line to print if `exc` was caused by input, a file, the network or a store (not by a
+    bug), else None. Ray task errors are judged by their cause."""
+    cause = getattr(exc, "cause", None)
+    if type(exc).__name__.startswith("RayTaskError") and isinstance(cause, BaseException):
+        return user_error_message(cause)
+    if isinstance(exc, (UserError, *_user_errors())):
+        return str(exc) or type(exc).__name__
+    if isinstance(exc, OSError):          # files, permissions, disk, network: the environment
+        if exc.strerror and exc.filename is not None:
+            return f"{exc.filename}: {exc.strerror}"
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if any(c.__module__.split(".")[0] in ("botocore", "aiobotocore") for c in type(exc).__mro__):
+        return f"object store: {type(exc).__name__}: {exc}"   # endpoint, credentials, bucket
+    return None
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors raised on bad input by the libraries of dataprep (imported lazily)."""
-    errors: list[type[BaseException]] = [FileNotFoundError]
+    """Errors raised on bad input by the config loader and the libraries of dataprep."""
+    from pipelines.config import ConfigError
+
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
     try:
         from dataprep.errors import DataError
         errors.append(DataError)
     except ImportError:
         pass
     return tuple(errors)
+
+
+def _stdout_broken() -> bool:
+    """True if stdout is a pipe or socket whose reader has gone (not some other broken pipe,
+    e.g. to an object store, which is an error to report)."""
+    try:
+        import select
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):   # no real fd (an in-process test's stdout)
+        return True
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

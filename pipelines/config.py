@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 import types
 import typing
 from pathlib import Path
@@ -23,6 +24,51 @@ class ConfigError(ValueError):
     """A config that cannot be loaded; the message names key, value and file."""
 
 
+MAX_CONFIG_BYTES = 1 << 20      # a config is a few KB; a larger file is a mistake or an attack
+MAX_CONFIG_DEPTH = 64           # nesting of mappings/lists
+MAX_CONFIG_VALUES = 100_000     # values of the tree with every YAML alias expanded
+
+
+def _load_yaml(text: str):
+    """yaml.safe_load, then `_check_tree`. RecursionError (thousands of nested brackets) becomes
+    the nesting ConfigError."""
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"nested deeper than {MAX_CONFIG_DEPTH} levels") from None
+    _check_tree(data)
+    return data
+
+
+def _check_tree(tree: Any) -> None:
+    """Refuse trees that every later walk would blow up: YAML aliases share one object in the
+    parsed tree, but overrides, ${VAR} expansion and typing copy it, so nine levels of nine
+    aliases (a 1 KB "billion laughs" config) become 9^9 values; a recursive alias (`&a [*a]`)
+    never ends. Aliases themselves are fine (PyYAML's dumper writes them for shared objects).
+    Sizes are counted with every alias expanded, but each shared object is visited once."""
+    sizes: dict[int, int] = {}
+    open_ids: set[int] = set()          # containers on the current path: a cycle if met again
+    stack: list[tuple[Any, int, bool]] = [(tree, 1, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        children = list(node.values()) if isinstance(node, dict) else node
+        if done:
+            open_ids.discard(id(node))
+            sizes[id(node)] = 1 + len(node) + sum(sizes[id(c)] for c in children if isinstance(c, (dict, list)))
+            if sizes[id(node)] > MAX_CONFIG_VALUES:
+                raise ConfigError(f"expands to more than {MAX_CONFIG_VALUES} values (YAML aliases?)")
+            continue
+        if not isinstance(node, (dict, list)) or id(node) in sizes:
+            continue
+        if id(node) in open_ids:
+            raise ConfigError("a YAML alias refers to itself (a recursive structure)")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"nested deeper than {MAX_CONFIG_DEPTH} levels")
+        open_ids.add(id(node))
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children if isinstance(c, (dict, list)))
+
+
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
     """`["a.b=3", "c=[1, 2]"]` -> {"a": {"b": 3}, "c": [1, 2]} (values parsed as YAML scalars)."""
     tree: dict = {}
@@ -31,9 +77,11 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        except ConfigError as exc:
+            raise ConfigError(f"override {key!r}: {exc}") from None
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
@@ -56,16 +104,31 @@ def merge(base: dict, update: dict) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a dict: a regular file of at most MAX_CONFIG_BYTES, UTF-8, no
+    more than MAX_CONFIG_VALUES values with aliases expanded, nested at most MAX_CONFIG_DEPTH
+    levels (anything else is one ConfigError line)."""
     try:
-        text = Path(path).read_text()
+        # stat first: opening a FIFO blocks, reading /dev/zero never ends
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigError(f"cannot read config {path}: not a regular file")
+        with open(path, "rb") as f:
+            blob = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    if len(blob) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a config")
     try:
-        data = yaml.safe_load(text)
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        data = _load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -75,10 +138,18 @@ def read_yaml(path: str | Path) -> dict:
 
 ENV_DEFAULTS = {"PIPPO_STORE": "./.pippo/store"}
 _ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+# Variables whose values may be printed and recorded as they are. Any other variable a config
+# expands may hold a credential (`uri: https://host/list.txt?sig=${TOKEN}`): its value is
+# registered with dataprep.redact, so logs, error lines and version records show `${NAME}`.
+PUBLIC_ENV = frozenset({"PIPPO_STORE", "HOME", "USER", "PWD", "TMPDIR", "AWS_ENDPOINT_URL",
+                        "AWS_REGION", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"})
 
 
 def expand_env(value: Any, source: str = "<config>") -> Any:
-    """Replace ${VAR} and ${VAR:-default} in every string (PIPPO_STORE defaults to ./.pippo/store)."""
+    """Replace ${VAR} and ${VAR:-default} in every string (PIPPO_STORE defaults to ./.pippo/store).
+
+    Values of variables not in PUBLIC_ENV, and URL credentials in the result, are registered as
+    secrets (dataprep.redact): they are never printed or recorded."""
     if isinstance(value, dict):
         return {k: expand_env(v, source) for k, v in value.items()}
     if isinstance(value, list):
@@ -86,13 +157,20 @@ def expand_env(value: Any, source: str = "<config>") -> Any:
     if not isinstance(value, str):
         return value
 
+    from dataprep.redact import register_secret, register_url_credentials
+
     def sub(match: re.Match) -> str:
         name, default = match.group(1), match.group(2)
         got = os.environ.get(name) or default or ENV_DEFAULTS.get(name)
         if got is None:
             raise ConfigError(f"{source}: ${{{name}}} is not set and has no default")
+        if os.environ.get(name) and name not in PUBLIC_ENV:
+            register_secret(got, f"${{{name}}}")
         return got
-    return _ENV_REF.sub(sub, value)
+    out = _ENV_REF.sub(sub, value)
+    if "@" in out:
+        register_url_credentials(out)
+    return out
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides=(), *, data: dict | None = None) -> T:
@@ -164,7 +242,7 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
             raise _bad(source, key, value, f"a mapping for {tp.__name__}")
         hints = typing.get_type_hints(tp)
         fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
-        unknown = sorted(set(value) - set(fields))
+        unknown = sorted(map(str, set(value) - set(fields)))
         if unknown:
             name = f"{key}.{unknown[0]}" if key else unknown[0]
             raise ConfigError(

@@ -47,10 +47,13 @@ def synth_views(args) -> int:
 def inspect(args) -> int:
     from dataprep.capture import Capture
     from dataprep.preview import frame_contact_sheet, png_bytes
-    from dataprep.storage import atomic_write_bytes
+    from dataprep.redact import strip_credentials
+    from dataprep.storage import atomic_write_bytes, check_store
 
+    check_store(args.capture)       # a dead endpoint: one line now, not after s3fs's retries
     with Capture(args.capture, strict=False) as cap:
         info = cap.describe()
+        info["uri"] = strip_credentials(info["uri"])
         if args.preview:
             frame = args.frame if args.frame is not None else cap.frames[0]
             atomic_write_bytes(args.preview, png_bytes(frame_contact_sheet(cap, frame)))
@@ -72,39 +75,73 @@ def inspect(args) -> int:
 
 
 def build(args) -> int:
-    from dataprep.build import run_build
     from dataprep.build_config import BuildConfig
+    from dataprep.redact import redact_config
+    from dataprep.storage import check_store
     from pipelines.config import load_config, to_dict
 
     cfg = load_config(BuildConfig, args.config, args.overrides)
+    # A dead endpoint or wrong credentials: one line in seconds, before Ray starts.
+    for uri in dict.fromkeys([cfg.dataset, *(s.uri for s in cfg.sources)]):
+        check_store(uri)
+    from dataprep.build import run_build
+
     if args.dry_run:
-        plan = run_build(cfg, to_dict(cfg), dry_run=True)
+        plan = run_build(cfg, {}, dry_run=True)
         print(json.dumps(plan) if args.json else
               f"would build {plan['new_inputs']} new inputs in {plan['partitions_to_build']} of "
               f"{plan['partitions']} partitions ({plan['listed']} listed, {plan['gone_inputs']} gone; "
               f"{plan['list_files_skipped']} unchanged list files skipped; parent {plan['parent'] or '-'})")
         return 0
-    vid = run_build(cfg, to_dict(cfg))
+    # The version record keeps the config as written: expanded ${VAR}s (tokens) go back to
+    # ${VAR}, URL credentials are masked.
+    vid = run_build(cfg, redact_config(to_dict(cfg)))
+    _warn_if_empty(cfg.dataset, vid)
     print(vid)
     return 0
 
 
+def _warn_if_empty(dataset: str, vid: str) -> None:
+    """A version that keeps no sample is committed (its ledger says why), but never silently."""
+    from dataprep.errors import DataError
+    from dataprep.store import DatasetStore
+
+    try:
+        record = DatasetStore(dataset).resolve(vid)
+    except DataError:
+        return
+    if record.get("samples") == 0:
+        reasons = record.get("stats", {}).get("rejected_by_reason", {})
+        top = max(reasons, key=reasons.get) if reasons else "-"
+        log.warning("version %s keeps 0 samples: all %s inputs were rejected (most often: %s); "
+                    "see `pippo data show %s@%s`", vid, record.get("rejected", 0), top, dataset, vid)
+
+
+def _open_store(uri: str):
+    """The dataset store at `uri`, its object store checked first (fails fast, one line)."""
+    from dataprep.storage import check_store
+    from dataprep.store import DatasetStore
+
+    check_store(uri)
+    return DatasetStore(uri)
+
+
 def _store_and_ref(ref: str):
-    from dataprep.store import DatasetStore, split_ref
+    from dataprep.store import split_ref
     uri, name = split_ref(ref)
-    return DatasetStore(uri), name
+    return _open_store(uri), name
 
 
 def versions(args) -> int:
-    from dataprep.store import DatasetStore
+    from dataprep.redact import strip_credentials
 
-    rows = DatasetStore(args.uri).versions()
+    rows = _open_store(args.uri).versions()
     if args.json:
         print(json.dumps([{k: v[k] for k in ("id", "parent", "created", "tags", "samples", "rejected")}
                           for v in rows]))
         return 0
     if not rows:
-        print(f"{args.uri}: no versions")
+        print(f"{strip_credentials(args.uri)}: no versions")
     for v in rows:
         tags = f" [{', '.join(v['tags'])}]" if v["tags"] else ""
         print(f"{v['id']}  {v['created']}  {v['samples']:>8} samples  {v['rejected']:>6} rejected  "
@@ -117,8 +154,11 @@ SPEC_KEYS = ("id", "parent", "created", "tags", "samples", "rejected", "shards",
 
 
 def show(args) -> int:
+    from dataprep.redact import redact_config
+
     store, ref = _store_and_ref(args.ref)
     v = store.describe(store.resolve(ref))
+    v["config"] = redact_config(v.get("config"))    # records of older builds kept it expanded
     if args.json:
         print(json.dumps({**{k: v.get(k) for k in SPEC_KEYS}, **{k: v[k] for k in v if k not in SPEC_KEYS}}))
         return 0
@@ -163,9 +203,7 @@ def tag(args) -> int:
 
 
 def gc(args) -> int:
-    from dataprep.store import DatasetStore
-
-    result = DatasetStore(args.uri).gc(keep_last=args.keep_last, grace_s=args.grace_seconds, dry_run=args.dry_run)
+    result = _open_store(args.uri).gc(keep_last=args.keep_last, grace_s=args.grace_seconds, dry_run=args.dry_run)
     for path in result["files"]:
         print(f"  would delete {path}")
     print(f"{'would delete' if args.dry_run else 'deleted'} {result['deleted']} files; kept "

@@ -1,0 +1,87 @@
+"""Logging of pippo processes: one stderr format, credentials redacted, libraries quiet.
+
+    configure(verbosity)   the CLI's setup: -1 = -q (warnings only), 0 = default (pippo INFO,
+                           libraries WARNING), 1 = -v (pippo DEBUG, libraries INFO)
+    quiet_ray()            Ray resets its loggers when it is imported (the "ray" logger to INFO, and
+                           ray.data's dictConfig resets every ray.data.* child): call this right
+                           after `import ray` / `ray.init` to apply the current verbosity to them
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from dataprep.redact import redact_text
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Routine INFO chatter of libraries: "Found credentials in environment variables.", connection
+# pool notes, lock files, image plugins... shown with -v only.
+LIBRARIES = ("botocore", "aiobotocore", "boto3", "s3transfer", "s3fs", "fsspec", "urllib3", "requests",
+             "asyncio", "filelock", "PIL", "matplotlib", "httpx", "httpcore", "git", "numba")
+# Ray's routine lines logged as WARNINGs that say nothing about the job: the token-auth notice of
+# every local start, and "Progress bars disabled" (we disable them on purpose). Shown with -v.
+RAY_ROUTINE = ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress")
+VERBOSITY_ENV = "PIPPO_VERBOSITY"      # inherited by Ray workers and job entrypoints
+
+_handler: logging.Handler | None = None
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats as usual, then removes credentials from the whole text (message and traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+
+def verbosity() -> int:
+    try:
+        return max(-1, min(1, int(os.environ.get(VERBOSITY_ENV, "0"))))
+    except ValueError:
+        return 0
+
+
+def configure(level: int = 0) -> None:
+    """Route log records to the current sys.stderr (one handler of ours, replaced on each call so
+    in-process callers such as tests see their own stderr) and set the levels of `level`."""
+    global _handler
+    os.environ[VERBOSITY_ENV] = str(level)
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(RedactingFormatter(FORMAT))
+    root.addHandler(_handler)
+    root.setLevel(logging.DEBUG if level > 0 else logging.WARNING if level < 0 else logging.INFO)
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(logging.INFO if level > 0 else logging.WARNING)
+    for name in RAY_ROUTINE:
+        logging.getLogger(name).setLevel(logging.NOTSET if level > 0 else logging.ERROR)
+    quiet_ray()
+
+
+def setup_worker() -> None:
+    """Ray's `worker_process_setup_hook` (runtime_env): a worker's log lines, which Ray forwards to
+    the driver's stderr, get the same format, levels (PIPPO_VERBOSITY is inherited) and redaction."""
+    configure(verbosity())
+
+
+def unconfigure() -> None:
+    """Remove our handler (tests: it holds the stderr of the call that configured it)."""
+    global _handler
+    if _handler is not None:
+        logging.getLogger().removeHandler(_handler)
+        _handler = None
+
+
+def quiet_ray() -> None:
+    """Apply the verbosity to Ray's loggers if Ray is imported (they have their own handlers and
+    do not propagate, so the root level does not reach them)."""
+    if "ray" not in sys.modules:
+        return
+    level = verbosity()
+    wanted = logging.INFO if level > 0 else logging.WARNING
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(wanted)
+    for name in RAY_ROUTINE:
+        logging.getLogger(name).setLevel(logging.NOTSET if level > 0 else logging.ERROR)
