@@ -31,7 +31,8 @@ from dataprep.errors import DataError
 from dataprep.photos import Rejected
 from dataprep.samples import photo_sample, studio_sample
 from dataprep.shards import ShardWriter
-from dataprep.sources import InputItem, enumerate_source, fetch, sha256, tar_samples, wds_image
+from dataprep.sources import (InputItem, check_body, enumerate_source, fetch, sha256, tar_rows, tar_samples,
+                              wds_image)
 from dataprep.storage import atomic_write_bytes, read_bytes
 from dataprep.commit import commit_version
 from dataprep.store import BuildLease, DatasetStore, VersionNotFound
@@ -56,15 +57,18 @@ def ensure_ray(dashboard: bool = False):
 
 # ---- phase A: read and hash --------------------------------------------------------------------
 
-def _cached_fetch(uri: str, cfg: BuildConfig, store_uri: str) -> bytes:
-    """fetch(), with http(s) downloads kept in the store's cache so re-runs never download twice."""
+def _cached_fetch(uri: str, cfg: BuildConfig, store_uri: str, kind: str = "image") -> bytes:
+    """fetch(), with http(s) downloads kept in the store's cache so re-runs never download twice.
+    Only bodies that are what they should be (an allowed image format / a tar) are cached."""
+    limit = cfg.inputs.max_tar_bytes if kind == "wds" else cfg.inputs.max_bytes
     if not uri.startswith(("http://", "https://")):
-        return fetch(uri, cfg.http)
+        return fetch(uri, cfg.http, limit)
     cache = DatasetStore(store_uri).url("cache", "urls", hashlib.sha1(uri.encode()).hexdigest())
     try:
         return read_bytes(cache)
     except FileNotFoundError:
-        data = fetch(uri, cfg.http)
+        data = fetch(uri, cfg.http, limit)
+        check_body(data, kind, cfg.filters.max_pixels)
         atomic_write_bytes(cache, data)
         return data
 
@@ -77,26 +81,12 @@ def hash_inputs(row: dict, cfg: BuildConfig, store_uri: str) -> list[dict]:
     """One image or tar -> rows (input fields + sha256, or stage/reason of a reject)."""
     item = InputItem(**{k: row[k] for k in InputItem.__dataclass_fields__})
     try:
-        data = _cached_fetch(item.uri, cfg, store_uri)
+        data = _cached_fetch(item.uri, cfg, store_uri, item.kind)
         if item.kind == "image":
             if not data:
                 raise Rejected("decode", "empty file (0 bytes)")   # not a "duplicate" of other empties
             return [{**item.to_row(), "size": len(data), "sha256": sha256(data), "stage": "", "reason": ""}]
-        try:
-            samples = tar_samples(data)
-        except Exception as exc:
-            raise Rejected("decode", f"not a readable tar ({type(exc).__name__}: {exc})") from None
-        if not samples:
-            raise Rejected("decode", "tar holds no samples")
-        out = []
-        for key in sorted(samples):
-            image = wds_image(samples[key])
-            member = InputItem(f"{item.uri}#{key}", "wds", item.uri, member=key, size=len(image or b""))
-            if image is None:
-                out.append(_row_reject(member, "decode", "sample has no image member"))
-            else:
-                out.append({**member.to_row(), "sha256": sha256(image), "stage": "", "reason": ""})
-        return out
+        return tar_rows(item, data, cfg.inputs.max_bytes)
     except Rejected as r:
         return [_row_reject(item, r.stage, r.reason)]
     except Exception as exc:   # a bug must not lose the other inputs: record it, loudly
@@ -125,7 +115,8 @@ def build_unit(row: dict, cfg: BuildConfig, store_uri: str, recipe: str) -> dict
                 if item.kind == "studio":
                     if item.uri not in captures:
                         try:
-                            captures[item.uri] = Capture(item.uri, strict=False)
+                            captures[item.uri] = Capture(item.uri, strict=False, max_pixels=cfg.filters.max_pixels,
+                                                     inputs=cfg.inputs)
                         except DataError as exc:
                             captures[item.uri] = Rejected("capture", str(exc))
                     cap = captures[item.uri]
@@ -137,7 +128,8 @@ def build_unit(row: dict, cfg: BuildConfig, store_uri: str, recipe: str) -> dict
                 else:
                     if item.kind == "wds":
                         if item.uri not in tars:
-                            tars[item.uri] = tar_samples(_cached_fetch(item.uri, cfg, store_uri))
+                            tars[item.uri] = tar_samples(_cached_fetch(item.uri, cfg, store_uri, "wds"),
+                                                         cfg.inputs.max_bytes)
                         data = wds_image(tars[item.uri][item.member])
                     else:
                         data = _cached_fetch(item.uri, cfg, store_uri)

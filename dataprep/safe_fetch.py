@@ -30,7 +30,7 @@ import stat
 import sys
 import threading
 import time
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -200,8 +200,7 @@ _MANAGERS: dict[bool, urllib3.PoolManager] = {}
 
 def _manager(allow_private: bool) -> urllib3.PoolManager:
     if allow_private not in _MANAGERS:
-        pm = urllib3.PoolManager(num_pools=32, maxsize=8, retries=False,
-                                 headers={"User-Agent": "pippo-dataprep", "Accept-Encoding": "identity"})
+        pm = urllib3.PoolManager(num_pools=32, maxsize=8, retries=False, headers=_manager_headers())
         pm.pool_classes_by_scheme = _pool_classes(allow_private)
         _MANAGERS[allow_private] = pm
     return _MANAGERS[allow_private]
@@ -226,7 +225,27 @@ def _retry_after(value: str | None, cap: float) -> float:
     return max(0.0, min(wait, cap))
 
 
-def _one_attempt(url: str, http: HttpConfig, max_bytes: int) -> tuple[int, dict, bytes]:
+def _origin(parts) -> tuple:
+    return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _auth_headers(url: str, inherited: tuple[str, str] | None) -> dict:
+    """Basic auth from the URL's own user:password (as requests did), else the credentials a
+    same-origin redirect inherited (requests' rule: never sent to another host, port or scheme)."""
+    parts = urlsplit(url)
+    headers = dict(_manager_headers())
+    creds = (unquote(parts.username), unquote(parts.password or "")) if parts.username is not None else inherited
+    if creds is not None:
+        headers.update(urllib3.util.make_headers(basic_auth=f"{creds[0]}:{creds[1]}"))
+    return headers
+
+
+def _manager_headers() -> dict:
+    return {"User-Agent": "pippo-dataprep", "Accept-Encoding": "identity"}
+
+
+def _one_attempt(url: str, http: HttpConfig, max_bytes: int, auth: tuple[str, str] | None = None
+                 ) -> tuple[int, dict, bytes]:
     """(status, headers, body) of one request; the body only for a 200."""
     pm = _manager(http.allow_private_addresses)
     timeout = urllib3.Timeout(connect=http.timeout_s, read=http.timeout_s)
@@ -234,8 +253,8 @@ def _one_attempt(url: str, http: HttpConfig, max_bytes: int) -> tuple[int, dict,
     resp, complete = None, False
     try:
         with attempt:
-            resp = pm.request("GET", url, redirect=False, retries=False, preload_content=False,
-                              decode_content=False, timeout=timeout)
+            resp = pm.request("GET", url, headers=_auth_headers(url, auth), redirect=False, retries=False,
+                              preload_content=False, decode_content=False, timeout=timeout)
             if resp.status != 200:
                 return resp.status, dict(resp.headers), b""
             length = resp.headers.get("Content-Length", "")
@@ -276,12 +295,15 @@ def http_get(url: str, http: HttpConfig, max_bytes: int) -> bytes:
     """Body of an http(s) URL under the rules of this module; Rejected('fetch', ...) otherwise."""
     retries = redirects = 0
     current = url
+    first = urlsplit(url)
+    creds = (unquote(first.username), unquote(first.password or "")) if first.username is not None else None
     while True:
         parts = urlsplit(current)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise Rejected("fetch", f"redirect to a non-http(s) URL refused ({parts.scheme or 'no'} scheme)")
+        inherited = creds if _origin(parts) == _origin(first) else None
         try:
-            status, headers, body = _one_attempt(current, http, max_bytes)
+            status, headers, body = _one_attempt(current, http, max_bytes, inherited)
         except _Transient as exc:
             if retries >= http.retries:
                 raise Rejected("fetch", f"HTTP error after {retries} retries: {exc}") from None
