@@ -128,6 +128,7 @@ def build_unit(row: dict, cfg: BuildConfig, store_uri: str, recipe: str) -> dict
                 else:
                     if item.kind == "wds":
                         if item.uri not in tars:
+                            tars.clear()     # inputs are sorted: one tar in memory at a time
                             tars[item.uri] = tar_samples(_cached_fetch(item.uri, cfg, store_uri, "wds"),
                                                          cfg.inputs.max_bytes)
                         data = wds_image(tars[item.uri][item.member])

@@ -375,9 +375,9 @@ def read_local(path: str, max_bytes: int) -> bytes:
 def read_object(fs, path: str, max_bytes: int) -> bytes:
     """An object-store object, its listed size checked before reading, the read bounded."""
     try:
-        size = fs.size(path)
-        with fs.open(path, "rb") as f:
-            return read_capped(f, max_bytes, size)
+        with fs.open(path, "rb") as f:      # buffered fsspec files know their size (no extra request)
+            size = getattr(f, "size", None)
+            return read_capped(f, max_bytes, size if isinstance(size, int) else None)
     except FileNotFoundError:
         raise Rejected("fetch", "file not found") from None
     except OSError as exc:
