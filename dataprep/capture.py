@@ -243,9 +243,10 @@ class Capture:
             if info.file_size > cap:
                 raise CaptureError(f"{where}: {rel}:{member} is {info.file_size} bytes, more than "
                                    f"inputs.max_bytes ({cap})")
-            if info.file_size > ZIP_RATIO_FLOOR and info.file_size > self.inputs.max_zip_ratio * max(info.compress_size, 1):
-                raise CaptureError(f"{where}: {rel}:{member} inflates {info.file_size / max(info.compress_size, 1):.0f}x, "
-                                   f"more than inputs.max_zip_ratio ({self.inputs.max_zip_ratio:g})")
+            ratio = info.file_size / max(info.compress_size, 1)
+            if info.file_size > ZIP_RATIO_FLOOR and ratio > self.inputs.max_zip_ratio:
+                raise CaptureError(f"{where}: {rel}:{member} inflates {ratio:.0f}x, more than "
+                                   f"inputs.max_zip_ratio ({self.inputs.max_zip_ratio:g})")
             with zf.open(info) as f:
                 data = f.read(cap + 1)
             if len(data) > cap:

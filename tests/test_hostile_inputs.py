@@ -385,8 +385,8 @@ def test_local_reads_are_regular_files_within_the_cap(tmp_path):
     fifo = tmp_path / "blocks.jpg"
     os.mkfifo(fifo)
     outcome = {}
-    reader = threading.Thread(target=lambda: outcome.setdefault("r", _reason(lambda: fetch(f"file://{fifo}", HttpConfig()))),
-                              daemon=True)
+    read = lambda: outcome.setdefault("r", _reason(lambda: fetch(f"file://{fifo}", HttpConfig())))  # noqa: E731
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     reader.join(5)
     assert not reader.is_alive(), "a FIFO blocked the read"
@@ -544,7 +544,8 @@ def test_bad_input_corpus_build_conserves_and_stays_inside(tmp_path):
                                            {"kind": "webdataset", "uri": str(wds)},
                                            {"kind": "urls", "uri": str(lists / "urls.txt")}]}))
     before = {p for p in tmp_path.rglob("*") if p != store}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "data", "build", str(cfg)], capture_output=True,
                           text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
