@@ -188,7 +188,7 @@ def url_list_entry(entry: str, fs, list_path: str, policy: InputPolicy) -> tuple
             own = [] if local else [p.lower() for p in (fs.protocol if isinstance(fs.protocol, (tuple, list))
                                                          else (fs.protocol,))]
             if scheme in policy.allowed_schemes or scheme in own:
-                return entry, None
+                return scheme + entry[len(scheme):], None      # HTTP:// -> http:// (fetch's dispatch)
             allowed = sorted(set(policy.allowed_schemes) | set(own))
             return entry, f"scheme {scheme}:// not allowed (allowed: {', '.join(allowed)}, local paths)"
     else:
@@ -246,7 +246,7 @@ def read_input(fs, path: str, max_bytes: int, within: list[str] | None = None) -
 def fetch(uri: str, http: HttpConfig, max_bytes: int = InputPolicy.max_bytes) -> bytes:
     """Bytes of an input at an fsspec URL or http(s) URL, at most max_bytes; Rejected('fetch', …)
     when unavailable or refused."""
-    if uri.startswith(("http://", "https://")):
+    if uri[:8].lower().startswith(("http://", "https://")):    # never fsspec's unguarded http
         return http_get(uri, http, max_bytes)
     if "::" in uri:
         raise Rejected("fetch", "chained URLs (::) are not allowed")

@@ -298,7 +298,7 @@ def test_url_lists_read_only_allowed_schemes_and_local_paths_inside(tmp_path):
     os.symlink(outside / "nothing-here.jpg", lists / "dangling.jpg")
     entries = {
         "photos/ok.jpg": None, f"file://{lists}/photos/ok.jpg": None, "photos/missing.jpg": None,
-        "https://example.com/a.jpg": None,
+        "HTTPS://example.com/a.jpg": None,
         "file:///etc/passwd": OUTSIDE, "../../../../../../etc/passwd": OUTSIDE, "/etc/passwd": OUTSIDE,
         "../outside/private.jpg": OUTSIDE, "../outside/nothing-here.jpg": OUTSIDE,
         "link.jpg": OUTSIDE, "dangling.jpg": OUTSIDE,
