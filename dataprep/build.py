@@ -25,6 +25,7 @@ import time
 
 from dataprep.build_config import BuildConfig
 from dataprep.commit import commit_version
+from dataprep.errors import DataError
 from dataprep.listing import list_unit, plan_listing
 from dataprep.logs import quiet_ray
 from dataprep.partition_job import dedup_bucket, process_partition, write_partition
@@ -116,14 +117,16 @@ def run_build(cfg: BuildConfig, config_dict: dict, dry_run: bool = False) -> str
             log.info("keeping the parent's %d partitions (config: %d)", partitions, cfg.partitions)
         parent_parts = store.version_parts(parent) if parent else []
         units, signatures, skipped = plan_listing(cfg.sources, parent.get("listings", {}) if parent else {})
-        log.info("%d listing units (%d unchanged list files skipped), %d partitions, parent %s",
+        log.debug("%d listing units (%d unchanged list files skipped), %d partitions, parent %s",
                  len(units), len(skipped), partitions, parent["id"] if parent else "-")
         ray = ensure_ray()
         lister = ray.remote(num_cpus=1, num_returns=partitions + 1, max_retries=3)(_list_unit)
-        listed = [lister.remote(u, partitions) for u in units]
-        counts = [sum(c) for c in ray.get([refs[-1] for refs in listed])]
-        total = sum(counts)
-        log.info("listed %d inputs", total)
+        listed = [lister.remote(u, partitions, cfg.inputs) for u in units]
+        listing = ray.get([refs[-1] for refs in listed])
+        total = sum(s["rows"] for s in listing)
+        _check_sources(cfg, units, listing)
+        log.info("listed %d inputs (%d list files unchanged since parent %s, not read)", total, len(skipped),
+                 parent["id"] if parent else "-")
         relisted = sorted({u.listing for u in units})
 
         def parts_of(p: int, kind: str) -> list[dict]:
@@ -134,6 +137,9 @@ def run_build(cfg: BuildConfig, config_dict: dict, dry_run: bool = False) -> str
                                 *[refs[p] for refs in listed]) for p in range(partitions)]
         summaries = _drain(ray, [refs[0] for refs in plans], Progress("process", total, "inputs"),
                            lambda s: s["listed"])
+        unknown = sorted({c for s in summaries for c in s["unknown_cameras"]})
+        if unknown:   # a typo in `cameras:` must not pass as "those views were dropped"
+            log.warning("cameras %s of the config are in none of the captures read", ", ".join(unknown[:10]))
         if dry_run:
             return _plan_summary(summaries, total, len(units), len(skipped), partitions, parent, started)
         dedup = ray.remote(num_cpus=1, num_returns=partitions + 1, max_retries=3)(dedup_bucket)
@@ -150,9 +156,26 @@ def run_build(cfg: BuildConfig, config_dict: dict, dry_run: bool = False) -> str
                               partitions, started, summaries)
 
 
-def _list_unit(unit, partitions):
-    tables = list_unit(unit, partitions)
-    return (*tables, [t.num_rows for t in tables])
+def _list_unit(unit, partitions, policy):
+    tables, summary = list_unit(unit, partitions, policy)
+    return (*tables, {**summary, "rows": sum(t.num_rows for t in tables)})
+
+
+def _check_sources(cfg: BuildConfig, units, summaries) -> None:
+    """A source that yields no input to read is a config mistake, not an empty dataset: one line.
+    (Checked per source over its listing units; a list file skipped as unchanged had inputs.)"""
+    found: dict[int, list] = {}
+    for unit, s in zip(units, summaries):
+        found.setdefault(unit.source, []).append(s)
+    for index, source in enumerate(cfg.sources):
+        parts = found.get(index)
+        if parts is None:
+            continue          # not listed this time: an unchanged list file
+        if not sum(s["items"] for s in parts):
+            rejects = sum(s["rejects"] for s in parts)
+            example = next((s["reject"] for s in parts if s["reject"]), "")
+            detail = f"; {rejects} refused, e.g. {example}" if rejects else ""
+            raise DataError(f"{source.kind} source {source.uri} yields no inputs to read{detail}")
 
 
 def _process(p, partitions, cfg, store_uri, recipe, parent_parts, relisted, dry_run, *listing):
@@ -161,6 +184,7 @@ def _process(p, partitions, cfg, store_uri, recipe, parent_parts, relisted, dry_
                             dry_run=dry_run)
     plan = out[0]
     summary = {"partition": p, "listed": sum(t.num_rows for t in listing), "part": plan["part"],
+               "unknown_cameras": plan.get("unknown_cameras", []),
                "reused": plan["finished"] is not None, "new": plan.get("todo", 0),
                "gone": len(plan["gone"]), "decided": len(plan["decided"])}
     return (summary, *out)

@@ -56,15 +56,52 @@ class PhotoFilters:
 
 @dataclass
 class HttpConfig:
+    # Each attempt ends at timeout_s from connect to last byte (a deadline, not a per-read
+    # timeout); a stall before the response headers is retried, a body still arriving at the
+    # deadline is not (a trickling server would trickle again).
     timeout_s: float = 20.0
     retries: int = 3                    # extra attempts on connection errors and 429/5xx
     backoff_s: float = 0.2
+    max_retry_wait_s: float = 10.0      # a server's Retry-After is honoured up to this
+    max_redirects: int = 5              # followed one by one, each target checked again
+    # Loopback, link-local (cloud metadata), private, multicast, reserved and unspecified
+    # addresses are refused unless this is true (an internal mirror, a test server).
+    allow_private_addresses: bool = False
 
     def __post_init__(self):
         _finite(self.timeout_s, "timeout_s", 0.001, 3600.0)
         _finite(self.backoff_s, "backoff_s", 0.0, 60.0)
         if not 0 <= self.retries <= 20:
             raise ValueError(f"retries must be within 0..20, got {self.retries}")
+        if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0 or self.max_retry_wait_s < 0 \
+                or self.max_redirects < 0:
+            raise ValueError("http: timeout_s must be > 0; retries, backoff_s, max_retry_wait_s and "
+                             "max_redirects must be >= 0")
+
+
+@dataclass
+class InputPolicy:
+    """What a build may read, and how much (config key `inputs`). Not part of the recipe: it
+    decides which inputs are read, not how an input becomes a sample."""
+    max_bytes: int = 256 * 2**20        # one cap for every input read: photo file, object, HTTP
+                                        # body, tar member, capture zip member, list or JSON file
+    max_tar_bytes: int = 2 * 2**30      # a whole WebDataset tar (held in memory by its task)
+    max_zip_ratio: float = 100.0        # capture zip members inflating more than this are refused
+    # URL lists: schemes entries may use besides local paths (the list's own object-store
+    # scheme is always allowed); chained URLs (`a::b`) never are.
+    allowed_schemes: list[str] = field(default_factory=lambda: ["http", "https"])
+    # Local directories that list entries and symlinks may point into, besides the source's own
+    # directory (a URL list's directory, a photo or capture source root).
+    local_roots: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.max_bytes < 1 or self.max_tar_bytes < 1 or self.max_zip_ratio < 1:
+            raise ValueError("inputs.max_bytes and inputs.max_tar_bytes must be >= 1, inputs.max_zip_ratio >= 1")
+        self.allowed_schemes = [str(s).lower().removesuffix("://") for s in self.allowed_schemes]
+        bad = [s for s in self.allowed_schemes if s in ("file", "local") or not s.isidentifier()]
+        if bad:
+            raise ValueError(f"inputs.allowed_schemes: {bad[0]!r} is not an allowed remote scheme "
+                             "(local paths are governed by inputs.local_roots)")
 
 
 @dataclass
@@ -87,6 +124,7 @@ class BuildConfig:
     anchor_axis_m: float = 0.2          # length of the drawn head axes, metres
     filters: PhotoFilters = field(default_factory=PhotoFilters)
     http: HttpConfig = field(default_factory=HttpConfig)
+    inputs: InputPolicy = field(default_factory=InputPolicy)
     shard: ShardLimits = field(default_factory=ShardLimits)
     # Inputs are hash-partitioned; each partition is one Ray task writing its own parts. A
     # property of the lineage: a child build keeps its parent's count (so it reads only its
@@ -138,7 +176,8 @@ class BuildConfig:
         only when these are equal (otherwise incremental reuse would mix two recipes)."""
         d = asdict(self)
         for key in ("dataset", "sources", "shard", "partitions", "workers", "parent", "dedup",
-                    "dedup_against_parent", "tags", "preview_samples", "http", "on_missing", "max_attempts"):
+                    "dedup_against_parent", "tags", "preview_samples", "http", "on_missing", "max_attempts",
+                    "inputs"):
             d.pop(key)
         return d
 

@@ -19,7 +19,9 @@ import io
 import json
 import os
 import posixpath
+import re
 import shutil
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +30,20 @@ import fsspec
 import numpy as np
 from PIL import Image
 
+from dataprep.build_config import InputPolicy, PhotoFilters
 from dataprep.errors import CalibrationError, CaptureError
 from dataprep.geometry import validate_camera, validate_rotation
+from dataprep.image_formats import FRAME_FORMATS, MASK_FORMATS, FormatError, open_image
+from dataprep.photos import Rejected
+from dataprep.safe_fetch import NotRegularFile, open_regular, read_capped, realpath_inside
+from dataprep.storage import is_local
 
 MM_PER_M = 1000.0
 MAX_POSE_MM = 1e9           # a head pose further than 1000 km is a corrupt file (and overflows later)
 FRAME_EXTENSIONS = (".avif", ".jpg", ".jpeg", ".png")
+# Camera ids name files (image/cam{ID}.zip): plain names only, never a path.
+CAMERA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+ZIP_RATIO_FLOOR = 1 << 20      # members smaller than this are never refused for their compression ratio
 
 
 @dataclass
@@ -61,6 +71,9 @@ def parse_calibration(data: dict, where: str) -> tuple[dict[str, Camera], dict[s
         try:
             if not isinstance(entry, dict):
                 raise CalibrationError(f"{cam_where}: entry is not an object")
+            if not CAMERA_ID.fullmatch(cam_id) or ".." in cam_id:
+                raise CalibrationError(f"{where}: camera {cam_id[:80]!r}: cameraId is not a plain name "
+                                       "(letters, digits, _ . -; it names the camera's zip files)")
             model = entry.get("projectionModel", "Pinhole")
             if model != "Pinhole":
                 raise CalibrationError(f"{cam_where}: projection model {model!r} is not Pinhole")
@@ -93,12 +106,23 @@ def camera_to_krt(cam: Camera) -> dict:
             "projectionModel": "Pinhole"}
 
 
-def decode_image(data: bytes, where: str, mode: str = "RGB") -> np.ndarray:
-    """Bytes of an AVIF/JPEG/PNG -> uint8 array; CaptureError naming `where` if it cannot be decoded."""
+def decode_image(data: bytes, where: str, mode: str = "RGB", formats=FRAME_FORMATS,
+                 max_pixels: int = PhotoFilters.max_pixels) -> np.ndarray:
+    """Bytes of an AVIF/JPEG/PNG -> uint8 array; CaptureError naming `where` if it is another
+    format (never handed to a decoder), claims more than max_pixels, or cannot be decoded."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return np.asarray(im.convert(mode))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # max_pixels decides
+            with open_image(data, formats) as im:
+                if im.width * im.height > max_pixels:
+                    raise CaptureError(f"{where}: decompression bomb refused: {im.width}x{im.height} "
+                                       f"exceeds {max_pixels} pixels")
+                im.load()
+                return np.asarray(im.convert(mode))
+    except CaptureError:
+        raise
+    except FormatError as exc:
+        raise CaptureError(f"{where}: {exc.reason}") from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError…)
         raise CaptureError(f"{where}: cannot decode image ({type(exc).__name__}: {exc})") from None
 
@@ -108,12 +132,21 @@ class Capture:
 
     `strict=True` raises the first calibration error; `strict=False` keeps the valid cameras and
     lists the others in `invalid_cameras` (id -> reason) so a build can reject just those.
+
+    Untrusted input: on a local filesystem every file read must be a regular file that resolves
+    inside the capture (a symlinked zip pointing elsewhere is refused); each read is capped at
+    `inputs.max_bytes` (zip members by their declared size and compression ratio before being
+    inflated); frames must be AVIF/JPEG/PNG within `max_pixels`, masks PNG.
     """
 
-    def __init__(self, uri: str, strict: bool = True, storage_options: dict | None = None):
+    def __init__(self, uri: str, strict: bool = True, storage_options: dict | None = None,
+                 max_pixels: int = PhotoFilters.max_pixels, inputs: InputPolicy | None = None):
         self.uri = str(uri).rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
         self.name = posixpath.basename(self.root.rstrip("/"))
+        self.max_pixels = max_pixels
+        self.inputs = inputs or InputPolicy()
+        self._local = is_local(self.fs)
         self._zips: dict[str, zipfile.ZipFile] = {}
         self._members: dict[str, dict[int, str]] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
@@ -144,10 +177,29 @@ class Capture:
     def _path(self, rel: str) -> str:
         return posixpath.join(self.root, rel)
 
+    def _open(self, rel: str, where: str):
+        """A file of the capture for reading: on a local filesystem a regular file resolving
+        inside the capture (the same refusal whether an outside target exists or not)."""
+        path = self._path(rel)
+        if not self._local:
+            return self.fs.open(path, "rb")
+        if not realpath_inside(path, [self.root]):
+            raise CaptureError(f"{where}: {rel} points outside the capture")
+        try:
+            return open_regular(path)
+        except NotRegularFile:
+            raise CaptureError(f"{where}: {rel} is not a regular file") from None
+
+    def _read_small(self, rel: str) -> bytes:
+        try:
+            with self._open(rel, self.name) as f:
+                return read_capped(f, self.inputs.max_bytes)
+        except Rejected as exc:
+            raise CaptureError(f"{self.name}: {rel}: {exc.reason}") from None
+
     def _read_json(self, rel: str) -> dict:
         try:
-            with self.fs.open(self._path(rel), "rb") as f:
-                return json.loads(f.read())
+            return json.loads(self._read_small(rel))
         except FileNotFoundError:
             raise CaptureError(f"{self.uri}: missing {rel}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -157,10 +209,12 @@ class Capture:
 
     def _read_frame_list(self) -> list[int]:
         try:
-            with self.fs.open(self._path("frame_list.csv"), "rb") as f:
-                rows = list(csv.DictReader(io.TextIOWrapper(f, encoding="utf-8")))
+            text = self._read_small("frame_list.csv").decode("utf-8")
+            rows = list(csv.DictReader(io.StringIO(text)))
         except FileNotFoundError:
             raise CaptureError(f"{self.name}: missing frame_list.csv") from None
+        except UnicodeDecodeError:
+            raise CaptureError(f"{self.name}: frame_list.csv is not UTF-8 text") from None
         try:
             return [int(r["frame_id"]) for r in rows]
         except (KeyError, TypeError, ValueError):
@@ -169,7 +223,7 @@ class Capture:
     def _zip(self, rel: str, where: str) -> zipfile.ZipFile:
         if rel not in self._zips:
             try:
-                handle = self.fs.open(self._path(rel), "rb")
+                handle = self._open(rel, where)
             except FileNotFoundError:
                 raise CaptureError(f"{where}: missing {rel}") from None
             try:
@@ -180,12 +234,29 @@ class Capture:
         return self._zips[rel]
 
     def _member(self, rel: str, member: str, where: str) -> bytes:
+        """A zip member's bytes, refused before inflating when its declared size exceeds
+        inputs.max_bytes or it inflates more than inputs.max_zip_ratio (zipfile never returns
+        more than the declared size)."""
         zf = self._zip(rel, where)
+        cap = self.inputs.max_bytes
         try:
-            return zf.read(member)
+            info = zf.getinfo(member)
+            if info.file_size > cap:
+                raise CaptureError(f"{where}: {rel}:{member} is {info.file_size} bytes, more than "
+                                   f"inputs.max_bytes ({cap})")
+            ratio = info.file_size / max(info.compress_size, 1)
+            if info.file_size > ZIP_RATIO_FLOOR and ratio > self.inputs.max_zip_ratio:
+                raise CaptureError(f"{where}: {rel}:{member} inflates {ratio:.0f}x, more than "
+                                   f"inputs.max_zip_ratio ({self.inputs.max_zip_ratio:g})")
+            with zf.open(info) as f:
+                data = f.read(cap + 1)
+            if len(data) > cap:
+                raise CaptureError(f"{where}: {rel}:{member} is larger than inputs.max_bytes ({cap})")
+            return data
         except KeyError:
             raise CaptureError(f"{where}: {rel} has no member {member}") from None
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:  # CRC error, truncated data
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as exc:
+            # CRC error, truncated data, encrypted or unsupported compression
             raise CaptureError(f"{where}: {rel}:{member} is corrupt ({exc})") from None
 
     def _frame_member(self, kind: str, cam_id: str, frame: int) -> tuple[str, str]:
@@ -220,7 +291,7 @@ class Capture:
     def image(self, cam_id: str, frame: int) -> np.ndarray:
         """Frame of a camera as (H, W, 3) uint8 RGB (as recorded: distortion not removed)."""
         data, _ = self.image_bytes(cam_id, frame)
-        img = decode_image(data, f"{self.name}: camera {cam_id} frame {frame}")
+        img = decode_image(data, f"{self.name}: camera {cam_id} frame {frame}", max_pixels=self.max_pixels)
         self._sizes.setdefault(cam_id, img.shape[:2])
         return img
 
@@ -229,8 +300,10 @@ class Capture:
         if cam_id not in self._sizes:
             data, _ = self.image_bytes(cam_id, self.frames[0])
             try:
-                with Image.open(io.BytesIO(data)) as im:
+                with open_image(data, FRAME_FORMATS) as im:
                     self._sizes[cam_id] = (im.height, im.width)
+            except FormatError as exc:
+                raise CaptureError(f"{self.name}: camera {cam_id}: {exc.reason}") from None
             except Exception as exc:
                 raise CaptureError(f"{self.name}: camera {cam_id}: cannot read image size ({exc})") from None
         return self._sizes[cam_id]
@@ -254,11 +327,14 @@ class Capture:
     def mask(self, cam_id: str, frame: int) -> np.ndarray | None:
         """Segmentation parts of a frame as (H, W) uint8 labels (0 = background), or None if absent."""
         rel = f"segmentation_parts/cam{cam_id}.zip"
-        if not self.fs.exists(self._path(rel)):
+        # lexists: a symlink to an outside zip is refused by _open, the same whether its target exists
+        exists = os.path.lexists if self._local else self.fs.exists
+        if not exists(self._path(rel)):
             return None
         rel, member = self._frame_member("segmentation_parts", cam_id, frame)
         data = self._member(rel, member, f"{self.name}: camera {cam_id} frame {frame}")
-        return decode_image(data, f"{self.name}: camera {cam_id} frame {frame} mask", mode="L")
+        return decode_image(data, f"{self.name}: camera {cam_id} frame {frame} mask", mode="L",
+                            formats=MASK_FORMATS, max_pixels=self.max_pixels)
 
     def head_pose(self, frame: int) -> np.ndarray:
         """3×4 head-to-world [R|t] of a frame, translation in metres."""

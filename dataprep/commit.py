@@ -67,6 +67,8 @@ def commit_version(store: DatasetStore, cfg: BuildConfig, config_dict: dict, par
     vid = version_id([p["digest"] for p in parts])
     if store.fs.exists(store.path("versions", f"{vid}.json")):
         log.info("version %s already exists (same content): nothing to commit", vid)
+        existing = store.resolve(vid)
+        store.commit_version(existing)     # moves `latest` if a crash came between record and pointer
         _apply_tags(store, vid, cfg.tags)
         return vid
     vdir = ("versions", vid)

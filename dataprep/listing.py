@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from dataprep.build_config import Source
+from dataprep.build_config import InputPolicy, Source
 from dataprep.errors import DataError
 from dataprep.sources import enumerate_source, list_file_inputs
+from dataprep.redact import strip_credentials
 from dataprep.storage import fs_and_path, url_of
 
 LISTING_SCHEMA = pa.schema([("input_id", pa.string()), ("kind", pa.string()), ("uri", pa.string()),
@@ -35,9 +36,10 @@ def partition_of(uri: str, partitions: int) -> int:
 
 @dataclass(frozen=True)
 class ListingUnit:
-    kind: str        # urls | images | webdataset | captures
+    kind: str        # urls | images | images-top | webdataset | captures
     uri: str         # what this task lists
     listing: str     # the key its inputs are recorded under (the list file, or the source)
+    source: int = 0  # index of its source in the config
 
 
 def file_signature(fs, path: str) -> dict:
@@ -50,7 +52,7 @@ def file_signature(fs, path: str) -> dict:
 def plan_listing(sources: list[Source], parent_listings: dict) -> tuple[list[ListingUnit], dict, set]:
     """(units to list, signatures of the list files, listing keys skipped as unchanged)."""
     units, signatures, skipped = [], {}, set()
-    for source in sources:
+    for index, source in enumerate(sources):
         fs, root = fs_and_path(source.uri)
         if not fs.exists(root):
             # a missing source is a config mistake: fail before building a version without it
@@ -61,34 +63,41 @@ def plan_listing(sources: list[Source], parent_listings: dict) -> tuple[list[Lis
             if parent_listings.get(key) == signatures[key]:
                 skipped.add(key)
             else:
-                units.append(ListingUnit("urls", key, key))
+                units.append(ListingUnit("urls", key, key, index))
         elif source.kind == "images" and fs.isdir(root):
             # one task per sub-directory (and one for the files at the top): the tree is never
             # walked by the driver
             top = fs.ls(root, detail=True)
             dirs = sorted(e["name"] for e in top if e["type"] == "directory")
-            units += [ListingUnit("images", url_of(fs, d), key) for d in dirs]
+            units += [ListingUnit("images", url_of(fs, d), key, index) for d in dirs]
             if any(e["type"] != "directory" for e in top):
-                units.append(ListingUnit("images-top", key, key))
+                units.append(ListingUnit("images-top", key, key, index))
         else:
-            units.append(ListingUnit(source.kind, key, key))
+            units.append(ListingUnit(source.kind, key, key, index))
     return units, signatures, skipped
 
 
-def list_unit(unit: ListingUnit, partitions: int) -> list[pa.Table]:
-    """Inputs (and source-level reject rows) of one unit, as one table per partition."""
+def list_unit(unit: ListingUnit, partitions: int, policy: InputPolicy) -> tuple[list[pa.Table], dict]:
+    """Inputs (and source-level reject rows) of one unit, as one table per partition, and a
+    summary (inputs found, a sample reject reason) for the driver."""
     if unit.kind == "urls":
-        items, rejects = list_file_inputs(unit.uri)
-    elif unit.kind == "images-top":
-        items, rejects = enumerate_source(Source("images", unit.uri), depth=1)
+        items, rejects = list_file_inputs(unit.uri, policy)
     else:
-        items, rejects = enumerate_source(Source("images" if unit.kind == "images" else unit.kind, unit.uri))
+        kind = "images" if unit.kind in ("images", "images-top") else unit.kind
+        items, rejects = enumerate_source(Source(kind, unit.uri), policy, depth=1 if unit.kind == "images-top" else None,
+                                          allow_empty=True)
     buckets: list[list[dict]] = [[] for _ in range(partitions)]
+    # input ids never hold a credential (`https://user:pass@host/...`); `uri` keeps it for the
+    # fetch only, and the partition is keyed by the stripped form (what the ledger records)
     for item in items:
-        buckets[partition_of(item.uri, partitions)].append(
-            {**item.to_row(), "listing": unit.listing, "stage": "", "reason": ""})
+        key = strip_credentials(item.uri)
+        buckets[partition_of(key, partitions)].append(
+            {**item.to_row(), "input_id": strip_credentials(item.input_id), "listing": unit.listing,
+             "stage": "", "reason": ""})
     for r in rejects:
         row = {k: r.get(k, d) for k, d in (("input_id", ""), ("kind", ""), ("uri", ""), ("frame", -1),
                                            ("member", ""), ("size", -1), ("stage", ""), ("reason", ""))}
+        row["input_id"], row["uri"] = strip_credentials(row["input_id"]), strip_credentials(row["uri"])
         buckets[partition_of(row["uri"] or row["input_id"], partitions)].append({**row, "listing": unit.listing})
-    return [pa.Table.from_pylist(b, schema=LISTING_SCHEMA) for b in buckets]
+    summary = {"items": len(items), "rejects": len(rejects), "reject": rejects[0]["reason"] if rejects else ""}
+    return [pa.Table.from_pylist(b, schema=LISTING_SCHEMA) for b in buckets], summary

@@ -74,6 +74,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from dataprep.anchors import draw_anchor
 from dataprep.errors import DataError
+from dataprep.image_formats import sniff
 from dataprep.geometry import camera_center, plucker, resize_intrinsics
 from dataprep.store import DatasetStore, split_ref
 from pippo_model.conditioning import camera_vectors
@@ -316,7 +317,10 @@ def _shuffled(items, size: int, rng: np.random.Generator):
 def _image(raw: dict, stem: str = "") -> np.ndarray:
     """RGB uint8 of the image member `{stem}.jpg` (png, ...) of a sample; the photo if no stem."""
     data = next((raw[n] for n in (f"{stem}.{e}" if stem else e for e in IMAGE_EXTS) if n in raw), None)
-    img = None if data is None else cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    # our shards hold JPEG and PNG only; anything else (cv2 would also decode JPEG 2000, HDR, PFM,
+    # Sun raster...) is refused before a decoder sees it
+    ok = data is not None and sniff(data, ("JPEG", "PNG")) is not None
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if ok else None
     if img is None:
         raise DataError(f"sample {raw['__key__']}: image member {stem or '(photo)'} missing or undecodable")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

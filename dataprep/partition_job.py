@@ -29,9 +29,10 @@ from dataprep.capture import Capture
 from dataprep.errors import DataError
 from dataprep.ledger import SHA_SCHEMA, ledger_counts, ledger_row, part_id, write_part
 from dataprep.photos import Rejected
+from dataprep.redact import redact_text, strip_credentials
 from dataprep.samples import photo_sample, studio_sample
 from dataprep.shards import ShardWriter
-from dataprep.sources import fetch, sha256, tar_samples, wds_image
+from dataprep.sources import check_body, fetch, read_tar, sha256, wds_image
 from dataprep.storage import atomic_write_bytes, read_bytes
 from dataprep.store import DatasetStore, replay
 
@@ -42,15 +43,18 @@ CLAIM_SCHEMA = pa.schema([("sha256", pa.string()), ("input", pa.string()), ("par
 LOSER_SCHEMA = pa.schema([("input", pa.string()), ("reason", pa.string())])
 
 
-def cached_fetch(uri: str, cfg: BuildConfig, store_uri: str) -> bytes:
-    """fetch(), with http(s) downloads kept in the store's cache so re-runs never download twice."""
+def cached_fetch(uri: str, cfg: BuildConfig, store_uri: str, kind: str = "image") -> bytes:
+    """fetch(), with http(s) downloads kept in the store's cache so re-runs never download twice.
+    Only bodies that are what they should be (an allowed image format / a tar) are cached."""
+    limit = cfg.inputs.max_tar_bytes if kind == "wds" else cfg.inputs.max_bytes
     if not uri.startswith(("http://", "https://")):
-        return fetch(uri, cfg.http)
+        return fetch(uri, cfg.http, limit)
     cache = DatasetStore(store_uri).url("cache", "urls", hashlib.sha1(uri.encode()).hexdigest())
     try:
         return read_bytes(cache)
     except FileNotFoundError:
-        data = fetch(uri, cfg.http)
+        data = fetch(uri, cfg.http, limit)
+        check_body(data, kind, cfg.filters.max_pixels)
         atomic_write_bytes(cache, data)
         return data
 
@@ -95,7 +99,7 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
     listed_tars: set[str] = set()
     for r in sorted(rows, key=lambda r: (r["input_id"], r["stage"])):
         if r["kind"] == "wds":
-            listed_tars.add(r["uri"])
+            listed_tars.add(strip_credentials(r["uri"]))
         old = previous.get(r["input_id"])
         if r["input_id"] in seen:
             if old is None:
@@ -117,7 +121,7 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
             if not retry and not back:
                 continue                               # decided by an earlier build
             attempts = old["attempts"] + 1 if retry else 1
-        if r["kind"] == "wds" and r["uri"] in done_tars:
+        if r["kind"] == "wds" and strip_credentials(r["uri"]) in done_tars:
             continue                                   # a tar an earlier build read whole
         todo.append({**r, "attempts": attempts})
 
@@ -164,9 +168,12 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
         t_rows, t_samples = _process_input(t, cfg, store_uri, captures, tars)
         decided += t_rows
         samples += t_samples
+    unknown = set()
     for cap in captures.values():
         if isinstance(cap, Capture):
+            unknown |= set(cfg.cameras or ()) - set(cap.cameras) - set(cap.invalid_cameras)
             cap.close()
+    plan["unknown_cameras"] = sorted(unknown)
     touched = {r["input"] for r in decided} | {s["row"]["input"] for s in samples} | {g["input"] for g in gone}
     plan.update(samples=samples, previous={k: previous[k] for k in touched if k in previous})
     # parent shards holding a sample that is gone are rewritten without it
@@ -191,9 +198,10 @@ def _claims(rows: list[dict], p: int, partitions: int, key: str) -> list[pa.Tabl
 
 
 def _reject(t: dict, stage: str, reason: str, sha: str = "", input_id: str | None = None) -> dict:
-    return ledger_row(input=input_id or t["input_id"], status="rejected", kind=t["kind"], uri=t["uri"],
-                      listing=t["listing"], stage=stage, reason=reason, sha256=sha, size=t["size"],
-                      attempts=t["attempts"])
+    # ledgers never hold a credential: URL user:password and secret query values are masked
+    return ledger_row(input=input_id or t["input_id"], status="rejected", kind=t["kind"],
+                      uri=strip_credentials(t["uri"]), listing=t["listing"], stage=stage,
+                      reason=redact_text(reason), sha256=sha, size=t["size"], attempts=t["attempts"])
 
 
 def _process_input(t: dict, cfg: BuildConfig, store_uri: str, captures: dict, tars: dict):
@@ -203,7 +211,8 @@ def _process_input(t: dict, cfg: BuildConfig, store_uri: str, captures: dict, ta
         if t["kind"] == "studio":
             if t["uri"] not in captures:
                 try:
-                    captures[t["uri"]] = Capture(t["uri"], strict=False)
+                    captures[t["uri"]] = Capture(t["uri"], strict=False, max_pixels=cfg.filters.max_pixels,
+                                                 inputs=cfg.inputs)
                 except DataError as exc:
                     captures[t["uri"]] = Rejected("capture", str(exc))
             cap = captures[t["uri"]]
@@ -212,23 +221,27 @@ def _process_input(t: dict, cfg: BuildConfig, store_uri: str, captures: dict, ta
             key, members, info = studio_sample(cap, t["frame"], cfg, t["input_id"])
             samples.append(_sample(t, key, members, "studio", "", dropped_views=len(info["dropped"])))
         elif t["kind"] == "wds":
-            data = cached_fetch(t["uri"], cfg, store_uri)
-            try:
-                members = tar_samples(data)
-            except (tarfile.TarError, OSError, ValueError) as exc:
-                raise Rejected("decode", f"not a readable tar ({type(exc).__name__}: {exc})") from None
-            if not members:
+            # every member of the tar gets a ledger row (dataprep.sources.read_tar)
+            contents = read_tar(cached_fetch(t["uri"], cfg, store_uri, "wds"), cfg.inputs.max_bytes)
+            names = sorted(set(contents.samples) | set(contents.rejected))
+            if not names and not contents.others:
                 raise Rejected("decode", "tar holds no samples")
-            for name in sorted(members):
-                m = {**t, "input_id": f"{t['uri']}#{name}", "member": name}
-                image = wds_image(members[name])
+            for name in names:
+                m = {**t, "input_id": f"{t['input_id']}#{name}", "member": name}
+                if name in contents.rejected:
+                    rows.append(_reject(m, "decode", contents.rejected[name]))
+                    continue
+                image = wds_image(contents.samples[name])
                 if image is None:
                     rows.append(_reject(m, "decode", "sample has no image member"))
                     continue
                 m["size"] = len(image)
-                r, s = _photo(m, image, cfg)
+                r, s = _photo(m, bytes(image), cfg)
                 rows += r
                 samples += s
+            for name in sorted(contents.others):
+                rows.append(_reject({**t, "input_id": f"{t['input_id']}#{name}", "member": name}, "decode",
+                                    contents.others[name]))
         else:
             data = cached_fetch(t["uri"], cfg, store_uri)
             if not data:
@@ -254,7 +267,8 @@ def _photo(t: dict, data: bytes, cfg: BuildConfig):
 
 
 def _sample(t: dict, key: str, members: dict, kind: str, sha: str, dropped_views: int = 0) -> dict:
-    row = ledger_row(input=t["input_id"], status="kept", key=key, sha256=sha, kind=t["kind"], uri=t["uri"],
+    row = ledger_row(input=t["input_id"], status="kept", key=key, sha256=sha, kind=t["kind"],
+                     uri=strip_credentials(t["uri"]),
                      listing=t["listing"], size=t["size"], attempts=t["attempts"])
     return {"row": row, "key": key, "members": members, "kind": kind, "dropped_views": dropped_views}
 

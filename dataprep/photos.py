@@ -4,7 +4,6 @@ Every refusal raises `Rejected(stage, reason)`, which the build records in the r
 """
 from __future__ import annotations
 
-import io
 import warnings
 from dataclasses import dataclass
 
@@ -13,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from dataprep.build_config import PhotoFilters
+from dataprep.image_formats import PHOTO_FORMATS, FormatError, open_image
 
 
 class Rejected(Exception):
@@ -39,8 +39,11 @@ class Photo:
         return (h, w) if self.exif_rotated_90 else (w, h)
 
 
-def decode_photo(data: bytes, max_pixels: int, min_side: int | None = None) -> Photo:
-    """Decode any PIL-readable photo to upright 8-bit RGB, refusing bombs before decoding pixels.
+def decode_photo(data: bytes, max_pixels: int, min_side: int | None = None,
+                 formats: tuple[str, ...] = PHOTO_FORMATS) -> Photo:
+    """Decode a photo of one of `formats` to upright 8-bit RGB, refusing bombs before decoding
+    pixels. Any other format (PostScript, SPIDER, TGA, ... whatever the file is named) is refused
+    before any decoder sees it (dataprep.image_formats).
 
     With `min_side`, JPEGs are decoded at a reduced DCT scale (PIL's draft mode: 1/2, 1/4, 1/8)
     whenever the shorter side stays >= min_side — the output is resized below that anyway, and
@@ -53,7 +56,7 @@ def decode_photo(data: bytes, max_pixels: int, min_side: int | None = None) -> P
             # our own limit (max_pixels, checked from the header below) decides; PIL still raises
             # DecompressionBombError past twice its default limit
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = open_image(data, formats)
             width, height = im.size
             if width * height > max_pixels:
                 raise Rejected("decode", f"decompression bomb refused: {width}x{height} "
@@ -67,6 +70,8 @@ def decode_photo(data: bytes, max_pixels: int, min_side: int | None = None) -> P
             upright = ImageOps.exif_transpose(im) if orientation not in (None, 1) else im
     except Rejected:
         raise
+    except FormatError as exc:
+        raise Rejected("decode", exc.reason) from None
     except Image.DecompressionBombError as exc:
         raise Rejected("decode", f"decompression bomb refused: {exc}") from None
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError...

@@ -11,19 +11,21 @@ import csv
 import hashlib
 import io
 import logging
+import os
 import posixpath
 import tarfile
+import warnings
 from dataclasses import asdict, dataclass
 
 import pyarrow.parquet as pq
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
+from PIL import Image
 
-from dataprep.build_config import HttpConfig, Source
+from dataprep.build_config import HttpConfig, InputPolicy, Source
 from dataprep.errors import DataError
+from dataprep.image_formats import PHOTO_FORMATS, FormatError, open_image
 from dataprep.photos import Rejected
-from dataprep.storage import fs_and_path, join, url_of
+from dataprep.safe_fetch import http_get, read_local, read_object, realpath_inside
+from dataprep.storage import fs_and_path, is_local, join, url_of
 
 log = logging.getLogger("pippo.data.sources")
 
@@ -44,58 +46,180 @@ class InputItem:
         return asdict(self)
 
 
-def enumerate_source(source: Source, depth: int | None = None) -> tuple[list[InputItem], list[dict]]:
-    """Inputs of one source, plus reject rows for what is broken at the source level.
-    `depth`: how deep to search a directory (None: the whole tree)."""
+COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tbz2", ".tar.xz", ".txz",
+                           ".tar.zst", ".tzst", ".tar.lz4", ".tar.lzma", ".taz")
+
+
+def _reject(item: InputItem, stage: str, reason: str) -> dict:
+    return {**item.to_row(), "sha256": "", "stage": stage, "reason": reason}
+
+
+OUTSIDE = "local path outside the allowed directories (the source's own directory and inputs.local_roots)"
+
+
+def enumerate_source(source: Source, policy: InputPolicy | None = None, depth: int | None = None,
+                     allow_empty: bool = False) -> tuple[list[InputItem], list[dict]]:
+    """Inputs of one source, plus reject rows for what is broken or refused at the source level.
+
+    Nothing outside the source is read: local symlinks must resolve inside the source (or
+    `policy.local_roots`), URL-list entries are limited to allowed schemes and directories. A
+    source that yields no input to read fails the build (DataError): an empty or all-skipped
+    source is a config mistake, not an empty dataset. `depth`: how deep to search a directory
+    (None: the whole tree); `allow_empty`: for a part of a source (the build checks the whole)."""
+    policy = policy or InputPolicy()
     fs, root = fs_and_path(source.uri)
     if not fs.exists(root):
         # a missing source is a config mistake: fail before building a version without it
         raise DataError(f"{source.kind} source {source.uri} does not exist")
     if source.kind == "captures":
-        return _captures(fs, root)
-    if source.kind == "images":
-        listing = {root: fs.info(root)} if fs.isfile(root) else fs.find(root, maxdepth=depth, detail=True)
-        files = sorted(listing)
-        items = [InputItem(url_of(fs, p), "image", url_of(fs, p), size=int(listing[p].get("size", -1))) for p in files
-                 if p.lower().endswith(IMAGE_EXTENSIONS) and not posixpath.basename(p).startswith(".")]
-        ignored = len(files) - len(items)
-        if ignored:
-            log.info("images source %s: %d non-image files ignored", source.uri, ignored)
-        return items, []
-    if source.kind == "urls":
-        return _url_list(fs, root)
-    if source.kind == "webdataset":
-        tars = [root] if fs.isfile(root) else sorted(p for p in fs.find(root) if p.endswith(".tar"))
-        return [InputItem(url_of(fs, p), "wds", url_of(fs, p)) for p in tars], []
-    raise ValueError(f"unknown source kind {source.kind!r}")
+        items, rejects = _captures(fs, root, policy)
+    elif source.kind == "images":
+        items, rejects = _images(fs, root, policy, depth)
+    elif source.kind == "urls":
+        items, rejects = _url_list(fs, root, policy)
+    elif source.kind == "webdataset":
+        items, rejects = _webdataset(fs, root, policy)
+    else:
+        raise ValueError(f"unknown source kind {source.kind!r}")
+    if not items and not allow_empty:
+        raise DataError(empty_source_message(source, rejects))
+    return items, rejects
 
 
-def list_file_inputs(url: str) -> tuple[list[InputItem], list[dict]]:
+def empty_source_message(source: Source, rejects: list[dict]) -> str:
+    detail = f"; {len(rejects)} refused, e.g. {rejects[0]['reason']}" if rejects else ""
+    return f"{source.kind} source {source.uri} yields no inputs to read{detail}"
+
+
+def list_file_inputs(url: str, policy: InputPolicy | None = None) -> tuple[list[InputItem], list[dict]]:
     """Inputs of one URL list file (.txt/.csv/.parquet)."""
     fs, root = fs_and_path(url)
-    return _url_list(fs, root)
+    return _url_list(fs, root, policy or InputPolicy())
 
 
-def _captures(fs, root: str) -> tuple[list[InputItem], list[dict]]:
-    calibs = sorted(p for p in fs.find(root) if posixpath.basename(p) == "camera_calibration.json")
+def _local_roots(fs, root: str, policy: InputPolicy) -> list[str]:
+    base = root if fs.isdir(root) else posixpath.dirname(root)
+    return [base] + [fs_and_path(r)[1] for r in policy.local_roots]
+
+
+def _listing(fs, root: str, depth: int | None = None) -> dict[str, dict]:
+    return {root: fs.info(root)} if fs.isfile(root) else fs.find(root, maxdepth=depth, detail=True)
+
+
+def _outside(fs, path: str, info: dict, roots: list[str], real_dirs: dict) -> bool:
+    """Whether a listed local path resolves outside `roots` (only links and symlinked parents
+    can; the resolved parent directories are cached, so a big listing costs one lstat per dir)."""
+    if not is_local(fs):
+        return False
+    if info.get("islink"):
+        return not realpath_inside(path, roots)
+    parent = posixpath.dirname(path)
+    if parent not in real_dirs:
+        real_dirs[parent] = realpath_inside(parent, roots)
+    return not real_dirs[parent]
+
+
+def _images(fs, root: str, policy: InputPolicy, depth: int | None = None) -> tuple[list[InputItem], list[dict]]:
+    listing = _listing(fs, root, depth)
+    roots, real_dirs = _local_roots(fs, root, policy), {}
+    items, rejects, ignored = [], [], 0
+    for p in sorted(listing):
+        if not p.lower().endswith(IMAGE_EXTENSIONS) or posixpath.basename(p).startswith("."):
+            ignored += 1
+            continue
+        item = InputItem(url_of(fs, p), "image", url_of(fs, p), size=int(listing[p].get("size", -1)))
+        if _outside(fs, p, listing[p], roots, real_dirs):
+            rejects.append(_reject(item, "source", OUTSIDE))
+        else:
+            items.append(item)
+    if ignored:
+        log.info("images source %s: %d non-image files ignored", url_of(fs, root), ignored)
+    return items, rejects
+
+
+def _webdataset(fs, root: str, policy: InputPolicy) -> tuple[list[InputItem], list[dict]]:
+    listing = _listing(fs, root)
+    roots, real_dirs = _local_roots(fs, root, policy), {}
+    items, rejects, ignored = [], [], 0
+    for p in sorted(listing):
+        name = posixpath.basename(p).lower()
+        item = InputItem(url_of(fs, p), "wds", url_of(fs, p), size=int(listing[p].get("size", -1)))
+        if name.endswith(COMPRESSED_TAR_SUFFIXES):
+            rejects.append(_reject(item, "source", "compressed tars are not read (decompress them to .tar)"))
+        elif not name.endswith(".tar"):
+            ignored += 1
+        elif _outside(fs, p, listing[p], roots, real_dirs):
+            rejects.append(_reject(item, "source", OUTSIDE))
+        else:
+            items.append(item)
+    if ignored:
+        log.info("webdataset source %s: %d files that are not tars ignored", url_of(fs, root), ignored)
+    return items, rejects
+
+
+def _captures(fs, root: str, policy: InputPolicy) -> tuple[list[InputItem], list[dict]]:
+    listing = _listing(fs, root)
+    calibs = sorted(p for p in listing if posixpath.basename(p) == "camera_calibration.json")
+    roots, real_dirs = _local_roots(fs, root, policy), {}
     items, rejects = [], []
     for calib in calibs:
         cap_dir = posixpath.dirname(calib)
         cap_url = url_of(fs, cap_dir)
+        if _outside(fs, join(cap_dir, "frame_list.csv"), {}, roots, real_dirs):
+            rejects.append(_reject(InputItem(cap_url, "studio", cap_url), "capture", OUTSIDE))
+            continue
         try:
-            with fs.open(join(cap_dir, "frame_list.csv"), "rb") as f:
-                frames = [int(r["frame_id"]) for r in csv.DictReader(io.TextIOWrapper(f, "utf-8"))]
-        except (OSError, KeyError, ValueError, TypeError) as exc:
-            rejects.append({**InputItem(cap_url, "studio", cap_url).to_row(), "sha256": "", "stage": "capture",
-                            "reason": f"unreadable frame_list.csv ({type(exc).__name__}: {exc})"})
+            data = read_input(fs, join(cap_dir, "frame_list.csv"), policy.max_bytes, within=[cap_dir])
+            frames = [int(r["frame_id"]) for r in csv.DictReader(io.StringIO(data.decode("utf-8")))]
+        except (Rejected, KeyError, ValueError, TypeError) as exc:
+            why = exc.reason if isinstance(exc, Rejected) else f"{type(exc).__name__}: {exc}"
+            rejects.append(_reject(InputItem(cap_url, "studio", cap_url), "capture",
+                                   f"unreadable frame_list.csv ({why})"))
             continue
         items += [InputItem(f"{cap_url}#frame={fr}", "studio", cap_url, frame=fr) for fr in frames]
     return items, rejects
 
 
-def _url_list(fs, root: str) -> tuple[list[InputItem], list[dict]]:
-    with fs.open(root, "rb") as f:
-        data = f.read()
+def url_list_entry(entry: str, fs, list_path: str, policy: InputPolicy) -> tuple[str, str | None]:
+    """(target URL, None) for an allowed URL-list entry, or (input id, reason it is refused).
+
+    Allowed: http(s) and `policy.allowed_schemes`, the list's own object-store scheme, and local
+    paths (relative, absolute or file://) that stay inside the list's directory or
+    `policy.local_roots` once symlinks are resolved. Refused: chained URLs (`zip://…::file://…`,
+    `simplecache::…`), every other scheme (file outside, memory://, ftp://, data:…). The reason for
+    a local path outside is the same whether or not the file exists."""
+    list_dir = posixpath.dirname(list_path)
+    if "::" in entry:
+        return entry, "chained URLs (::) are not allowed"
+    local = is_local(fs)
+    if "://" in entry:
+        scheme = entry.split("://", 1)[0].lower()
+        if scheme == "file":
+            path = entry[len("file://"):]
+        else:
+            own = [] if local else [p.lower() for p in (fs.protocol if isinstance(fs.protocol, (tuple, list))
+                                                         else (fs.protocol,))]
+            if scheme in policy.allowed_schemes or scheme in own:
+                return scheme + entry[len(scheme):], None      # HTTP:// -> http:// (fetch's dispatch)
+            allowed = sorted(set(policy.allowed_schemes) | set(own))
+            return entry, f"scheme {scheme}:// not allowed (allowed: {', '.join(allowed)}, local paths)"
+    else:
+        path = entry if entry.startswith("/") and local else posixpath.join(list_dir, entry)
+    if not local and not entry.lower().startswith("file://"):
+        key = posixpath.normpath(path)         # a path relative to a list on an object store
+        if key.startswith(list_dir.rstrip("/") + "/"):
+            return url_of(fs, key), None
+        return url_of(fs, key), "object path outside the list's directory"
+    path = os.path.normpath(path)
+    target = f"file://{path}"
+    roots = ([list_dir] if local else []) + [fs_and_path(r)[1] for r in policy.local_roots]
+    if "\0" in path or not realpath_inside(path, roots):
+        return target, OUTSIDE
+    return target, None
+
+
+def _url_list(fs, root: str, policy: InputPolicy) -> tuple[list[InputItem], list[dict]]:
+    data = read_input(fs, root, policy.max_bytes)
     if root.endswith(".parquet"):
         table = pq.read_table(io.BytesIO(data))
         column = "url" if "url" in table.column_names else table.column_names[0]
@@ -108,72 +232,169 @@ def _url_list(fs, root: str) -> tuple[list[InputItem], list[dict]]:
     else:
         entries = [ln.strip() for ln in data.decode("utf-8").splitlines()
                    if ln.strip() and not ln.lstrip().startswith("#")]
-    items = []
+    items, rejects = [], []
     for entry in entries:
-        # relative entries are relative to the list file, wherever it lives
-        target = entry if "://" in entry else url_of(fs, posixpath.join(posixpath.dirname(root), entry))
-        items.append(InputItem(target, "image", target))
-    return items, []
+        target, refused = url_list_entry(entry, fs, root, policy)
+        item = InputItem(target, "image", target)
+        if refused:
+            rejects.append(_reject(item, "source", refused))
+        else:
+            items.append(item)
+    return items, rejects
 
 
 # ---- fetching ----------------------------------------------------------------------------------
 
-_SESSION: dict[tuple, requests.Session] = {}
+def read_input(fs, path: str, max_bytes: int, within: list[str] | None = None) -> bytes:
+    """Bytes of a file of any filesystem, at most max_bytes; local files must be regular files
+    (and resolve inside `within` when given). Rejected('fetch', ...) otherwise."""
+    if is_local(fs):
+        if within is not None and not realpath_inside(path, within):
+            raise Rejected("fetch", OUTSIDE)
+        return read_local(path, max_bytes)
+    return read_object(fs, path, max_bytes)
 
 
-def http_session(cfg: HttpConfig) -> requests.Session:
-    """A pooled session retrying connection errors and 429/5xx with exponential backoff."""
-    key = (cfg.retries, cfg.backoff_s)
-    if key not in _SESSION:
-        retry = Retry(total=cfg.retries, connect=cfg.retries, read=cfg.retries, status=cfg.retries,
-                      backoff_factor=cfg.backoff_s, status_forcelist=(429, 500, 502, 503, 504),
-                      allowed_methods=frozenset({"GET"}), raise_on_status=False)
-        session = requests.Session()
-        session.mount("http://", HTTPAdapter(max_retries=retry))
-        session.mount("https://", HTTPAdapter(max_retries=retry))
-        _SESSION[key] = session
-    return _SESSION[key]
-
-
-def fetch(uri: str, http: HttpConfig) -> bytes:
-    """Bytes of a photo at any fsspec URL or http(s) URL; Rejected('fetch', …) when unavailable."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            resp = http_session(http).get(uri, timeout=http.timeout_s)
-        except requests.RequestException as exc:
-            raise Rejected("fetch", f"HTTP error after {http.retries} retries: {type(exc).__name__}") from None
-        if resp.status_code != 200:
-            raise Rejected("fetch", f"HTTP {resp.status_code} after {http.retries} retries")
-        return resp.content
+def fetch(uri: str, http: HttpConfig, max_bytes: int = InputPolicy.max_bytes) -> bytes:
+    """Bytes of an input at an fsspec URL or http(s) URL, at most max_bytes; Rejected('fetch', …)
+    when unavailable or refused."""
+    if uri[:8].lower().startswith(("http://", "https://")):    # never fsspec's unguarded http
+        return http_get(uri, http, max_bytes)
+    if "::" in uri:
+        raise Rejected("fetch", "chained URLs (::) are not allowed")
     try:
         fs, path = fs_and_path(uri)
-        with fs.open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise Rejected("fetch", "file not found") from None
-    except OSError as exc:
-        raise Rejected("fetch", f"cannot read ({exc})") from None
+    except (ValueError, ImportError) as exc:
+        raise Rejected("fetch", f"cannot read ({type(exc).__name__})") from None
+    return read_input(fs, path, max_bytes)
+
+
+def check_body(data: bytes, kind: str, max_pixels: int) -> None:
+    """Rejected unless a downloaded body is what the input should be: a tar (its first header
+    parses) for `wds`, else an image of an allowed format whose header parses within max_pixels.
+    Only such bodies go into the store's URL cache (never, say, a JSON of credentials)."""
+    if kind == "wds":
+        try:
+            tarfile.open(fileobj=io.BytesIO(data), mode="r:").close()
+        except tarfile.TarError as exc:
+            raise Rejected("decode", f"not a readable tar ({type(exc).__name__}: {exc})") from None
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with open_image(data, PHOTO_FORMATS) as im:
+                width, height = im.size
+    except FormatError as exc:
+        raise Rejected("decode", exc.reason) from None
+    except Image.DecompressionBombError as exc:
+        raise Rejected("decode", f"decompression bomb refused: {exc}") from None
+    except Exception as exc:
+        raise Rejected("decode", f"not a readable image ({type(exc).__name__}: {exc})") from None
+    if width * height > max_pixels:
+        raise Rejected("decode", f"decompression bomb refused: {width}x{height} exceeds {max_pixels} pixels")
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def tar_samples(data: bytes) -> dict[str, dict[str, bytes]]:
-    """Samples of a WebDataset tar held in memory: key -> {extension: bytes} (webdataset's rule:
-    the key is the member name up to the first dot of its basename)."""
-    samples: dict[str, dict[str, bytes]] = {}
-    # "r:" = uncompressed only: a gzip bomb named .tar is refused, never inflated in memory
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
+@dataclass
+class TarContents:
+    samples: dict[str, dict[str, memoryview]]    # readable samples: key -> {extension: bytes}
+    rejected: dict[str, str]                     # sample key -> why the sample is rejected
+    others: dict[str, str]                       # id of what is no sample (a directory entry, an
+                                                 # unreadable remainder) -> reason
+
+
+def read_tar(data: bytes, max_bytes: int = InputPolicy.max_bytes) -> TarContents:
+    """Every member of a WebDataset tar held in memory, accounted for (webdataset's rule: the key
+    is the member name up to the first dot of its basename).
+
+    A link, a device, a sparse or an oversized member, an unreadable one or a name seen twice
+    rejects its sample only; directory entries are reported; a header that cannot be parsed
+    ends the read with the samples so far kept and the rest reported as one unreadable
+    remainder (tarfile itself ends quietly there). Members are views into `data` (no copies)."""
+    view = memoryview(data)
+    samples: dict[str, dict[str, memoryview]] = {}
+    rejected: dict[str, str] = {}
+    others: dict[str, str] = {}
+    seen: set[str] = set()
+    try:
+        # "r:" = uncompressed only: a gzip bomb named .tar is refused, never inflated in memory
+        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
+    except tarfile.TarError as exc:
+        raise Rejected("decode", f"not a readable tar ({type(exc).__name__}: {exc})") from None
+    with tar:
+        while True:
+            try:
+                member = tar.next()
+            except (tarfile.TarError, EOFError, UnicodeError, ValueError) as exc:
+                others[f"remainder@{tar.offset}"] = (f"unreadable tar header at byte {tar.offset} "
+                                                     f"({type(exc).__name__}): the rest is not read")
+                break
+            if member is None:
+                rest = bytes(view[tar.offset:]).strip(b"\0") if tar.offset < len(data) else b""
+                if rest:
+                    others[f"remainder@{tar.offset}"] = (f"corrupt tar header at byte {tar.offset}: the "
+                                                         f"remaining {len(data) - tar.offset} bytes are not read")
+                break
+            name = member.name
+            if member.isdir():
+                others[name.rstrip("/") + "/"] = "directory entry (holds no sample)"
                 continue
-            dirname, base = posixpath.split(member.name)
+            dirname, base = posixpath.split(name)
             stem, _, ext = base.partition(".")
             key = posixpath.join(dirname, stem)
-            f = tar.extractfile(member)
-            samples.setdefault(key, {})[ext] = f.read() if f else b""
-    return samples
+            why = None
+            if name in seen:
+                why = f"member {name} appears twice"
+            elif member.issym() or member.islnk():
+                why = f"member {name} is a link"
+            elif not member.isreg():
+                why = f"member {name} is not a regular file"
+            elif member.issparse():
+                why = f"member {name} is sparse"
+            elif member.size > max_bytes:
+                why = f"member {name}: {member.size} bytes exceed inputs.max_bytes ({max_bytes})"
+            elif member.offset_data + member.size > len(data):
+                why = f"member {name} is truncated"
+            seen.add(name)
+            if why:
+                rejected.setdefault(key, why)
+                continue
+            samples.setdefault(key, {})[ext] = view[member.offset_data:member.offset_data + member.size]
+    for key in rejected:
+        samples.pop(key, None)
+    return TarContents(samples, rejected, others)
+
+
+def tar_samples(data: bytes, max_bytes: int = InputPolicy.max_bytes) -> dict[str, dict[str, memoryview]]:
+    """The readable samples of a WebDataset tar: key -> {extension: bytes}."""
+    return read_tar(data, max_bytes).samples
+
+
+def tar_rows(item: InputItem, data: bytes, max_bytes: int) -> list[dict]:
+    """One ledger row per sample of a tar (input fields + sha256 of its image, or a reject) and
+    one per member that is no sample; `…tar#key` / `…tar#member` input ids."""
+    contents = read_tar(data, max_bytes)
+    rows = []
+    for key in sorted(set(contents.samples) | set(contents.rejected)):
+        if key in contents.rejected:
+            member = InputItem(f"{item.uri}#{key}", "wds", item.uri, member=key)
+            rows.append(_reject(member, "decode", contents.rejected[key]))
+            continue
+        image = wds_image(contents.samples[key])
+        member = InputItem(f"{item.uri}#{key}", "wds", item.uri, member=key, size=len(image or b""))
+        if image is None:
+            rows.append(_reject(member, "decode", "sample has no image member"))
+        else:
+            rows.append({**member.to_row(), "sha256": sha256(image), "stage": "", "reason": ""})
+    for mid in sorted(contents.others):
+        rows.append(_reject(InputItem(f"{item.uri}#{mid}", "wds", item.uri, member=mid), "decode",
+                            contents.others[mid]))
+    if not rows:
+        raise Rejected("decode", "tar holds no samples")
+    return rows
 
 
 def wds_image(members: dict[str, bytes]) -> bytes | None:

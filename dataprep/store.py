@@ -219,20 +219,22 @@ class DatasetStore:
     def _pointer(self, *parts: str) -> str | None:
         try:
             return self.read_json(self.path(*parts))["id"]
-        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError):
             return None
 
     def resolve(self, ref: str | None, recipe: str | None = None) -> dict:
         """A version by id, unique id prefix, tag, or 'latest' (of `recipe`, if given). Tags and
         `latest` read one small pointer object; a prefix lists names only."""
         self.fs.invalidate_cache()
+        if self.fs.isfile(self.root):
+            raise DataError(f"{self.uri} is not a dataset (it is a file)")
         ref = ref or "latest"
         if ref == "latest":
             vid = self._pointer("refs", f"recipe-{recipe}.json" if recipe else "latest.json")
             record = self._by_id(vid) if vid else None
+            if record is None:     # no pointer (a store written by hand): the newest record
+                record = next((v for v in self.versions() if recipe is None or v.get("recipe") == recipe), None)
             if record is None:
-                if not self.fs.exists(self.root):
-                    raise VersionNotFound(f"{self.uri}: no versions (no dataset there)")
                 raise VersionNotFound(f"{self.uri}: no versions" + (f" of recipe {recipe}" if recipe else ""))
             return record
         if not all(c.isalnum() or c in "-_." for c in ref) or len(ref) > 128:

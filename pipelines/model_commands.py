@@ -72,7 +72,8 @@ def read_views(directory: str | Path):
     """DIR/cameras.json ({"views": [{K, R, t, height, width}]}) and DIR/view00.png, ... ->
     (list of (H, W, 3) uint8 images, list of camera dicts), validated against each other."""
     import numpy as np
-    from PIL import Image
+
+    from dataprep.image_formats import PHOTO_FORMATS, FormatError, open_image
 
     directory = Path(directory)
     meta = directory / "cameras.json"
@@ -95,7 +96,13 @@ def read_views(directory: str | Path):
         path = directory / f"view{i:02d}.png"
         if not path.is_file():
             raise UserError(f"{path} not found: cameras.json lists {len(views)} views")
-        image = np.asarray(Image.open(path).convert("RGB"))
+        try:   # only the photo formats: never Pillow's pick from the bytes (PostScript, ...)
+            with open_image(path.read_bytes(), PHOTO_FORMATS) as im:
+                image = np.asarray(im.convert("RGB"))
+        except FormatError as exc:
+            raise UserError(f"{path}: {exc.reason}") from None
+        except Exception as exc:   # PIL raises OSError, SyntaxError, DecompressionBombError, ...
+            raise UserError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
         if image.shape[:2] != size:
             raise UserError(f"{path} is {image.shape[1]}x{image.shape[0]} but cameras.json says "
                             f"{size[1]}x{size[0]}")

@@ -78,8 +78,9 @@ def test_url_lists_with_retries_and_timeouts(http_photos, tmp_path, ray_local, f
     else:
         pq.write_table(pa.table({"url": urls}), listing)
     store = DatasetStore(tmp_path / "ds")
+    # the test server is on 127.0.0.1: loopback must be allowed explicitly
     vid = build(store.uri, [("urls", listing)], resolution=64,
-                http=HttpConfig(timeout_s=0.5, retries=3, backoff_s=0.05))
+                http=HttpConfig(timeout_s=0.5, retries=3, backoff_s=0.05, allow_private_addresses=True))
     v = store.describe(store.resolve(vid))
     rejects = {r["input"].rsplit("/", 1)[-1]: r for r in store.rejects(v).to_pylist()}
     assert set(rejects) == {n for n in names if n.startswith("dead_")} | {"missing.jpg"}
@@ -91,13 +92,15 @@ def test_url_lists_with_retries_and_timeouts(http_photos, tmp_path, ray_local, f
     assert FlakyHandler.hits[flaky] >= 3
     # downloads are cached in the store: a rebuild (new recipe) downloads nothing again
     before = sum(FlakyHandler.hits.values())
-    build(store.uri, [("urls", listing)], resolution=32, http=HttpConfig(timeout_s=0.5, retries=0, backoff_s=0))
+    build(store.uri, [("urls", listing)], resolution=32,
+          http=HttpConfig(timeout_s=0.5, retries=0, backoff_s=0, allow_private_addresses=True))
     dead_and_missing = 2
     assert sum(FlakyHandler.hits.values()) - before == dead_and_missing
     # an incremental build retries inputs that failed to download; the rest is reused
     FlakyHandler.revived = True
     again = store.describe(store.resolve(build(store.uri, [("urls", listing)], resolution=32,
-                                http=HttpConfig(timeout_s=0.5, retries=0, backoff_s=0))))
+                                http=HttpConfig(timeout_s=0.5, retries=0, backoff_s=0,
+                                                                 allow_private_addresses=True))))
     rejects = [r["input"].rsplit("/", 1)[-1] for r in store.rejects(again).to_pylist()]
     assert again["samples"] == 6 and rejects == ["missing.jpg"] and again["stats"]["new_samples"] == 1
 

@@ -39,9 +39,17 @@ def one_line(capsys, *args, code=2):
 
 
 def fake_version(root, vid, created="2026-01-01T00:00:00+00:00"):
-    (root / "versions").mkdir(parents=True, exist_ok=True)
+    """A minimal version record (an empty version: no parts) in the store's format."""
+    import pyarrow.parquet as pq
+
+    from dataprep.ledger import PARTS_SCHEMA
+    from dataprep.store import FORMAT, MARKER
+    (root / "versions" / vid).mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text(json.dumps({"format": FORMAT}))
+    pq.write_table(PARTS_SCHEMA.empty_table(), root / "versions" / vid / "parts.parquet")
     (root / "versions" / f"{vid}.json").write_text(json.dumps(
-        {"id": vid, "parent": None, "created": created, "samples": 0, "rejected": 0, "shards": []}))
+        {"id": vid, "format": FORMAT, "parent": None, "created": created, "samples": 0, "rejected": 0,
+         "recipe": "0" * 16, "parts_url": f"versions/{vid}/parts.parquet", "preview_url": f"versions/{vid}/p.png"}))
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +102,7 @@ def test_env_token_is_recorded_unexpanded_and_never_logged(tmp_path, capsys, mon
                    "  - {kind: images, uri: 'https://bob:pw-${T10_TOKEN}@h.example/photos'}\n")
     seen = {}
 
-    def fake_run_build(cfg, config_dict):
+    def fake_run_build(cfg, config_dict, dry_run=False):
         assert token in cfg.sources[0].uri              # the build itself gets the real URI
         logging.getLogger("pippo.data.build").info("source %s", cfg.sources[0].uri)
         logging.getLogger("pippo.data.build").info("source %s", cfg.sources[1].uri)
@@ -159,7 +167,7 @@ def test_a_version_without_samples_is_committed_with_a_warning(tmp_path, capsys,
     cfg = tmp_path / "b.yaml"
     cfg.write_text(f"dataset: {tmp_path / 'ds'}\nsources: [{{kind: images, uri: {tmp_path / 'photos'}}}]\n")
 
-    def fake_run_build(cfg, config_dict):
+    def fake_run_build(cfg, config_dict, dry_run=False):
         fake_version(tmp_path / "ds", "e" * 20)
         return "e" * 20
 
