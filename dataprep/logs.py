@@ -53,6 +53,7 @@ def configure(level: int = 0) -> None:
     _handler.setFormatter(RedactingFormatter(FORMAT))
     root.addHandler(_handler)
     root.setLevel(logging.DEBUG if level > 0 else logging.WARNING if level < 0 else logging.INFO)
+    logging.getLogger("pippo").setLevel(logging.NOTSET)   # the root decides (an in-process run may have set it)
     for name in LIBRARIES:
         logging.getLogger(name).setLevel(logging.INFO if level > 0 else logging.WARNING)
     for name in RAY_ROUTINE:

@@ -360,11 +360,9 @@ def test_submit_wait_logs_idempotency_failures_and_stop(ray_head, tmp_path):
     retry = pippo("submit", "--retry", "--wait", "--", "data", "inspect", tmp_path / "missing", env=head.env, cwd=head.src)
     assert retry.returncode == 1 and retry.stdout.strip() == bad_sid and "submitting it again" in retry.stderr
 
-    # 4. stop a running job: it blocks opening a FIFO nobody writes (no CPU while it waits)
-    cap = tmp_path / "blocked"
-    cap.mkdir()
-    os.mkfifo(cap / "camera_calibration.json")
-    run = pippo("submit", "--submission-id", "pippo-test-blocked", "--", "data", "inspect", cap, env=head.env, cwd=head.src)
+    # 4. stop a running job: a long one (inputs can no longer block a job: FIFOs are refused)
+    run = pippo("submit", "--submission-id", "pippo-test-blocked", "--", "data", "synth-images",
+                tmp_path / "many", "--count", 100000, env=head.env, cwd=head.src)
     assert run.returncode == 0 and run.stdout.strip() == "pippo-test-blocked"
     deadline = time.time() + 60
     while jobs_json(head)["pippo-test-blocked"]["status"] != "RUNNING":
