@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+import pyarrow as pa
+
 from dataprep.build_config import BuildConfig
 from dataprep.commit import commit_version
 from dataprep.errors import DataError
@@ -113,6 +115,9 @@ def run_build(cfg: BuildConfig, config_dict: dict, dry_run: bool = False) -> str
             parent = None
         lease.set_parent(parent["id"] if parent else None)
         partitions = parent["partitions"] if parent else cfg.partitions
+        # the sha shuffle moves partitions x buckets objects: a bucket count bounded apart from
+        # the partitions keeps the driver's refs ~2 x 256 x partitions (also a lineage property)
+        buckets = parent.get("sha_buckets", partitions) if parent else min(partitions, MAX_SHA_BUCKETS)
         if parent and partitions != cfg.partitions:
             log.info("keeping the parent's %d partitions (config: %d)", partitions, cfg.partitions)
         parent_parts = store.version_parts(parent) if parent else []
@@ -120,11 +125,14 @@ def run_build(cfg: BuildConfig, config_dict: dict, dry_run: bool = False) -> str
         log.debug("%d listing units (%d unchanged list files skipped), %d partitions, parent %s",
                  len(units), len(skipped), partitions, parent["id"] if parent else "-")
         ray = ensure_ray()
-        lister = ray.remote(num_cpus=1, num_returns=partitions + 1, max_retries=3)(_list_unit)
-        listed = [lister.remote(u, partitions, cfg.inputs) for u in units]
-        listing = ray.get([refs[-1] for refs in listed])
+        # at most MAX_LISTING_TASKS tasks, each listing several units: the driver holds
+        # tasks x partitions refs, bounded whatever the number of list files or directories
+        groups = [units[k::MAX_LISTING_TASKS] for k in range(min(len(units), MAX_LISTING_TASKS))]
+        lister = ray.remote(num_cpus=1, num_returns=partitions + 1, max_retries=3)(_list_units)
+        listed = [lister.remote(g, partitions, cfg.inputs) for g in groups]
+        listing = [s for summaries in ray.get([refs[-1] for refs in listed]) for s in summaries]
         total = sum(s["rows"] for s in listing)
-        _check_sources(cfg, units, listing)
+        _check_sources(cfg, [u for g in groups for u in g], listing)
         log.info("listed %d inputs (%d list files unchanged since parent %s, not read)", total, len(skipped),
                  parent["id"] if parent else "-")
         relisted = sorted({u.listing for u in units})
@@ -132,9 +140,9 @@ def run_build(cfg: BuildConfig, config_dict: dict, dry_run: bool = False) -> str
         def parts_of(p: int, kind: str) -> list[dict]:
             return [r for r in parent_parts if r["partition"] == p and r["kind"] == kind]
 
-        process = ray.remote(num_cpus=1, num_returns=partitions + 2, max_retries=3)(_process)
-        plans = [process.remote(p, partitions, cfg, store.uri, recipe, parts_of(p, "ledger"), relisted, dry_run,
-                                *[refs[p] for refs in listed]) for p in range(partitions)]
+        process = ray.remote(num_cpus=1, num_returns=buckets + 2, max_retries=3)(_process)
+        plans = [process.remote(p, partitions, buckets, cfg, store.uri, recipe, parts_of(p, "ledger"), relisted,
+                                dry_run, *[refs[p] for refs in listed]) for p in range(partitions)]
         summaries = _drain(ray, [refs[0] for refs in plans], Progress("process", total, "inputs"),
                            lambda s: s["listed"])
         unknown = sorted({c for s in summaries for c in s["unknown_cameras"]})
@@ -143,22 +151,32 @@ def run_build(cfg: BuildConfig, config_dict: dict, dry_run: bool = False) -> str
         if dry_run:
             return _plan_summary(summaries, total, len(units), len(skipped), partitions, parent, started)
         dedup = ray.remote(num_cpus=1, num_returns=partitions + 1, max_retries=3)(dedup_bucket)
-        buckets = [dedup.remote(b, partitions, cfg, store.uri, recipe, parts_of(b, "sha"),
-                                *[refs[2 + b] for refs in plans]) for b in range(partitions)]
+        deduped = [dedup.remote(b, partitions, cfg, store.uri, recipe, parts_of(b, "sha"),
+                                *[refs[2 + b] for refs in plans]) for b in range(buckets)]
         write = ray.remote(num_cpus=1, max_retries=3)(write_partition)
-        written = [write.remote(plans[p][1], cfg, store.uri, recipe, *[refs[1 + p] for refs in buckets])
+        written = [write.remote(plans[p][1], cfg, store.uri, recipe, *[refs[1 + p] for refs in deduped])
                    for p in range(partitions)]
         results = [r for r in _drain(ray, written, Progress("write", partitions, "partitions"),
                                       lambda r: 1) if r]
-        sha_records = [r for r in ray.get([refs[0] for refs in buckets]) if r]
+        sha_records = [r for r in ray.get([refs[0] for refs in deduped]) if r]
         return commit_version(store, cfg, config_dict, parent, parent_parts, results, sha_records,
                               {**(parent.get("listings", {}) if parent else {}), **signatures},
-                              partitions, started, summaries)
+                              partitions, started, summaries, sha_buckets=buckets)
 
 
-def _list_unit(unit, partitions, policy):
-    tables, summary = list_unit(unit, partitions, policy)
-    return (*tables, {**summary, "rows": sum(t.num_rows for t in tables)})
+MAX_LISTING_TASKS = 256
+MAX_SHA_BUCKETS = 256
+
+
+def _list_units(units, partitions, policy):
+    """List several units: one table per partition (concatenated) and a summary per unit."""
+    per_partition, summaries = [[] for _ in range(partitions)], []
+    for unit in units:
+        tables, summary = list_unit(unit, partitions, policy)
+        for p, t in enumerate(tables):
+            per_partition[p].append(t)
+        summaries.append({**summary, "rows": sum(t.num_rows for t in tables)})
+    return (*[pa.concat_tables(ts) for ts in per_partition], summaries)
 
 
 def _check_sources(cfg: BuildConfig, units, summaries) -> None:
@@ -178,10 +196,10 @@ def _check_sources(cfg: BuildConfig, units, summaries) -> None:
             raise DataError(f"{source.kind} source {source.uri} yields no inputs to read{detail}")
 
 
-def _process(p, partitions, cfg, store_uri, recipe, parent_parts, relisted, dry_run, *listing):
+def _process(p, partitions, buckets, cfg, store_uri, recipe, parent_parts, relisted, dry_run, *listing):
     """process_partition, with a small summary first (the driver fetches only that)."""
     out = process_partition(p, partitions, cfg, store_uri, recipe, parent_parts, relisted, *listing,
-                            dry_run=dry_run)
+                            dry_run=dry_run, buckets=buckets)
     plan = out[0]
     summary = {"partition": p, "listed": sum(t.num_rows for t in listing), "part": plan["part"],
                "unknown_cameras": plan.get("unknown_cameras", []),

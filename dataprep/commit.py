@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tarfile
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -38,7 +37,7 @@ COUNT_KEYS = ("inputs", "kept", "rejected", "removed")
 def commit_version(store: DatasetStore, cfg: BuildConfig, config_dict: dict, parent: dict | None,
                    parent_parts: list[dict], results: list[dict], sha_records: list[dict],
                    listings: dict, partitions: int, started: float, summaries: list[dict] = (),
-                   base: dict | None | bool = True) -> str:
+                   base: dict | None | bool = True, sha_buckets: int | None = None) -> str:
     """List `parent_parts` plus the new parts as a version (record last). O(parts), never
     O(inputs): totals are those of `base` (default: the parent) plus each new part's deltas."""
     base = parent if base is True else base
@@ -99,6 +98,7 @@ def commit_version(store: DatasetStore, cfg: BuildConfig, config_dict: dict, par
               - sum(len(x["record"].get("drops", [])) for x in results),
               "parts_url": store.rel(parts_url), "stats_url": store.rel(store.url(*vdir, "stats.json")),
               "preview_url": store.rel(store.url(*vdir, "preview.png")), "partitions": partitions,
+              "sha_buckets": sha_buckets or (parent or {}).get("sha_buckets") or partitions,
               "listings": listings, "stats": stats, "recipe": cfg.recipe_hash(),
               # the config as written: expanded ${VAR}s (tokens) back to ${VAR}, URL credentials masked
               "config": redact_config(config_dict or asdict(cfg)), "code_version": code_version()}
@@ -114,21 +114,6 @@ def _apply_tags(store: DatasetStore, vid: str, tags: list[str]) -> None:
         store.tag(vid, tag)
 
 
-def _stream_samples(store: DatasetStore, url: str):
-    """Samples of a shard in order, read as a stream (a shard may be ~1 GB): key -> {ext: bytes}."""
-    key, sample = None, {}
-    with store.open_shard({"url": url}) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            k, _, ext = member.name.partition(".")
-            if k != key and sample:
-                yield key, sample
-                sample = {}
-            key = k
-            sample[ext] = tar.extractfile(member).read()
-    if sample:
-        yield key, sample
-
-
 def _decode(data: bytes) -> np.ndarray:
     import cv2
     return cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
@@ -138,7 +123,7 @@ def version_preview(store: DatasetStore, shards: list[dict], max_samples: int, t
     """Contact sheet of the first samples of the given shards (studio views with anchors)."""
     tiles, captions, count = [], [], 0
     for shard in shards:
-        for key, sample in _stream_samples(store, shard["url"]):
+        for key, sample in store.shard_samples(shard["url"]):
             meta = json.loads(sample["json"])
             if meta["kind"] == "studio":
                 for v in range(min(4, len(meta["views"]))):

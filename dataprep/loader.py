@@ -56,10 +56,8 @@ size and workers. Each `iter()` replays the stream from the state the loader was
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import math
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -68,23 +66,17 @@ from typing import Iterator
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from dataprep.anchors import draw_anchor
 from dataprep.errors import DataError
-from dataprep.image_formats import sniff
-from dataprep.geometry import camera_center, plucker, resize_intrinsics
+from dataprep.stage_samples import decode_sample
 from dataprep.store import DatasetStore, split_ref
-from pippo_model.conditioning import camera_vectors
 
 log = logging.getLogger("pippo.data.loader")
 
 STAGE_KIND = {"pretrain": "image", "mid": "studio", "post": "studio"}
 STATE_FORMAT = 1
-IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
-FACE_AXIS = 1            # head-local +y is the face (module docstring)
 HELDOUT_SALT = 0x5EED
 IMAGE_FIELDS = ("views", "reference", "anchor")     # uint8 HWC per sample, float32 CHW per batch
 
@@ -310,148 +302,6 @@ def _shuffled(items, size: int, rng: np.random.Generator):
         yield out
     for k in rng.permutation(len(buf)):
         yield buf[k]
-
-
-# ---- decoding -------------------------------------------------------------------------------------
-
-def _image(raw: dict, stem: str = "") -> np.ndarray:
-    """RGB uint8 of the image member `{stem}.jpg` (png, ...) of a sample; the photo if no stem."""
-    data = next((raw[n] for n in (f"{stem}.{e}" if stem else e for e in IMAGE_EXTS) if n in raw), None)
-    # our shards hold JPEG and PNG only; anything else (cv2 would also decode JPEG 2000, HDR, PFM,
-    # Sun raster...) is refused before a decoder sees it
-    ok = data is not None and sniff(data, ("JPEG", "PNG")) is not None
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if ok else None
-    if img is None:
-        raise DataError(f"sample {raw['__key__']}: image member {stem or '(photo)'} missing or undecodable")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def _resize(img: np.ndarray, side: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    if (h, w) == (side, side):
-        return img
-    interp = cv2.INTER_AREA if side < min(h, w) else cv2.INTER_LINEAR
-    return cv2.resize(np.ascontiguousarray(img), (side, side), interpolation=interp)
-
-
-def _random_resized_crop(img, side: int, rng, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
-    h, w = img.shape[:2]
-    area = h * w * rng.uniform(*scale)
-    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-    cw = max(1, min(w, round(math.sqrt(area * aspect))))
-    ch = max(1, min(h, round(math.sqrt(area / aspect))))
-    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    crop = _resize(img[y0:y0 + ch, x0:x0 + cw], side)
-    return crop[:, ::-1] if rng.random() < 0.5 else crop
-
-
-def _colour_jitter(img, rng, strength: float = 0.2) -> np.ndarray:
-    x = img.astype(np.float32) / 255.0 * rng.uniform(1 - strength, 1 + strength)         # brightness
-    grey = x.mean(axis=2, keepdims=True)
-    x = grey + (x - grey) * rng.uniform(1 - strength, 1 + strength)                     # saturation
-    x = x.mean() + (x - x.mean()) * rng.uniform(1 - strength, 1 + strength)             # contrast
-    return np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)
-
-
-def frontal_view(meta: dict) -> int:
-    """Index of the view whose camera lies most in front of the face (module docstring)."""
-    head_R, head_t = np.asarray(meta["anchor"]["R"], np.float64), np.asarray(meta["anchor"]["t"], np.float64)
-    forward = head_R[:, FACE_AXIS]
-    scores = []
-    for v in meta["views"]:
-        d = camera_center(v["R"], v["t"]) - head_t
-        scores.append(float(forward @ d) / max(float(np.linalg.norm(d)), 1e-12))
-    return int(np.argmax(scores))
-
-
-def choose_targets(n: int, count: int, reference: int, rng) -> np.ndarray:
-    """`count` target view indices of n views (module docstring: mid)."""
-    others = np.array([v for v in range(n) if v != reference])
-    if len(others) >= count:
-        return rng.choice(others, count, replace=False)
-    if n >= count:
-        return rng.choice(n, count, replace=False)
-    return np.resize(rng.permutation(n), count)
-
-
-def _pretrain_sample(raw: dict, cfg: LoaderConfig, rng, augment: bool) -> dict:
-    img = _image(raw)
-    if augment:
-        target = _random_resized_crop(img, cfg.resolution, rng)
-        reference = _colour_jitter(_random_resized_crop(img, cfg.resolution, rng), rng)
-    else:
-        target = reference = _resize(img, cfg.resolution)
-    return {"views": target[None], "reference": reference,
-            "_view_index": np.zeros(1, np.int64), "_face": np.zeros(1, bool), "_reference_index": -1}
-
-
-def _face_slots(targets, faces: dict, count: int) -> np.ndarray:
-    """The first `count` target slots whose camera has a face crop."""
-    slots = [k for k, v in enumerate(targets) if v in faces][:count]
-    return np.isin(np.arange(len(targets)), slots)
-
-
-def _studio_sample(raw: dict, meta: dict, post: bool, cfg: LoaderConfig, axis_m: float, rng) -> dict:
-    res, views = cfg.resolution, meta["views"]
-    ref = frontal_view(meta)
-    targets = choose_targets(len(views), cfg.views, ref, rng)
-    faces = {f["view"]: f for f in meta.get("face_views", [])} if post else {}
-    is_face = _face_slots(targets, faces, cfg.face_views)
-    out = {"views": np.stack([_resize(_image(raw, f"{'face' if f else 'view'}{v:02d}"), res)
-                              for v, f in zip(targets, is_face)]),
-           "reference": _resize(_image(raw, f"view{ref:02d}"), res),
-           "_view_index": targets.astype(np.int64), "_face": is_face, "_reference_index": ref}
-    Rs = torch.tensor(np.array([views[v]["R"] for v in targets]), dtype=torch.float64)
-    ts = torch.tensor(np.array([views[v]["t"] for v in targets]), dtype=torch.float64)
-    out["cameras"] = camera_vectors(Rs, ts).numpy().astype(np.float32)
-    out["_K"] = np.stack([_delivered_K(faces[v] if f else views[v], res) for v, f in zip(targets, is_face)])
-    out["_R"], out["_t"] = Rs.numpy(), ts.numpy()
-    if post:
-        stored = np.load(io.BytesIO(raw["plucker.npy"]), allow_pickle=False)
-        pose = np.concatenate([np.asarray(meta["anchor"]["R"]), np.asarray(meta["anchor"]["t"])[:, None]], axis=1)
-        controls = [_controls(raw, meta, v, faces[v] if f else None, stored, pose, res, axis_m)
-                    for v, f in zip(targets, is_face)]
-        out["plucker"] = np.stack([c[0] for c in controls])
-        out["anchor"] = np.stack([c[1] for c in controls])
-    return out
-
-
-def _delivered_K(src: dict, res: int) -> np.ndarray:
-    """K of a stored view (or face crop) `src` after `_resize` to res x res (SPEC §4 resize rule)."""
-    return resize_intrinsics(src["K"], res / src["width"], res / src["height"])
-
-
-def _controls(raw, meta, v: int, face: dict | None, stored, pose, res: int, axis_m: float):
-    """(Plücker (6, h, w) float32, anchor (R, R, 3) uint8) of view v, or of its face crop."""
-    cam = meta["views"][v]
-    R, t = np.asarray(cam["R"], np.float64), np.asarray(cam["t"], np.float64)
-    K = _delivered_K(face or cam, res)
-    if face is None:
-        rays = stored[v].astype(np.float32)
-        if (cam["height"], cam["width"]) == (res, res):
-            return rays, _stored_anchor(raw, v)
-    else:
-        gh, gw = meta["plucker_hw"]
-        rays = plucker(resize_intrinsics(K, gw / res, gh / res), R, t, gh, gw)
-    return rays, draw_anchor(K, R, t, res, res, pose, axis_m).image.transpose(1, 2, 0)
-
-
-def _stored_anchor(raw: dict, v: int) -> np.ndarray:
-    """Anchor of view v as HWC uint8: the per-view palette PNG, or the (V, 3, H, W) anchor.npy."""
-    name = f"view{v:02d}.anchor.png"
-    if name in raw:
-        return np.asarray(Image.open(io.BytesIO(raw[name]), formats=["PNG"]).convert("RGB"))
-    return np.load(io.BytesIO(raw["anchor.npy"]), allow_pickle=False)[v].transpose(1, 2, 0)
-
-
-def decode_sample(raw: dict, stage: str, cfg: LoaderConfig, axis_m: float, rng, augment: bool) -> dict:
-    """One raw webdataset sample (member -> bytes) -> the per-sample arrays of a batch."""
-    if stage == "pretrain":
-        out = _pretrain_sample(raw, cfg, rng, augment)
-    else:
-        out = _studio_sample(raw, json.loads(raw["json"]), stage == "post", cfg, axis_m, rng)
-    out["key"] = raw["__key__"]
-    return out
 
 
 SMALL = 4096      # elements: smaller fields cross from a worker pickled inline, larger ones in shm

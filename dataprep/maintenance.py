@@ -12,7 +12,7 @@ from dataprep.commit import commit_version
 from dataprep.errors import DataError
 from dataprep.ledger import ledger_counts, part_id, write_part
 from dataprep.listing import partition_of
-from dataprep.partition_job import _shard_samples, write_partition
+from dataprep.partition_job import write_partition
 from dataprep.shards import ShardWriter
 from dataprep.store import DatasetStore, replay
 
@@ -128,7 +128,7 @@ def compact(store: DatasetStore, ref: str, min_fill: float = 0.5) -> tuple[str, 
             moved = {}
             try:
                 for url in sorted(small):
-                    for key, members in _shard_samples(store, url):
+                    for key, members in store.shard_samples(url):
                         row = keep.get(key)
                         if row is None:
                             continue

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import tarfile
 import time
 
 import pyarrow as pa
@@ -78,8 +77,10 @@ def _check_shards(store: DatasetStore, records: list[dict]) -> None:
 
 def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str, recipe: str,
                       parent_parts: list[dict], relisted: list[str], *listing: pa.Table,
-                      dry_run: bool = False) -> tuple:
-    """-> (plan, claims for bucket 0, ..., claims for bucket P-1). `dry_run`: plan only."""
+                      dry_run: bool = False, buckets: int | None = None) -> tuple:
+    """-> (plan, claims for sha bucket 0, ..., claims for bucket B-1). `dry_run`: plan only.
+    `buckets`: the number of sha buckets (default: one per partition)."""
+    buckets = buckets or partitions
     import cv2
     cv2.setNumThreads(1)    # a partition job is a one-CPU task: no thread pool oversubscribing the node
     started = time.time()
@@ -151,7 +152,7 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
                    *sorted(pp["digest"] for pp in parent_parts))
     plan = {"partition": p, "part": None, "finished": None, "decided": decided, "samples": [],
             "gone": gone, "previous": {}, "rewrites": {}, "seconds": 0.0, "todo": len(todo)}
-    empty = [CLAIM_SCHEMA.empty_table() for _ in range(partitions)]
+    empty = [CLAIM_SCHEMA.empty_table() for _ in range(buckets)]
     if dry_run or not (todo or decided or gone):
         plan["part"] = part if (todo or decided or gone) else None
         return (plan, *empty)
@@ -161,7 +162,7 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
         plan["finished"] = finished
         kept = [r for r in store.read_table(finished["ledger_url"]).to_pylist()
                 if r["status"] == "kept" and r["sha256"] and r["kind"] != "studio"]
-        return (plan, *_claims(kept, p, partitions, key="input"))
+        return (plan, *_claims(kept, p, buckets, key="input"))
 
     samples, captures, tars = [], {}, {}
     for t in todo:
@@ -187,7 +188,7 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
             plan["rewrites"][old["shard"]]["keep"].append(old)
     plan["seconds"] = time.time() - started
     claims = [s["row"] | {"partition": p} for s in samples if s["row"]["sha256"] and s["kind"] != "studio"]
-    return (plan, *_claims(claims, p, partitions, key="input"))
+    return (plan, *_claims(claims, p, buckets, key="input"))
 
 
 def _claims(rows: list[dict], p: int, partitions: int, key: str) -> list[pa.Table]:
@@ -345,7 +346,7 @@ def write_partition(plan: dict, cfg: BuildConfig, store_uri: str, recipe: str, *
         for shard_url, job in sorted(plan["rewrites"].items()):
             drop = set(job["drop"])
             keep = {o["key"]: o for o in job["keep"]}
-            for key, members in _shard_samples(store, shard_url):
+            for key, members in store.shard_samples(shard_url):
                 if key in drop or key not in keep:
                     continue
                 kind = keep[key]["kind"] if keep[key]["kind"] == "studio" else "image"
@@ -371,18 +372,3 @@ def write_partition(plan: dict, cfg: BuildConfig, store_uri: str, recipe: str, *
                             "counts": dict(counts),
                             "dropped_samples": sum(j["samples"] for j in plan["rewrites"].values())})
     return {"record": record, "reused": False, "seconds": plan["seconds"] + time.time() - started}
-
-
-def _shard_samples(store: DatasetStore, shard_url: str):
-    """Samples of a shard in order, streamed: (key, {ext: bytes})."""
-    key, sample = None, {}
-    with store.open_shard({"url": shard_url}) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            k, _, ext = member.name.partition(".")
-            if k != key and sample:
-                yield key, sample
-                sample = {}
-            key = k
-            sample[ext] = tar.extractfile(member).read()
-    if sample:
-        yield key, sample

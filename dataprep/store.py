@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import posixpath
+import tarfile
 import threading
 import time
 import uuid
@@ -378,6 +379,20 @@ class DatasetStore:
         """A binary read stream of a shard's tar (sequential reads; the caller closes it)."""
         fs, path = self._fs_path(shard["url"])
         return fs.open(path, "rb")
+
+    def shard_samples(self, url: str):
+        """Samples of a shard in tar order, streamed (a shard may be ~1 GB): (key, {ext: bytes})."""
+        key, sample = None, {}
+        with self.open_shard({"url": url}) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                k, _, ext = member.name.partition(".")
+                if k != key and sample:
+                    yield key, sample
+                    sample = {}
+                key = k
+                sample[ext] = tar.extractfile(member).read()
+        if sample:
+            yield key, sample
 
     # -- leases -----------------------------------------------------------------------------------
     def live_leases(self) -> list[dict]:
