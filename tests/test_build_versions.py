@@ -228,3 +228,20 @@ def test_read_webdataset_with_rays_default_decoder(photos, tmp_path, ray_local):
     ds = ray_local.data.read_webdataset([s["url"] for s in v["shards"]])
     assert ds.count() == v["samples"] == 14
     assert isinstance(ds.take(1)[0], dict) and pa is not None
+
+
+def test_failed_downloads_are_retried_a_bounded_number_of_times(photos, tmp_path, ray_local):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(next((photos / "dir").glob("*.*g")), src / "ok.jpg")
+    (src / "urls.txt").write_text("ok.jpg\nmissing.jpg\n")
+    store = DatasetStore(tmp_path / "ds")
+    ids, attempts = [], []
+    for _ in range(3):
+        v = build(store, [("urls", src / "urls.txt")], max_attempts=2)
+        row = next(r for r in store.ledger(v).to_pylist() if r["input"].endswith("missing.jpg"))
+        ids.append(v["id"])
+        attempts.append((row["status"], row["stage"], row["attempts"]))
+    assert attempts == [("rejected", "fetch", 1), ("rejected", "fetch", 2), ("rejected", "fetch", 2)]
+    assert ids[1] != ids[0] and ids[2] == ids[1]          # the third build has nothing left to try
+    assert v["samples"] == 1 and v["counts"]["inputs"] == 2
