@@ -30,9 +30,16 @@ done
 import sys, shutil, fsspec
 from dataprep.store import DatasetStore, split_ref
 uri, ref = split_ref(sys.argv[1])
-with fsspec.open(DatasetStore(uri).resolve(ref)["preview_url"], "rb") as f, open(sys.argv[2], "wb") as out:
+store = DatasetStore(uri)
+with fsspec.open(store.describe(store.resolve(ref))["preview_url"], "rb") as f, open(sys.argv[2], "wb") as out:
     shutil.copyfileobj(f, out)
 PY
+# versions are lists of parts: compaction makes a version with the same samples in fewer parts
+# and full shards; gc --dry-run lists what no version references (nothing is deleted here)
+dataset=${version%@*}
+$pippo data rejects "$version" > "$OUT/rejects.jsonl"; head -n 3 "$OUT/rejects.jsonl"
+$pippo data compact "$version"
+$pippo data gc "$dataset" --dry-run | tail -n 1
 
 echo "== 3. the model and its 3D-consistency metric" >&2
 $pippo model info configs/models/tiny.yaml
