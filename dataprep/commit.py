@@ -46,6 +46,7 @@ def commit_version(store: DatasetStore, cfg: BuildConfig, config_dict: dict, par
     totals = Counter({k: (base or {}).get("counts", {}).get(k, 0) for k in COUNT_KEYS})
     reasons = Counter((base or {}).get("stats", {}).get("rejected_by_reason", {}))
     samples = (base or {}).get("samples", 0)
+    nbytes = (base or {}).get("stats", {}).get("bytes", 0)
     new_shards, dropped_views = [], 0
     for r in (x["record"] for x in results):
         for key, n in r["counts"].items():
@@ -55,6 +56,7 @@ def commit_version(store: DatasetStore, cfg: BuildConfig, config_dict: dict, par
                 totals[key] += n
         dropped_views += r["counts"].get("dropped_views", 0)
         samples += sum(s["samples"] for s in r["shards"]) - r.get("dropped_samples", 0)
+        nbytes += sum(s["bytes"] for s in r["shards"]) - r.get("dropped_bytes", 0)
         new_shards += r["shards"]
     if totals["kept"] != samples or totals["inputs"] != totals["kept"] + totals["rejected"] + totals["removed"]:
         raise ConservationError(f"inputs {totals['inputs']} != kept {totals['kept']} + rejected "
@@ -78,7 +80,8 @@ def commit_version(store: DatasetStore, cfg: BuildConfig, config_dict: dict, par
     kinds = Counter((base or {}).get("stats", {}).get("samples_by_kind", {}))
     for r in (x["record"] for x in results):
         kinds.update({k[len("kind|"):]: n for k, n in r["counts"].items() if k.startswith("kind|")})
-    stats = {"samples": samples, "samples_by_kind": {k: n for k, n in sorted(kinds.items()) if n}, "rejected": totals["rejected"], "removed": totals["removed"],
+    stats = {"samples": samples, "bytes": nbytes, "samples_by_kind": {k: n for k, n in sorted(kinds.items()) if n},
+             "rejected": totals["rejected"], "removed": totals["removed"],
              "inputs": totals["inputs"], "rejected_by_reason": {k: v for k, v in sorted(reasons.items()) if v},
              "parts": len(parts), "new_parts": len(new_records), "new_samples": new_samples,
              "new_shards": len(new_shards), "parts_reused": sum(bool(x.get("reused")) for x in results),

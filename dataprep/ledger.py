@@ -89,8 +89,11 @@ def _sample_kind(row: dict) -> str:
 def part_row(store: DatasetStore, record: dict) -> dict:
     """A part's row in a version's parts list."""
     return {"part": record["part"], "partition": record["partition"], "kind": record["kind"],
-            "digest": record["digest"], "url": store.rel(store.part_path(record["recipe"], record["part"]))}
+            "digest": record["digest"], "url": store.rel(store.part_path(record["recipe"], record["part"])),
+            "ledger_url": record["ledger_url"]}
 
 
+# A version's parts list (`show --json`'s rejects_url): url = the part record; ledger_url = its
+# table (a ledger of input rows: input, status, stage, reason, ...; or, kind "sha", the sha index)
 PARTS_SCHEMA = pa.schema([("part", pa.string()), ("partition", pa.int32()), ("kind", pa.string()),
-                          ("digest", pa.string()), ("url", pa.string())])
+                          ("digest", pa.string()), ("url", pa.string()), ("ledger_url", pa.string())])

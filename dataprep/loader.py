@@ -199,6 +199,20 @@ def held_out(key: str, fraction: float) -> bool:
     return fraction > 0 and _key_hash(key) / 2.0 ** 64 < fraction
 
 
+def holdout_set(keys: list[str], fraction: float) -> set[str]:
+    """The held-out keys of a version: `held_out` by key hash, except that a fraction > 0 of two or
+    more samples always holds out at least one and trains on at least one (the smallest / largest
+    hash: what a slightly larger / smaller fraction would pick). A pure function of the version's
+    keys, so training and evaluation agree without sharing state."""
+    held = {k for k in keys if held_out(k, fraction)}
+    if fraction > 0 and len(keys) >= 2:
+        if not held:
+            held = {min(keys, key=_key_hash)}
+        elif len(held) == len(keys):
+            held.discard(max(keys, key=_key_hash))
+    return held
+
+
 @dataclass
 class _Source:
     """What a worker needs of one source (picklable; no open handles)."""
@@ -235,14 +249,17 @@ def _plan_source(i: int, src: DataSource, stage: str, cfg: LoaderConfig, storage
     with ThreadPoolExecutor(8) as pool:       # one small parquet per shard: hide object-store latency
         indexes = list(pool.map(store.shard_index, shards))
     kind, kinds = STAGE_KIND[stage], Counter()
-    keys, heldout = [], []
-    for j, index in enumerate(indexes):
+    usable = []                                   # per shard: this stage's keys in tar order
+    for index in indexes:
         mine = []
         for key, k in zip(index.column("key").to_pylist(), index.column("kind").to_pylist()):
             kinds[k] += 1
             if k == kind:
-                (heldout.append((j, key)) if held_out(key, cfg.holdout_fraction) else mine.append(key))
-        keys.append(np.array([k.encode() for k in mine], dtype=np.bytes_))
+                mine.append(key)
+        usable.append(mine)
+    held = holdout_set([key for mine in usable for key in mine], cfg.holdout_fraction)
+    keys = [np.array([k.encode() for k in mine if k not in held], dtype=np.bytes_) for mine in usable]
+    heldout = [(j, key) for j, mine in enumerate(usable) for key in mine if key in held]
     if not kinds[kind]:
         raise DataError(f"{label}: no samples usable by stage '{stage}' (it needs '{kind}' samples; "
                         f"the version holds {dict(kinds) or 'none'})")

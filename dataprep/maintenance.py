@@ -63,14 +63,15 @@ def remove_inputs(store: DatasetStore, ref: str, inputs_file: str) -> tuple[str,
         found.update(r["input"] for r in doomed)
         if not doomed:
             continue
-        samples = {s["url"]: s["samples"] for r in records for s in r["shards"]}
+        samples = {s["url"]: (s["samples"], s["bytes"]) for r in records for s in r["shards"]}
         plan = {"partition": p, "part": part_id(recipe, "remove", p, *(r["input"] for r in doomed),
                                                  *sorted(x["digest"] for x in parts)),
                 "finished": None, "decided": [], "samples": [], "previous": {}, "rewrites": {}, "seconds": 0.0,
                 "gone": doomed, "gone_reason": ("takedown", "removed on request")}
         for g in doomed:
             if g["status"] == "kept" and g["shard"]:
-                plan["rewrites"].setdefault(g["shard"], {"drop": [], "keep": [], "samples": samples[g["shard"]]})["drop"].append(g["key"])
+                plan["rewrites"].setdefault(g["shard"], {"drop": [], "keep": [], "samples": samples[g["shard"]][0],
+                                                          "bytes": samples[g["shard"]][1]})["drop"].append(g["key"])
         for old in previous.values():
             if old["status"] == "kept" and old["shard"] in plan["rewrites"] and old["input"] not in found:
                 plan["rewrites"][old["shard"]]["keep"].append(old)
@@ -155,14 +156,15 @@ def compact(store: DatasetStore, ref: str, min_fill: float = 0.5) -> tuple[str, 
                           for s in listed]
             record = write_part(store, recipe, name, p, "ledger", out,
                                 listed_abs + [s for k in sorted(new) for s in new[k]],
-                                extra={"counts": dict(counts), "dropped_samples": 0})
+                                extra={"counts": dict(counts), "dropped_samples": 0, "dropped_bytes": 0})
             results.append({"record": record, "reused": False})
     # the compacted parts are snapshots of their partitions: the version lists them alone, and
     # its totals are theirs (summed from zero), which the commit checks against the shards
     reused = [r for r in results if r["reused"]]
     for r in reused:   # a part listed as it was still counts in full
         rows = store.read_table(r["record"]["ledger_url"]).to_pylist()
-        r["record"] = {**r["record"], "counts": dict(ledger_counts(rows, {})), "dropped_samples": 0}
+        r["record"] = {**r["record"], "counts": dict(ledger_counts(rows, {})), "dropped_samples": 0,
+                       "dropped_bytes": 0}
     vid = commit_version(store, cfg, config, parent, [], results, sha_records, parent.get("listings", {}),
                          partitions, started, base=None)
     return vid, {"merged_shards": merged_shards, "parts_before": len(parent_parts),

@@ -178,10 +178,11 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
     touched = {r["input"] for r in decided} | {s["row"]["input"] for s in samples} | {g["input"] for g in gone}
     plan.update(samples=samples, previous={k: previous[k] for k in touched if k in previous})
     # parent shards holding a sample that is gone are rewritten without it
-    shard_samples = {s["url"]: s["samples"] for r in parent_records for s in r["shards"]}
+    shard_samples = {s["url"]: (s["samples"], s["bytes"]) for r in parent_records for s in r["shards"]}
     for g in gone:
         if g["status"] == "kept" and g["shard"]:
-            job = plan["rewrites"].setdefault(g["shard"], {"drop": [], "keep": [], "samples": shard_samples[g["shard"]]})
+            job = plan["rewrites"].setdefault(g["shard"], {"drop": [], "keep": [], "samples": shard_samples[g["shard"]][0],
+                                                           "bytes": shard_samples[g["shard"]][1]})
             job["drop"].append(g["key"])
     for old in previous.values():
         if old["status"] == "kept" and old["shard"] in plan["rewrites"] and old["input"] not in touched:
@@ -370,5 +371,6 @@ def write_partition(plan: dict, cfg: BuildConfig, store_uri: str, recipe: str, *
     record = write_part(store, recipe, plan["part"], plan["partition"], "ledger", rows, all_shards,
                         drops=list(plan["rewrites"]), extra={
                             "counts": dict(counts),
-                            "dropped_samples": sum(j["samples"] for j in plan["rewrites"].values())})
+                            "dropped_samples": sum(j["samples"] for j in plan["rewrites"].values()),
+                            "dropped_bytes": sum(j.get("bytes", 0) for j in plan["rewrites"].values())})
     return {"record": record, "reused": False, "seconds": plan["seconds"] + time.time() - started}

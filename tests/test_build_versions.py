@@ -134,6 +134,7 @@ def test_source_changes_retries_takedown_and_compaction(photos, tmp_path, ray_lo
     v3 = store.describe(store.resolve(out.stdout.strip().splitlines()[-1]))
     assert "removed 1 inputs (1 listed inputs were not in the version)" in out.stderr
     assert v3["parent"] == v2["id"] and v3["samples"] == 10 and v3["counts"]["removed"] == 2
+    assert v3["stats"]["bytes"] == sum(s["bytes"] for s in v3["shards"])
     victim_key = next(r["key"] for r in store.ledger(v2).to_pylist() if r["input"] == f"file://{victim}")
     assert victim_key not in samples_of(v3) and set(samples_of(v3)) == set(samples_of(v2)) - {victim_key}
     # compaction: the same samples in fewer parts and shards
@@ -142,6 +143,7 @@ def test_source_changes_retries_takedown_and_compaction(photos, tmp_path, ray_lo
     assert out.returncode == 0, out.stderr[-2000:]
     v4 = store.describe(store.resolve(out.stdout.strip().splitlines()[-1]))
     assert v4["counts"] == v3["counts"] and v4["samples"] == 10
+    assert v4["stats"]["bytes"] == sum(s["bytes"] for s in v4["shards"])
     assert samples_of(v4) == samples_of(v3)
     assert v4["stats"]["parts"] < v3["stats"]["parts"] and len(v4["shards"]) <= len(v3["shards"])
     # an incremental build on the compacted version knows every input, and a taken-down input
