@@ -92,7 +92,7 @@ def commit_version(store: DatasetStore, cfg: BuildConfig, config_dict: dict, par
     for k, n in stats["rejected_by_reason"].items():
         stats["rejected_by_stage"][k.split(":")[0]] += n
     store.create_exclusive(store.path(*vdir, "stats.json"), json.dumps(stats, indent=1).encode())
-    sheet = version_preview(store, [{**s, "url": s["url"]} for s in new_shards], cfg.preview_samples,
+    sheet = version_preview(store, new_shards, cfg.preview_samples,
                             f"{store.uri}@{vid}")
     store.create_exclusive(store.path(*vdir, "preview.png"), sheet)
     record = {"id": vid, "format": FORMAT, "parent": parent["id"] if parent else None, "created": _now(),

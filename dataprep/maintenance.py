@@ -7,14 +7,16 @@ import logging
 import time
 from types import SimpleNamespace
 
+import pyarrow as pa
+
 from dataprep.build_config import ShardLimits
 from dataprep.commit import commit_version
 from dataprep.errors import DataError
-from dataprep.ledger import ledger_counts, part_id, write_part
+from dataprep.ledger import SHA_SCHEMA, ledger_counts, part_id, write_part
 from dataprep.listing import partition_of
-from dataprep.partition_job import write_partition
+from dataprep.partition_job import rewrite_jobs, write_partition
 from dataprep.shards import ShardWriter
-from dataprep.store import DatasetStore, replay
+from dataprep.store import DatasetStore
 
 log = logging.getLogger("pippo.data.maintenance")
 
@@ -58,23 +60,16 @@ def remove_inputs(store: DatasetStore, ref: str, inputs_file: str) -> tuple[str,
     for p, names in sorted(by_partition.items()):
         parts = [r for r in parent_parts if r["partition"] == p and r["kind"] == "ledger"]
         records = store.part_records(parts)
-        previous = {r["input"]: r for r in replay([store.read_table(r["ledger_url"]) for r in records]).to_pylist()}
+        previous = store.ledger_state(records)
         doomed = [previous[n] for n in sorted(names) if n in previous and previous[n]["status"] != "removed"]
         found.update(r["input"] for r in doomed)
         if not doomed:
             continue
-        samples = {s["url"]: (s["samples"], s["bytes"]) for r in records for s in r["shards"]}
         plan = {"partition": p, "part": part_id(recipe, "remove", p, *(r["input"] for r in doomed),
                                                  *sorted(x["digest"] for x in parts)),
-                "finished": None, "decided": [], "samples": [], "previous": {}, "rewrites": {}, "seconds": 0.0,
-                "gone": doomed, "gone_reason": ("takedown", "removed on request")}
-        for g in doomed:
-            if g["status"] == "kept" and g["shard"]:
-                plan["rewrites"].setdefault(g["shard"], {"drop": [], "keep": [], "samples": samples[g["shard"]][0],
-                                                          "bytes": samples[g["shard"]][1]})["drop"].append(g["key"])
-        for old in previous.values():
-            if old["status"] == "kept" and old["shard"] in plan["rewrites"] and old["input"] not in found:
-                plan["rewrites"][old["shard"]]["keep"].append(old)
+                "finished": None, "decided": [], "samples": [], "previous": {}, "seconds": 0.0,
+                "gone": doomed, "gone_reason": ("takedown", "removed on request"),
+                "rewrites": rewrite_jobs(doomed, previous, records, {r["input"] for r in doomed})}
         results.append(write_partition(plan, cfg, store.uri, recipe))
     missing = len(wanted) - len(found)
     if not results:
@@ -101,16 +96,13 @@ def compact(store: DatasetStore, ref: str, min_fill: float = 0.5) -> tuple[str, 
             if not parts:
                 continue
             records = store.part_records(parts)
-            table = replay([store.read_table(r["ledger_url"]) for r in records]) if kind == "ledger" else None
             name = part_id(recipe, "compact", kind, p, *(x["digest"] for x in parts))
-            if kind == "sha":
-                from dataprep.ledger import SHA_SCHEMA
-                import pyarrow as pa
+            if kind == "sha":       # a bucket's sha index parts: concatenated into one
                 rows = pa.concat_tables([store.read_table(r["ledger_url"]) for r in records]).to_pylist()
-                sha_records.append(store.finished_part(recipe, name)
+                sha_records.append(records[0] if len(records) == 1 else store.finished_part(recipe, name)
                                    or write_part(store, recipe, name, p, "sha", rows, schema=SHA_SCHEMA))
                 continue
-            rows = table.to_pylist()
+            rows = list(store.ledger_state(records).values())
             dropped = {d for r in records for d in r.get("drops", [])}
             shards = [s for r in records for s in r["shards"] if s["url"] not in dropped]
             small = {s["url"] for s in shards

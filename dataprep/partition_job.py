@@ -33,7 +33,7 @@ from dataprep.samples import photo_sample, studio_sample
 from dataprep.shards import ShardWriter
 from dataprep.sources import check_body, fetch, read_tar, sha256, wds_image
 from dataprep.storage import atomic_write_bytes, read_bytes
-from dataprep.store import DatasetStore, replay
+from dataprep.store import DatasetStore
 
 log = logging.getLogger("pippo.data.build")
 
@@ -88,7 +88,7 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
     parent_records = store.part_records(parent_parts)
     if not dry_run:
         _check_shards(store, parent_records)
-    previous = {r["input"]: r for r in replay([store.read_table(r["ledger_url"]) for r in parent_records]).to_pylist()}
+    previous = store.ledger_state(parent_records)
     relisted = set(relisted)
     done_tars = {r["uri"] for r in previous.values()
                  if r["kind"] == "wds" and not (r["status"] == "rejected" and r["stage"] in RETRY_STAGES)}
@@ -162,7 +162,7 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
         plan["finished"] = finished
         kept = [r for r in store.read_table(finished["ledger_url"]).to_pylist()
                 if r["status"] == "kept" and r["sha256"] and r["kind"] != "studio"]
-        return (plan, *_claims(kept, p, buckets, key="input"))
+        return (plan, *_claims(kept, p, buckets))
 
     samples, captures, tars = [], {}, {}
     for t in todo:
@@ -177,26 +177,33 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
     plan["unknown_cameras"] = sorted(unknown)
     touched = {r["input"] for r in decided} | {s["row"]["input"] for s in samples} | {g["input"] for g in gone}
     plan.update(samples=samples, previous={k: previous[k] for k in touched if k in previous})
-    # parent shards holding a sample that is gone are rewritten without it
-    shard_samples = {s["url"]: (s["samples"], s["bytes"]) for r in parent_records for s in r["shards"]}
+    plan["rewrites"] = rewrite_jobs(gone, previous, parent_records, touched)
+    plan["seconds"] = time.time() - started
+    claims = [s["row"] for s in samples if s["row"]["sha256"] and s["kind"] != "studio"]
+    return (plan, *_claims(claims, p, buckets))
+
+
+def rewrite_jobs(gone: list[dict], previous: dict[str, dict], records: list[dict], touched: set[str]) -> dict:
+    """Parent shards holding a sample that is gone, to be rewritten without it: shard URL ->
+    {drop: keys, keep: ledger rows of the samples that stay, samples, bytes (of the old shard)}."""
+    sizes = {s["url"]: (s["samples"], s["bytes"]) for r in records for s in r["shards"]}
+    jobs: dict[str, dict] = {}
     for g in gone:
         if g["status"] == "kept" and g["shard"]:
-            job = plan["rewrites"].setdefault(g["shard"], {"drop": [], "keep": [], "samples": shard_samples[g["shard"]][0],
-                                                           "bytes": shard_samples[g["shard"]][1]})
-            job["drop"].append(g["key"])
+            n, nbytes = sizes[g["shard"]]
+            jobs.setdefault(g["shard"], {"drop": [], "keep": [], "samples": n, "bytes": nbytes})["drop"].append(g["key"])
     for old in previous.values():
-        if old["status"] == "kept" and old["shard"] in plan["rewrites"] and old["input"] not in touched:
-            plan["rewrites"][old["shard"]]["keep"].append(old)
-    plan["seconds"] = time.time() - started
-    claims = [s["row"] | {"partition": p} for s in samples if s["row"]["sha256"] and s["kind"] != "studio"]
-    return (plan, *_claims(claims, p, buckets, key="input"))
+        if old["status"] == "kept" and old["shard"] in jobs and old["input"] not in touched:
+            jobs[old["shard"]]["keep"].append(old)
+    return jobs
 
 
-def _claims(rows: list[dict], p: int, partitions: int, key: str) -> list[pa.Table]:
-    buckets: list[list[dict]] = [[] for _ in range(partitions)]
+def _claims(rows: list[dict], p: int, buckets: int) -> list[pa.Table]:
+    """Ledger rows of processed photos -> (sha256, input, partition) claims, one table per sha bucket."""
+    out: list[list[dict]] = [[] for _ in range(buckets)]
     for r in rows:
-        buckets[sha_bucket(r["sha256"], partitions)].append({"sha256": r["sha256"], "input": r[key], "partition": p})
-    return [pa.Table.from_pylist(b, schema=CLAIM_SCHEMA) for b in buckets]
+        out[sha_bucket(r["sha256"], buckets)].append({"sha256": r["sha256"], "input": r["input"], "partition": p})
+    return [pa.Table.from_pylist(b, schema=CLAIM_SCHEMA) for b in out]
 
 
 def _reject(t: dict, stage: str, reason: str, sha: str = "", input_id: str | None = None) -> dict:
@@ -372,5 +379,5 @@ def write_partition(plan: dict, cfg: BuildConfig, store_uri: str, recipe: str, *
                         drops=list(plan["rewrites"]), extra={
                             "counts": dict(counts),
                             "dropped_samples": sum(j["samples"] for j in plan["rewrites"].values()),
-                            "dropped_bytes": sum(j.get("bytes", 0) for j in plan["rewrites"].values())})
+                            "dropped_bytes": sum(j["bytes"] for j in plan["rewrites"].values())})
     return {"record": record, "reused": False, "seconds": plan["seconds"] + time.time() - started}

@@ -305,8 +305,9 @@ class DatasetStore:
 
     # -- parts ------------------------------------------------------------------------------------
     def shard_intact(self, shard: dict) -> bool:
+        fs, path = self._fs_path(shard["url"])
         try:
-            return self._fs_path(shard["url"])[0].info(self._fs_path(shard["url"])[1])["size"] == shard["bytes"]
+            return fs.info(path)["size"] == shard["bytes"]
         except FileNotFoundError:
             return False
 
@@ -334,6 +335,10 @@ class DatasetStore:
         parts = [p for p in self.version_parts(record, partition) if p["kind"] == "ledger"]
         tables = [self.read_table(r["ledger_url"]) for r in self.part_records(parts)]
         return replay(tables)
+
+    def ledger_state(self, records: list[dict]) -> dict[str, dict]:
+        """input -> its last ledger row, over the given part records (in order)."""
+        return {r["input"]: r for r in replay([self.read_table(r["ledger_url"]) for r in records]).to_pylist()}
 
     def rejects(self, record: dict) -> pa.Table:
         ledger = self.ledger(record)

@@ -1,6 +1,7 @@
 """cluster/: `pippo submit` / `pippo jobs` against a real token-auth Ray head, and the cluster
 manifests (Ray cluster launcher, KubeRay) against their schemas, with no literal secrets."""
 import json
+import contextlib
 import os
 import re
 import secrets
@@ -265,12 +266,10 @@ def ray_head(tmp_path_factory):
     try:
         deadline = time.time() + 120
         while True:
-            try:
+            with contextlib.suppress(requests.RequestException):     # not listening yet
                 if requests.get(url + "/api/version", headers={"Authorization": f"Bearer {token}"},
                                 timeout=2).status_code == 200:
                     break
-            except requests.RequestException:
-                pass
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError("ray head did not start:\n" + (base / "head.log").read_text()[-3000:])
             time.sleep(0.3)
@@ -279,15 +278,11 @@ def ray_head(tmp_path_factory):
         yield Namespace(url=url, token=token, env=client_env, base=base, src=src)
     finally:
         proc.send_signal(signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):    # the SIGKILLs below finish it
             proc.wait(timeout=45)
-        except subprocess.TimeoutExpired:
-            pass
         for pid in _pids_with(marker.encode()) | _group(proc.pid):
-            try:
+            with contextlib.suppress(ProcessLookupError):        # already gone
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         log.close()
         subprocess.run(["rm", "-rf", str(base)], check=False)
 
@@ -296,11 +291,9 @@ def _pids_with(marker: bytes) -> set[int]:
     pids = set()
     for d in Path("/proc").iterdir():
         if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
+            with contextlib.suppress(OSError):       # exited, or not ours to read
                 if marker in (d / "environ").read_bytes():
                     pids.add(int(d.name))
-            except OSError:
-                pass
     return pids
 
 
@@ -308,11 +301,9 @@ def _group(pgid: int) -> set[int]:
     out = set()
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
-            try:
+            with contextlib.suppress(OSError, IndexError, ValueError):   # exited mid-read
                 if int((d / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
                     out.add(int(d.name))
-            except (OSError, IndexError, ValueError):
-                pass
     return out
 
 
