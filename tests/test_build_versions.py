@@ -107,12 +107,19 @@ def test_incremental_build_reads_only_its_delta(photos, tmp_path, ray_local):
                              for s in (".json", ".ledger.parquet")}
 
 
-def test_source_changes_retries_takedown_and_compaction(photos, tmp_path, ray_local):
+def dataset_of(photos, tmp_path):
+    """A copy of the photo directory and a first version built from it."""
     src = tmp_path / "src"
     shutil.copytree(photos / "dir", src)
     store = DatasetStore(tmp_path / "ds")
-    v1 = build(store, [("images", src)])
+    return src, store, build(store, [("images", src)])
+
+
+def test_source_changes_retries_takedown_and_compaction(photos, tmp_path, ray_local):
+    src, store, v1 = dataset_of(photos, tmp_path)
     keys1 = set(samples_of(v1))
+    kept = DatasetStore(tmp_path / "kept")
+    build(kept, [("images", src)])
     # a photo deleted from its source is dropped from the next version and recorded as removed
     gone = sorted(src.glob("*.*g"))[0]
     gone.unlink()
@@ -122,8 +129,8 @@ def test_source_changes_retries_takedown_and_compaction(photos, tmp_path, ray_lo
     assert ledger[f"file://{gone}"]["status"] == "removed"
     assert len(samples_of(v2)) == 11 and set(samples_of(v2)) < keys1
     # ... unless configured to keep it
-    v2_keep = build(DatasetStore(tmp_path / "keep"), [("images", src)])
-    assert v2_keep["samples"] == 11            # (a fresh dataset: nothing to keep)
+    v2_kept = build(kept, [("images", src)], on_missing="keep")
+    assert v2_kept["samples"] == 12 and v2_kept["counts"]["removed"] == 0
     # a takedown: a version without the listed inputs, shards rewritten without them
     victim = sorted(src.glob("*.*g"))[0]
     takedown = tmp_path / "takedown.txt"
@@ -153,10 +160,7 @@ def test_source_changes_retries_takedown_and_compaction(photos, tmp_path, ray_lo
 
 
 def test_gc_cannot_lose_data(photos, tmp_path, ray_local):
-    src = tmp_path / "src"
-    shutil.copytree(photos / "dir", src)
-    store = DatasetStore(tmp_path / "ds")
-    v1 = build(store, [("images", src)])
+    src, store, v1 = dataset_of(photos, tmp_path)
     keys = set(samples_of(v1))
     # a foreign file in the dataset directory is never deleted, even old and unreferenced
     foreign = Path(store.root) / "shards" / "notes.tar"
