@@ -244,16 +244,25 @@ def ray_head(tmp_path_factory):
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, HOME=str(home), RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{Path(sys.executable).parent}:{env['PATH']}",   # the jobs' `python` is this venv's
                PIPPO_TEST_RAY_HEAD=str(base), TQDM_DISABLE="1")
-    dash = free_port()
-    ports = {f"--{k}": str(free_port()) for k in (
-        "port", "object-manager-port", "node-manager-port", "ray-client-server-port",
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port")}
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-           "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--include-dashboard", "true", "--temp-dir", str(base / "r"), "--num-cpus", "2", "--num-gpus", "0",
-           "--object-store-memory", str(100 * 2**20), "--disable-usage-stats",
-           *[x for kv in ports.items() for x in kv]]
+    names = ("port", "object-manager-port", "node-manager-port", "ray-client-server-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port")
+
+    def head_command():
+        """`ray start` on fresh, distinct ports (Ray's own random picks may still collide with
+        one: the caller starts again then)."""
+        chosen: list[int] = []
+        while len(chosen) < len(names) + 1:
+            port = free_port()
+            if port not in chosen:
+                chosen.append(port)
+        dash, ports = chosen[0], dict(zip((f"--{k}" for k in names), map(str, chosen[1:])))
+        return dash, [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                      "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                      "--include-dashboard", "true", "--temp-dir", str(base / "r"), "--num-cpus", "2",
+                      "--num-gpus", "0", "--object-store-memory", str(100 * 2**20), "--disable-usage-stats",
+                      *[x for kv in ports.items() for x in kv]]
+
     # Submissions come from a frozen copy of the tree: the code digest (part of the derived
     # submission id) must not change under the test while someone edits the checkout.
     src = base / "src"
@@ -261,15 +270,23 @@ def ray_head(tmp_path_factory):
         (src / f.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
         (src / f.relative_to(ROOT)).write_bytes(f.read_bytes())
     log = open(base / "head.log", "w")
+    dash, cmd = head_command()
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.time() + 120
+        deadline, starts = time.time() + 120, 1
         while True:
             with contextlib.suppress(requests.RequestException):     # not listening yet
                 if requests.get(url + "/api/version", headers={"Authorization": f"Bearer {token}"},
                                 timeout=2).status_code == 200:
                     break
+            if proc.poll() is not None and starts < 3 and \
+                    "is trying to use a port number" in (base / "head.log").read_text():
+                starts += 1                                          # a port collision: other ports
+                dash, cmd = head_command()
+                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                url = f"http://127.0.0.1:{dash}"
+                continue
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError("ray head did not start:\n" + (base / "head.log").read_text()[-3000:])
             time.sleep(0.3)
