@@ -20,19 +20,26 @@ shared filesystem and an object store. Loading: the node's local rank 0 download
 node-local cache; when the world size changed, it converts the checkpoint to DeepSpeed's
 *universal checkpoint* (`deepspeed.checkpoint.ds_to_universal`), which the engine then loads with
 `checkpoint.load_universal` — any ZeRO stage, any number of workers.
-DeepSpeed's own files are torch pickles written by this run; the consolidated weights handed to
-other stages and users are safetensors (loading them never unpickles).
+DeepSpeed's own files are torch pickles. Nothing proves that this run wrote the ones it finds
+(anyone who can write the run directory could plant one), so they are only ever loaded with
+`weights_only=True` and an allow-list of DeepSpeed's few state types (pipelines.training.safe_load),
+the universal conversion included (run in this process under the same guard), after checking that
+the step directory holds regular files only. Downloads and conversions go to a private scratch
+directory this process creates (mkdtemp, mode 0700) and removes after the load: a predictable shared
+path in /tmp could be pre-planted. The consolidated weights handed to other stages and users are
+safetensors (loading them never unpickles).
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import io
 import json
 import logging
 import os
 import posixpath
+import re
 import shutil
-import subprocess
-import sys
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +47,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dataprep.errors import DataError
 from dataprep.storage import absolute_url, atomic_write_bytes, fs_and_path, is_local
+from pipelines.training.safe_load import UnsafeCheckpointError, unsafe_globals, verify_tree, weights_only_loads
 
 log = logging.getLogger("pippo.train.checkpoint")
 
@@ -49,6 +58,12 @@ UNIVERSAL_TAG = "universal"
 MARKER = "COMPLETE"
 # DeepSpeed's ds_to_universal needs this key in the client state of ZeRO-1/2 checkpoints.
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+STEP_DIR = re.compile(r"step_\d{8}")
+# Caps on the small files of a run (JSON records, per-rank loader states, EMA slices) and on the
+# consolidated weights: a name that is /dev/zero or a FIFO must not hang or exhaust memory.
+MAX_JSON_BYTES = 16 << 20
+MAX_RANK_FILE_BYTES = 64 << 30
+MAX_WEIGHTS_BYTES = 256 << 30
 
 
 def barrier():
@@ -81,8 +96,7 @@ class CheckpointStore:
         return self.fs.exists(self.path(*parts))
 
     def read_json(self, *parts: str):
-        with self.fs.open(self.path(*parts), "rb") as f:
-            return json.loads(f.read())
+        return json.loads(read_capped(self.fs, self.path(*parts), MAX_JSON_BYTES))
 
     def write_json(self, obj, *parts: str) -> None:
         atomic_write_bytes(self.url(*parts), json.dumps(obj, indent=1, sort_keys=True).encode())
@@ -101,10 +115,15 @@ class CheckpointStore:
         """trainer.json of the newest COMPLETE step checkpoint (+ "dir"), or None."""
         try:
             pointer = self.read_json("latest")
-            if self.exists(pointer["dir"], MARKER):
+            if not (isinstance(pointer.get("dir"), str) and STEP_DIR.fullmatch(pointer["dir"])):
+                # a pointer out of the run (`..`, an absolute path) is never followed
+                log.warning("%s: `latest` names %r, not a step directory of this run; listing",
+                            self.uri, str(pointer.get("dir"))[:100])
+            elif self.exists(pointer["dir"], MARKER):
                 return {**self.read_json(pointer["dir"], "trainer.json"), "dir": pointer["dir"]}
-            log.warning("%s: `latest` points at %s, which has no %s marker; listing", self.uri, pointer["dir"], MARKER)
-        except (FileNotFoundError, KeyError, json.JSONDecodeError):
+            else:
+                log.warning("%s: `latest` points at %s, which has no %s marker; listing", self.uri, pointer["dir"], MARKER)
+        except (FileNotFoundError, KeyError, AttributeError, json.JSONDecodeError):
             pass
         steps = self.complete_steps()
         if not steps:
@@ -157,49 +176,69 @@ class CheckpointStore:
             self.fs.rm(self.path(step_name(s)), recursive=True)
 
     # -- loading (collective) -------------------------------------------------------------------------
-    def local_copy(self, name: str, local_rank: int) -> Path:
-        """A node-local directory holding step `name` (downloaded once per node by local rank 0)."""
-        if self.local:
-            return Path(self.path(name))
-        key = hashlib.sha256(self.url(name).encode()).hexdigest()[:16]
-        target = Path(tempfile.gettempdir()) / "pippo-ckpt-cache" / key
-        if local_rank == 0 and not (target / MARKER).exists():
-            # download beside, then rename: an interrupted download never looks complete
-            partial = target.with_name(target.name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-            self.fs.get(self.path(name).rstrip("/") + "/", str(partial), recursive=True)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(partial, target)
-        barrier()
-        return target
-
     def load_into(self, engine, resume: dict, world_size: int, local_rank: int) -> None:
         """Load a complete step into `engine` (optimizer and scheduler states included). The engine
-        must have been created with `checkpoint.load_universal` iff the world size changed."""
-        local = self.local_copy(resume["dir"], local_rank)
-        tag = DS_TAG
-        if resume["world_size"] != world_size:
-            tag = UNIVERSAL_TAG
-            target = local if not self.local else _scratch(self.url(resume["dir"]))
-            if local_rank == 0 and not (target / UNIVERSAL_TAG / "zero").exists():
-                to_universal(local / DS_TAG, target / UNIVERSAL_TAG)
+        must have been created with `checkpoint.load_universal` iff the world size changed. Every
+        DeepSpeed file is loaded weights-only (safe_load); a file that needs another type is refused
+        with UnsafeCheckpointError, before any of its code could run."""
+        name = resume["dir"]
+        if not STEP_DIR.fullmatch(str(name)):
+            raise CheckpointError(f"{self.uri}: {str(name)[:100]!r} is not a step directory")
+        universal = resume["world_size"] != world_size
+        scratch = node_scratch(local_rank) if universal or not self.local else None
+        try:
+            if self.local:
+                source = Path(self.path(name))
+            else:                         # node-local rank 0 downloads into the private scratch
+                source = scratch / "step"
+                if local_rank == 0:
+                    self.fs.get(self.path(name).rstrip("/") + "/", str(source), recursive=True)
+                barrier()
+            if local_rank == 0:
+                verify_tree(source / DS_TAG)
             barrier()
-            local = target
-        path, _ = engine.load_checkpoint(str(local), tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load {self.url(resume['dir'])}")
+            load_dir, tag = source, DS_TAG
+            if universal:
+                if local_rank == 0:
+                    to_universal(source / DS_TAG, scratch / UNIVERSAL_TAG)
+                barrier()
+                load_dir, tag = scratch, UNIVERSAL_TAG
+            with weights_only_loads():
+                path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
+            if path is None:
+                raise CheckpointError(f"DeepSpeed could not load {self.url(name)}")
+        finally:
+            barrier()
+            if scratch is not None and local_rank == 0:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+    def verify_step(self, name: str) -> None:
+        """On the driver, before any worker starts: step `name` holds regular files only and every
+        DeepSpeed file in it needs no type outside the allow-list (static scan, nothing runs).
+        Raises UnsafeCheckpointError naming the first offending file."""
+        if not STEP_DIR.fullmatch(str(name)):
+            raise CheckpointError(f"{self.uri}: {str(name)[:100]!r} is not a step directory")
+        if self.local:
+            verify_tree(Path(self.path(name)))
+        self.fs.invalidate_cache()
+        for path, info in sorted(self.fs.find(self.path(name, DS_TAG), detail=True).items()):
+            if info.get("type") != "file":
+                raise UnsafeCheckpointError(f"refused checkpoint entry {path}: not a file")
+            if not path.endswith(".pt"):
+                continue
+            with self.fs.open(path, "rb") as f:
+                bad = unsafe_globals(f)
+            if bad:
+                raise UnsafeCheckpointError(
+                    f"refused checkpoint file {self.url(posixpath.relpath(path, self.root))}: it needs "
+                    f"{', '.join(bad[:3])}, not a type DeepSpeed checkpoints hold")
 
     def read_rank_files(self, name: str, folder: str) -> list[bytes]:
         """Every rank's file in `name/folder/`, in rank order."""
         self.fs.invalidate_cache()
         paths = sorted(p for p in self.fs.ls(self.path(name, folder), detail=False))
-        out = []
-        for p in paths:
-            with self.fs.open(p, "rb") as f:
-                out.append(f.read())
-        return out
+        return [read_capped(self.fs, p, MAX_RANK_FILE_BYTES) for p in paths]
 
     # -- the consolidated model --------------------------------------------------------------------
     def write_final(self, weights: dict[str, torch.Tensor], raw: dict[str, torch.Tensor] | None,
@@ -222,19 +261,75 @@ def _contiguous(state: dict) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def _scratch(url: str) -> Path:
-    return Path(tempfile.gettempdir()) / "pippo-ckpt-cache" / hashlib.sha256(url.encode()).hexdigest()[:16]
+class CheckpointError(DataError):
+    """A run directory whose contents cannot be what this pipeline wrote (one line, never retried)."""
+
+
+def read_capped(fs, path: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (a FIFO, a device or a directory
+    behind the name is refused, never opened)."""
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise
+    if is_local(fs):
+        import stat
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise CheckpointError(f"{path}: not a regular file")
+    elif info.get("type") != "file":
+        raise CheckpointError(f"{path}: not a file")
+    size = int(info.get("size") or 0)
+    if size > limit:
+        raise CheckpointError(f"{path}: {size} bytes, more than the {limit} allowed")
+    with fs.open(path, "rb") as f:
+        data = f.read(size)          # the listed size, not the cap: read(n) allocates n bytes
+        grew = f.read(1)
+    if grew:
+        raise CheckpointError(f"{path}: grew while it was read (more than its {size} listed bytes)")
+    return data
+
+
+def node_scratch(local_rank: int) -> Path:
+    """A private directory (mkdtemp: mode 0700, a name nobody could predict) created by this
+    node's local rank 0; the other ranks of the node learn its path through the process group.
+    Never a shared well-known path: whatever is found there could have been planted."""
+    mine = tempfile.mkdtemp(prefix="pippo-ckpt-") if local_rank == 0 else None
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return Path(mine)
+    entries = [None] * dist.get_world_size()
+    dist.all_gather_object(entries, (socket.gethostname(), os.getpid() if mine else None, mine))
+    host = socket.gethostname()
+    paths = [p for h, _, p in entries if h == host and p]
+    if len(paths) != 1:
+        raise RuntimeError(f"expected one local rank 0 on {host}, found {len(paths)}")
+    return Path(paths[0])
 
 
 def to_universal(ds_dir: Path, out_dir: Path) -> None:
-    """DeepSpeed's converter, in a subprocess (it forks its own worker pools)."""
+    """DeepSpeed's converter (`ds_to_universal`), run in this process with one worker for each
+    phase (so it forks no pools) under the weights-only loader: the files it reads are as untrusted
+    as the ones the engine loads. Its progress prints go to the debug log, not stdout."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    verify_tree(ds_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ds_dir),
-           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ds_to_universal failed on {ds_dir}: {proc.stderr.strip().splitlines()[-1:]}")
+    args = argparse.Namespace(input_folder=str(ds_dir), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=False)
+    printed = io.StringIO()
+    try:
+        with weights_only_loads(), contextlib.redirect_stdout(printed):
+            ds_to_universal.main(args)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"ds_to_universal failed on {ds_dir}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        log.debug("ds_to_universal: %s", printed.getvalue()[-4000:])
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     log.info("converted %s to a universal checkpoint (world size changed)", ds_dir)
@@ -261,5 +356,4 @@ def load_safetensors(url: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
     fs, path = fs_and_path(url)
-    with fs.open(path, "rb") as f:
-        return load(f.read())
+    return load(read_capped(fs, path, MAX_WEIGHTS_BYTES))

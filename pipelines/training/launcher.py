@@ -57,6 +57,12 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
         stage["init_from"] = absolute_url(cfg.init_from)
         resolve_weights(stage["init_from"])          # fails here, in one line, not on every worker
     run_uri = absolute_url(cfg.run_uri())
+    from pipelines.training.checkpoint import CheckpointStore
+
+    store = CheckpointStore(run_uri)
+    resume = store.latest()
+    if resume:                   # a planted file is refused here, in one line, before Ray starts
+        store.verify_step(resume["dir"])
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()       # workers inherit it (local Ray) ...
     import dataclasses
 
