@@ -139,13 +139,14 @@ def test_node_env_renders_a_sourceable_file_and_refuses_non_maps():
 
 # ---- the job a submission builds (no cluster needed) ------------------------------------------
 def job_args(*pippo_args, **kw):
-    base = dict(args=["--", *pippo_args], no_install=False, torch_index_url=None, env=None,
+    base = dict(args=["--", *pippo_args], no_install=False, torch_index_url=None, torch="auto", env=None,
                 submission_id=None, entrypoint_num_cpus=None, entrypoint_num_gpus=None)
     return Namespace(**{**base, **kw})
 
 
 def test_job_ships_code_pins_dependencies_and_no_secrets(monkeypatch):
-    for k in ("PIPPO_SUBMIT_INSTALL", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
+    for k in ("PIPPO_SUBMIT_INSTALL", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
+              "PIPPO_VERBOSITY", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("PIPPO_STORE", "s3://bucket/pippo")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example")
@@ -156,7 +157,7 @@ def test_job_ships_code_pins_dependencies_and_no_secrets(monkeypatch):
                                     entrypoint_num_gpus=1), ROOT)
     assert job["entrypoint"] == "python -m pipelines.cli train configs/stages/pretrain.yaml workers=8"
     env = job["runtime_env"]
-    assert env["working_dir"] == str(ROOT) and {".venv", ".git", ".pippo", "/out"} <= set(env["excludes"])
+    assert "working_dir" not in env       # the staging copy is made at submission (main)
     assert env["env_vars"] == {"PIPPO_STORE": "s3://bucket/pippo", "MLFLOW_TRACKING_URI": "https://mlflow.example"}
     assert "do-not-ship" not in json.dumps(job)
     pins = dict(p.split("==") for p in env["pip"]["packages"])
@@ -178,8 +179,7 @@ def test_job_ships_code_pins_dependencies_and_no_secrets(monkeypatch):
     bare = submit.build_job(job_args("train", "configs/stages/pretrain.yaml", "workers=8",
                                      entrypoint_num_gpus=1, no_install=True), ROOT)
     assert "pip" not in bare["runtime_env"] and bare["submission_id"] != job["submission_id"]
-    cpu = submit.build_job(job_args("data", "build", "c.yaml",
-                                    torch_index_url="https://download.pytorch.org/whl/cpu"), ROOT)
+    cpu = submit.build_job(job_args("data", "build", "c.yaml"), ROOT, cluster_gpus=False)
     assert cpu["runtime_env"]["pip"]["pip_install_options"][-2:] == [
         "--extra-index-url", "https://download.pytorch.org/whl/cpu"]
     from ray.runtime_env import RuntimeEnv
@@ -198,10 +198,13 @@ def test_bad_submissions_are_refused_before_any_network(kw, message):
         submit.build_job(job_args("data", "versions", "x", **kw), ROOT)
 
 
-def test_tracking_uri_with_a_password_is_refused(monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://user:pw@mlflow.example")
-    with pytest.raises(submit.SubmitError, match="password"):
+@pytest.mark.parametrize("uri", ["https://user:pw@mlflow.example", "https://TOKEN123@mlflow.example",
+                                 "https://mlflow.example/?token=abc123"])
+def test_tracking_uri_with_credentials_is_refused(monkeypatch, uri):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(submit.SubmitError, match="MLFLOW_TRACKING_URI .*credentials") as err:
         submit.build_job(job_args("compare"), ROOT)
+    assert "pw" not in str(err.value) and "TOKEN123" not in str(err.value) and "abc123" not in str(err.value)
 
 
 def pippo(*args, env=None, cwd=None, timeout=180):
@@ -266,7 +269,7 @@ def ray_head(tmp_path_factory):
     # Submissions come from a frozen copy of the tree: the code digest (part of the derived
     # submission id) must not change under the test while someone edits the checkout.
     src = base / "src"
-    for f in submit.shipped_files(ROOT):
+    for f in submit.shipped_files(ROOT):      # git-tracked: commit new files before testing
         (src / f.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
         (src / f.relative_to(ROOT)).write_bytes(f.read_bytes())
     log = open(base / "head.log", "w")
