@@ -409,3 +409,53 @@ def test_a_client_without_the_token_is_refused(ray_head, tmp_path):
     # RAY_AUTH_MODE=token and nowhere to find a token: said so before any request
     proc = pippo("jobs", "list", env={**anonymous, "RAY_AUTH_MODE": "token"}, cwd=head.src)
     assert proc.returncode == 2 and "no token found" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_real_job_carries_no_credential_file_and_no_secret(ray_head, tmp_path):
+    """Credentials planted in the submitted tree (names, a private key, a symlink out) and in the
+    environment: the package the node unpacked holds none, and the Jobs API's job info
+    (entrypoint, metadata, runtime_env) holds no secret value."""
+    import shutil
+
+    from ray.job_submission import JobSubmissionClient
+
+    head = ray_head
+    src = tmp_path / "src"                       # not a git tree: the package source list ships
+    shutil.copytree(head.src, src)
+    (tmp_path / "outside").write_text("SECRET-OUTSIDE-FILE")
+    (src / "configs" / "creds.yaml").symlink_to(tmp_path / "outside")
+    (src / "pipelines" / "id_rsa").write_text("SECRET-KEY-FILE")
+    (src / "configs" / ".aws").mkdir()
+    (src / "configs" / ".aws" / "credentials").write_text("SECRET-AWS-FILE")
+    (src / "dataprep" / "service-account.json").write_text("SECRET-SA-FILE")
+    (src / "pippo_model" / "notes.txt").write_text("-----BEGIN RSA " + "PRIVATE KEY-----\nSECRET-PEM\n")
+    planted = {"AWS_SECRET_ACCESS_KEY": "SECRET-aws-value", "OPENAI_KEY": "SECRET-openai-value",
+               "HF_AUTH": "SECRET-hf-value", "DB_PWD": "SECRET-db-value", "GITHUB_PAT": "SECRET-gh-value",
+               "WANDB_KEY": "SECRET-wandb-value", "MLFLOW_TRACKING_PASSWORD": "SECRET-ml-value"}
+    env = {**head.env, **planted, "PYTHONPATH": str(src), "AWS_REGION": "us-west-2"}
+    proc = pippo("submit", "--wait", "--", "data", "synth-images", tmp_path / "one", "--count", 1, env=env, cwd=src)
+    assert proc.returncode == 0, proc.stderr
+    sid = proc.stdout.strip()
+    assert "not shipping" in proc.stderr and "id_rsa" in proc.stderr and "SECRET" not in proc.stderr
+
+    client = JobSubmissionClient(head.url, headers={"Authorization": f"Bearer {head.token}"})
+    info = client.get_job_info(sid)
+    dumped = json.dumps(vars(info), default=str) + json.dumps(jobs_json(head)[sid])
+    assert "SECRET" not in dumped
+    assert set(info.runtime_env.get("env_vars", {})) <= {"AWS_REGION", "PIPPO_VERBOSITY"}
+    assert info.entrypoint.startswith("python -m pipelines.cli data synth-images")
+
+    # what the node unpacked for the job (Ray's package store in the head's session dir)
+    unpacked = {p.resolve() for p in (head.base / "r").glob("session_*/runtime_resources/working_dir_files/*")
+                if (p / "pipelines" / "cli.py").is_file()}
+    ours = [d for d in unpacked if (d / "pippo_model").is_dir() and not (d / "pippo_model" / "notes.txt").exists()
+            and (d / "configs").is_dir()]
+    assert ours, unpacked
+    for d in unpacked:
+        names = {p.relative_to(d).as_posix() for p in d.rglob("*")}
+        assert not {"pipelines/id_rsa", "configs/.aws", "configs/creds.yaml", "dataprep/service-account.json",
+                    "pippo_model/notes.txt"} & names
+        assert not any(b"SECRET-" in p.read_bytes() for p in d.rglob("*") if p.is_file() and not p.is_symlink())
+    # the torch build rule's question, asked of a real (CPU-only) head
+    assert submit.cluster_has_gpus(head.url, {"Authorization": f"Bearer {head.token}"}) is False
