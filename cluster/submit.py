@@ -1,8 +1,9 @@
 """`pippo submit`: run `pippo ARGS...` as a Ray job through the Jobs API.
 
 What travels with a job (its runtime_env):
-- `working_dir` = this source tree (minus .venv, .git, .pippo, out, caches and files that
-  usually hold credentials), so the cluster runs exactly the code that was submitted. The
+- `working_dir` = a private staging copy of the files cluster/shipping.py selects: the files git
+  tracks plus the files ARGS name, never credential-shaped files nor anything a symlink points
+  to outside the tree (`--dry-run` lists them with their total size and submits nothing). The
   entrypoint is `python -m pipelines.cli ARGS` inside that directory, i.e. `pippo ARGS` of the
   uploaded code whether or not the cluster's image has the package installed.
 - `pip` = the package's runtime dependencies pinned to requirements.lock (DEFAULT), so a stock
@@ -10,16 +11,15 @@ What travels with a job (its runtime_env):
   and caches it, and pins the image already satisfies are not reinstalled (the virtualenv sees
   the image's site-packages). `ray` itself is never listed: the cluster's Ray is the one that
   runs the job and must match the client's version anyway. torch is pinned to the lock's
-  version; plain PyPI gives the CUDA build on Linux (right for GPU clusters),
-  `--torch-index-url https://download.pytorch.org/whl/cpu` (or .../cu128) picks another build.
-  `--no-install` (or PIPPO_SUBMIT_INSTALL=0) skips all of it for images that already hold the
-  dependencies (faster start, no per-node virtualenv).
-- `env_vars` = the non-secret settings the job needs if they are set here: PIPPO_STORE,
-  MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL, AWS_REGION, AWS_DEFAULT_REGION, plus `--env K=V`.
-  Credentials never go in: a runtime_env is stored in the cluster's job table and shown to
-  anyone who lists jobs. Keys, tokens and passwords come from the cluster's own environment
-  (instance roles, Kubernetes Secrets); a secret-looking `--env` name or a URL with a password
-  is refused.
+  version, and its build follows the cluster (`torch_index`): the CPU wheel index when the
+  cluster has no GPUs, PyPI's CUDA build when it has; --torch cpu|cuda or --torch-index-url
+  choose explicitly. `--no-install` (or PIPPO_SUBMIT_INSTALL=0) skips all of it for images
+  that already hold the dependencies (faster start, no per-node virtualenv).
+- `env_vars` = an allow-list of non-secret settings set here, plus `--env K=V`
+  (cluster/job_env.py). Credentials never go in, nor in the entrypoint or metadata: all three
+  are stored in the cluster's job table and shown to anyone who lists jobs. Keys, tokens and
+  passwords come from the cluster's own environment (instance roles, Kubernetes Secrets);
+  credential-looking ARGS, `--env` names and URLs with userinfo are refused.
 
 The submission id is derived from the arguments, the code digest and the runtime_env, so
 submitting the same thing twice returns the first job instead of starting a second one.
@@ -42,13 +42,10 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-FORWARD_ENV = ("PIPPO_STORE", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
-# Directories never shipped; `ROOT_ONLY` ones only at the top of the tree (gitignore `/x`).
-SKIP_DIRS = {".venv", ".git", ".pippo", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
-ROOT_ONLY = {"out", "build"}
-# Files that usually hold credentials: a working_dir is readable by every job on the cluster.
-SKIP_FILES = (".env", ".env.*", "*.pem", "*.key", "*.pyc", ".netrc")
-SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSW|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY|SESSION_KEY", re.I)
+from cluster import shipping
+from cluster.job_env import CredentialError, job_env, refuse_credential_args
+
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 NEVER_PIP = {"ray", "torch"}   # ray: the cluster's; torch: pinned on its own (build choice)
 
@@ -181,33 +178,19 @@ def source_root() -> Path:
     return root
 
 
-def ray_excludes() -> list[str]:
-    """The same exclusions as `shipped_files`, as gitignore patterns for Ray's packager."""
-    return sorted(SKIP_DIRS) + [f"/{d}" for d in sorted(ROOT_ONLY)] + ["*.egg-info", *SKIP_FILES]
+def shipped_files(root: Path, args: list[str] = ()) -> list[Path]:
+    """The files that travel in working_dir (cluster/shipping.py decides), as paths in `root`."""
+    try:
+        return [root / f for f in shipping.select(root, list(args)).files]
+    except shipping.ShippingError as exc:
+        raise SubmitError(str(exc)) from None
 
 
-def shipped_files(root: Path) -> list[Path]:
-    """The files that travel in working_dir, sorted (Ray also honours .gitignore, which lists
-    the same directories; anything extra here only makes the digest more conservative)."""
-    from fnmatch import fnmatch
-
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        top = Path(dirpath) == root
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.endswith(".egg-info")
-                             and not (top and d in ROOT_ONLY))
-        for f in sorted(filenames):
-            p = Path(dirpath) / f
-            if not any(fnmatch(f, pat) for pat in SKIP_FILES) and p.is_file() and not p.is_symlink():
-                out.append(p)
-    return out
-
-
-def code_digest(root: Path) -> str:
+def code_digest(selection: shipping.Selection) -> str:
     h = hashlib.sha256()
-    for p in shipped_files(root):
-        h.update(p.relative_to(root).as_posix().encode() + b"\0")
-        h.update(hashlib.sha256(p.read_bytes()).digest())
+    for rel in selection.files:
+        h.update(rel.encode() + b"\0")
+        h.update(hashlib.sha256((selection.root / rel).read_bytes()).digest())
     return h.hexdigest()
 
 
@@ -269,29 +252,62 @@ def pinned_requirements(root: Path) -> list[str]:
     return [f"{n}=={pins[n]}" for n in sorted(names - NEVER_PIP)] + [f"torch=={pins['torch']}"]
 
 
-def job_env(extra: list[str]) -> dict[str, str]:
-    """Non-secret settings forwarded into the job; refuses anything that looks like a secret."""
-    env = {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
-    for item in extra:
-        key, sep, value = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise SubmitError(f"--env {item.split('=')[0]!r}: expected KEY=VALUE")
-        env[key] = value
-    for key, value in env.items():
-        if SECRET_NAME.search(key):
-            raise SubmitError(f"--env {key}: secrets never travel with a job (the runtime_env is "
-                              "visible to everyone on the cluster); give the cluster its own")
-        if "://" in value and urlsplit(value).password:
-            raise SubmitError(f"{key} holds a URL with a password; set the credentials on the "
-                              "cluster (e.g. MLFLOW_TRACKING_USERNAME/PASSWORD from a Secret)")
-        if key == "PIPPO_STORE" and "://" not in value and not os.path.isabs(value):
-            print(f"pippo: note: PIPPO_STORE={value} is relative: on the cluster it lands in the "
-                  "job's working directory, which is deleted with the job", file=sys.stderr)
-    return env
+def torch_index(args, cluster_gpus: bool | None) -> tuple[str | None, str]:
+    """The extra pip index for torch (None: PyPI's, a CUDA build on Linux) and why.
+
+    What a Ray user expects: the build the cluster can use, and no multi-GB CUDA wheels on a
+    CPU-only cluster. An explicit --torch-index-url or --torch cpu|cuda wins; `auto` installs
+    the CUDA build when the cluster has GPUs now or the driver asks for some
+    (--entrypoint-num-gpus), the same rule `pippo train` uses to decide use_gpu, else the CPU
+    build. A cluster whose GPU workers start on demand shows no GPUs yet: --torch cuda."""
+    if args.torch_index_url:
+        return args.torch_index_url, "--torch-index-url"
+    choice = getattr(args, "torch", None) or "auto"
+    if choice == "auto":
+        if (getattr(args, "entrypoint_num_gpus", None) or 0) > 0:
+            choice, why = "cuda", "--entrypoint-num-gpus asks for GPUs"
+        elif cluster_gpus is None:
+            choice, why = "cuda", "could not tell whether the cluster has GPUs (--torch cpu for a CPU cluster)"
+        else:
+            choice, why = ("cuda", "the cluster has GPUs") if cluster_gpus else (
+                "cpu", "the cluster has no GPUs now (--torch cuda if GPU workers start on demand)")
+    else:
+        why = f"--torch {choice}"
+    return (None if choice == "cuda" else CPU_TORCH_INDEX), f"{choice} build: {why}"
 
 
-def build_job(args, root: Path) -> dict:
-    """Everything that defines the job: entrypoint, runtime_env, resources, metadata."""
+def _torch_auto(args) -> bool:
+    """True when the torch build depends on the cluster's answer (see torch_index)."""
+    return (not args.torch_index_url and (getattr(args, "torch", None) or "auto") == "auto"
+            and not (getattr(args, "entrypoint_num_gpus", None) or 0) > 0)
+
+
+def cluster_has_gpus(url: str, headers: dict) -> bool | None:
+    """Whether any live node of the cluster offers GPUs (the state API behind `ray list nodes`);
+    None when the dashboard does not say."""
+    import requests
+
+    try:
+        r = requests.get(url + "/api/v0/nodes", params={"limit": 10000}, headers=headers, timeout=15)
+        nodes = r.json()["data"]["result"]["result"] if r.status_code == 200 else None
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(nodes, list):
+        return None
+    return any(isinstance(n, dict) and n.get("state") == "ALIVE"
+               and float((n.get("resources_total") or {}).get("GPU", 0) or 0) > 0 for n in nodes)
+
+
+def build_job(args, root: Path, cluster_gpus: bool | None = None) -> dict:
+    """The keyword arguments of JobSubmissionClient.submit_job, less working_dir."""
+    return plan_job(args, root, cluster_gpus)[0]
+
+
+def plan_job(args, root: Path, cluster_gpus: bool | None = None,
+             selection: shipping.Selection | None = None):
+    """Everything that defines the job: (submit_job kwargs with a runtime_env still without
+    working_dir, which is the staging copy made at submission; the file selection; the torch
+    build and why). Refuses credentials in ARGS and the environment before anything else."""
     pippo_args = list(args.args or [])
     if pippo_args[:1] == ["--"]:
         pippo_args = pippo_args[1:]
@@ -303,29 +319,36 @@ def build_job(args, root: Path) -> dict:
     for flag in ("entrypoint_num_cpus", "entrypoint_num_gpus"):
         if (getattr(args, flag, None) or 0) < 0:
             raise SubmitError(f"--{flag.replace('_', '-')} must be >= 0")
+    try:
+        refuse_credential_args(pippo_args)
+        env = job_env(args.env or [])
+        selection = selection or shipping.select(root, pippo_args)
+    except (CredentialError, shipping.ShippingError) as exc:
+        raise SubmitError(str(exc)) from None
     install = not args.no_install and os.environ.get("PIPPO_SUBMIT_INSTALL", "1").lower() not in (
         "0", "false", "no")
-    runtime_env: dict = {"working_dir": str(root), "excludes": ray_excludes()}
-    env = job_env(args.env or [])
+    runtime_env: dict = {}
     if env:
         runtime_env["env_vars"] = env
+    torch_note = None
     if install:
         pip: dict = {"packages": pinned_requirements(root), "pip_check": False}
-        if args.torch_index_url:
+        index, torch_note = torch_index(args, cluster_gpus)
+        if index:
             pip["pip_install_options"] = ["--disable-pip-version-check", "--no-cache-dir",
-                                          "--extra-index-url", args.torch_index_url]
+                                          "--extra-index-url", index]
         runtime_env["pip"] = pip
-    code = code_digest(root)
+    code = code_digest(selection)
     entrypoint = "python -m pipelines.cli " + shlex.join(pippo_args)
     resources = {k: v for k in ("entrypoint_num_cpus", "entrypoint_num_gpus")
                  if (v := getattr(args, k, None)) is not None}
-    identity = {k: v for k, v in runtime_env.items() if k != "working_dir"}
-    blob = json.dumps({"args": pippo_args, "code": code, "runtime_env": identity,
+    blob = json.dumps({"args": pippo_args, "code": code, "runtime_env": runtime_env,
                        "resources": resources}, sort_keys=True)
     sid = args.submission_id or default_submission_id(pippo_args, blob)
     metadata = {"pippo.args": shlex.join(pippo_args), "pippo.code": code[:16]}
-    return {"entrypoint": entrypoint, "runtime_env": runtime_env, "submission_id": sid,
-            "metadata": metadata, **resources}
+    job = {"entrypoint": entrypoint, "runtime_env": runtime_env, "submission_id": sid,
+           "metadata": metadata, **resources}
+    return job, selection, torch_note
 
 
 def default_submission_id(pippo_args: list[str], blob: str) -> str:
@@ -380,12 +403,47 @@ def exit_code(client, sid: str, status: str) -> int:
 
 
 # ---- the command -----------------------------------------------------------------------------
+def dry_run(args, job: dict, sel: shipping.Selection, torch_note: str | None) -> int:
+    """--dry-run: what would travel, on stdout; nothing is staged, uploaded or submitted, and
+    no cluster is contacted (so an `auto` torch build is named as the rule, not the result)."""
+    for rel in sel.files:
+        print(f"{(sel.root / rel).stat().st_size:>10}  {rel}")
+    total = sel.total_bytes
+    print(f"{len(sel.files)} files, {total} bytes ({shipping.human_size(total)}) from {sel.root} "
+          f"({'git-tracked files' if sel.source == 'git' else 'the package source list'})")
+    print(f"pippo: entrypoint: {job['entrypoint']}", file=sys.stderr)
+    env = sorted(job["runtime_env"].get("env_vars", {}))
+    print(f"pippo: forwarded environment: {', '.join(env) or '(none)'}", file=sys.stderr)
+    if torch_note and _torch_auto(args):
+        torch_note = "auto: the CUDA build if the cluster has GPUs at submission, else the CPU build"
+    if torch_note:
+        print(f"pippo: torch: {torch_note}", file=sys.stderr)
+    return 0
+
+
+def _withheld_note(sel: shipping.Selection, limit: int | None = 8) -> None:
+    """Names (never contents) of the credential-shaped files left out: the user may want them
+    out of the tree, or out of git."""
+    if sel.withheld:
+        names = ", ".join(sel.withheld[:limit]) + (" ..." if limit and len(sel.withheld) > limit else "")
+        print(f"pippo: note: not shipping {len(sel.withheld)} credential-shaped file(s): {names}",
+              file=sys.stderr)
+
+
 @cli
 def main(args) -> int:
     """pippo submit: submit (or find) the job, print its id last on stdout; --wait follows it."""
     root = source_root()
-    job = build_job(args, root)   # before connecting: bad input fails fast and offline
+    job, selection, torch_note = plan_job(args, root)   # before connecting: bad input fails offline
+    _withheld_note(selection, None if getattr(args, "dry_run", False) else 8)
+    if getattr(args, "dry_run", False):
+        return dry_run(args, job, selection, torch_note)
     client = connect(args.address)
+    if "pip" in job["runtime_env"] and _torch_auto(args):      # ask the cluster
+        gpus = cluster_has_gpus(resolve_address(args.address), auth_headers())
+        job, selection, torch_note = plan_job(args, root, gpus, selection)
+    if torch_note:
+        print(f"pippo: torch: {torch_note}", file=sys.stderr)
     sid = job["submission_id"]
     info = job_info(client, sid)
     if info is not None and args.retry and status_of(info) in ("FAILED", "STOPPED"):
@@ -394,8 +452,13 @@ def main(args) -> int:
         info = None
     if info is None:
         try:
-            client.submit_job(**job)
+            # Ray zips and uploads working_dir inside submit_job: the staging copy can go after.
+            with shipping.staged(selection) as stage:
+                job["runtime_env"]["working_dir"] = str(stage)
+                client.submit_job(**job)
             print(f"pippo: submitted {sid} to {client.get_address()}", file=sys.stderr)
+        except shipping.ShippingError as exc:
+            raise SubmitError(str(exc)) from None
         except RuntimeError as exc:
             if "already" not in str(exc):
                 raise

@@ -240,9 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
              "Run `pippo ARGS...` on a Ray cluster through the Jobs API. The job ships this source "
              "tree (working_dir) and, by default, the package's dependencies pinned to "
              "requirements.lock (a stock Ray image needs nothing installed; ray itself comes from "
-             "the cluster). PIPPO_STORE, MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL and AWS_REGION / "
-             "AWS_DEFAULT_REGION are forwarded when set; credentials never are (the cluster's own "
-             "environment or Secrets supply them). The submission id is derived from the arguments, "
+             "the cluster; torch's build follows --torch). Only git-tracked files and files ARGS "
+             "name are shipped, never credential-shaped files or symlinks out of the tree. "
+             "PIPPO_STORE, PIPPO_VERBOSITY, MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL, "
+             "AWS_ENDPOINT_URL(_S3) and AWS_REGION / AWS_DEFAULT_REGION are forwarded when set, and "
+             "nothing else; credentials never are (the cluster's own environment or Secrets supply "
+             "them) and ARGS holding one are refused. The submission id is derived from the arguments, "
              "the code and the environment: submitting the same thing again returns the existing "
              "job. Prints the submission id alone on the last stdout line; --wait streams the job's "
              "logs to stderr and exits 0 if it SUCCEEDED, 1 if it FAILED or was STOPPED. Token-auth "
@@ -251,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
              "  pippo submit --wait -- pipeline run configs/pipelines/demo.yaml\n"
              "  pippo submit --entrypoint-num-cpus 1 -- train configs/stages/mid.yaml workers=8\n"
              "  pippo submit --no-install --address http://head:8265 -- data build configs/datasets/demo.yaml\n"
-             "  pippo submit --torch-index-url https://download.pytorch.org/whl/cpu -- data build CONFIG\n"
+             "  pippo submit --dry-run -- train configs/stages/mid.yaml   # what would be shipped\n"
+             "  pippo submit --torch cuda -- train configs/stages/mid.yaml   # GPU workers on demand\n"
              "  pippo jobs logs pippo-pipeline-run-0123456789abcdef --follow")
     p.add_argument("--address", help="Ray dashboard URL, http://HEAD:8265 (default RAY_ADDRESS)")
     p.add_argument("--wait", action="store_true",
@@ -263,9 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-install", action="store_true",
                    help="do not pip-install the pinned dependencies: the cluster's image already "
                         "has them (also PIPPO_SUBMIT_INSTALL=0)")
+    p.add_argument("--torch", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="torch build to pip-install: auto (default) = the CUDA build if the cluster "
+                        "has GPUs now or --entrypoint-num-gpus > 0, else the CPU build (no multi-GB "
+                        "CUDA wheels on a CPU cluster); use cuda when GPU workers start on demand")
     p.add_argument("--torch-index-url", metavar="URL",
-                   help="extra pip index for the torch build the cluster needs, e.g. "
-                        "https://download.pytorch.org/whl/cpu (default: PyPI's, CUDA on Linux)")
+                   help="extra pip index for torch, overriding --torch, e.g. "
+                        "https://download.pytorch.org/whl/cu128")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the files the job would ship and their total size; submit nothing")
     p.add_argument("--entrypoint-num-cpus", type=float, metavar="N",
                    help="CPUs reserved for the job's driver (Ray default 0)")
     p.add_argument("--entrypoint-num-gpus", type=float, metavar="N",

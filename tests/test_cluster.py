@@ -139,13 +139,14 @@ def test_node_env_renders_a_sourceable_file_and_refuses_non_maps():
 
 # ---- the job a submission builds (no cluster needed) ------------------------------------------
 def job_args(*pippo_args, **kw):
-    base = dict(args=["--", *pippo_args], no_install=False, torch_index_url=None, env=None,
+    base = dict(args=["--", *pippo_args], no_install=False, torch_index_url=None, torch="auto", env=None,
                 submission_id=None, entrypoint_num_cpus=None, entrypoint_num_gpus=None)
     return Namespace(**{**base, **kw})
 
 
 def test_job_ships_code_pins_dependencies_and_no_secrets(monkeypatch):
-    for k in ("PIPPO_SUBMIT_INSTALL", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
+    for k in ("PIPPO_SUBMIT_INSTALL", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
+              "PIPPO_VERBOSITY", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("PIPPO_STORE", "s3://bucket/pippo")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example")
@@ -156,7 +157,7 @@ def test_job_ships_code_pins_dependencies_and_no_secrets(monkeypatch):
                                     entrypoint_num_gpus=1), ROOT)
     assert job["entrypoint"] == "python -m pipelines.cli train configs/stages/pretrain.yaml workers=8"
     env = job["runtime_env"]
-    assert env["working_dir"] == str(ROOT) and {".venv", ".git", ".pippo", "/out"} <= set(env["excludes"])
+    assert "working_dir" not in env       # the staging copy is made at submission (main)
     assert env["env_vars"] == {"PIPPO_STORE": "s3://bucket/pippo", "MLFLOW_TRACKING_URI": "https://mlflow.example"}
     assert "do-not-ship" not in json.dumps(job)
     pins = dict(p.split("==") for p in env["pip"]["packages"])
@@ -178,8 +179,7 @@ def test_job_ships_code_pins_dependencies_and_no_secrets(monkeypatch):
     bare = submit.build_job(job_args("train", "configs/stages/pretrain.yaml", "workers=8",
                                      entrypoint_num_gpus=1, no_install=True), ROOT)
     assert "pip" not in bare["runtime_env"] and bare["submission_id"] != job["submission_id"]
-    cpu = submit.build_job(job_args("data", "build", "c.yaml",
-                                    torch_index_url="https://download.pytorch.org/whl/cpu"), ROOT)
+    cpu = submit.build_job(job_args("data", "build", "c.yaml"), ROOT, cluster_gpus=False)
     assert cpu["runtime_env"]["pip"]["pip_install_options"][-2:] == [
         "--extra-index-url", "https://download.pytorch.org/whl/cpu"]
     from ray.runtime_env import RuntimeEnv
@@ -198,10 +198,13 @@ def test_bad_submissions_are_refused_before_any_network(kw, message):
         submit.build_job(job_args("data", "versions", "x", **kw), ROOT)
 
 
-def test_tracking_uri_with_a_password_is_refused(monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://user:pw@mlflow.example")
-    with pytest.raises(submit.SubmitError, match="password"):
+@pytest.mark.parametrize("uri", ["https://user:pw@mlflow.example", "https://TOKEN123@mlflow.example",
+                                 "https://mlflow.example/?token=abc123"])
+def test_tracking_uri_with_credentials_is_refused(monkeypatch, uri):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(submit.SubmitError, match="MLFLOW_TRACKING_URI .*credentials") as err:
         submit.build_job(job_args("compare"), ROOT)
+    assert "pw" not in str(err.value) and "TOKEN123" not in str(err.value) and "abc123" not in str(err.value)
 
 
 def pippo(*args, env=None, cwd=None, timeout=180):
@@ -266,7 +269,7 @@ def ray_head(tmp_path_factory):
     # Submissions come from a frozen copy of the tree: the code digest (part of the derived
     # submission id) must not change under the test while someone edits the checkout.
     src = base / "src"
-    for f in submit.shipped_files(ROOT):
+    for f in submit.shipped_files(ROOT):      # git-tracked: commit new files before testing
         (src / f.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
         (src / f.relative_to(ROOT)).write_bytes(f.read_bytes())
     log = open(base / "head.log", "w")
@@ -406,3 +409,53 @@ def test_a_client_without_the_token_is_refused(ray_head, tmp_path):
     # RAY_AUTH_MODE=token and nowhere to find a token: said so before any request
     proc = pippo("jobs", "list", env={**anonymous, "RAY_AUTH_MODE": "token"}, cwd=head.src)
     assert proc.returncode == 2 and "no token found" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_real_job_carries_no_credential_file_and_no_secret(ray_head, tmp_path):
+    """Credentials planted in the submitted tree (names, a private key, a symlink out) and in the
+    environment: the package the node unpacked holds none, and the Jobs API's job info
+    (entrypoint, metadata, runtime_env) holds no secret value."""
+    import shutil
+
+    from ray.job_submission import JobSubmissionClient
+
+    head = ray_head
+    src = tmp_path / "src"                       # not a git tree: the package source list ships
+    shutil.copytree(head.src, src)
+    (tmp_path / "outside").write_text("SECRET-OUTSIDE-FILE")
+    (src / "configs" / "creds.yaml").symlink_to(tmp_path / "outside")
+    (src / "pipelines" / "id_rsa").write_text("SECRET-KEY-FILE")
+    (src / "configs" / ".aws").mkdir()
+    (src / "configs" / ".aws" / "credentials").write_text("SECRET-AWS-FILE")
+    (src / "dataprep" / "service-account.json").write_text("SECRET-SA-FILE")
+    (src / "pippo_model" / "notes.txt").write_text("-----BEGIN RSA " + "PRIVATE KEY-----\nSECRET-PEM\n")
+    planted = {"AWS_SECRET_ACCESS_KEY": "SECRET-aws-value", "OPENAI_KEY": "SECRET-openai-value",
+               "HF_AUTH": "SECRET-hf-value", "DB_PWD": "SECRET-db-value", "GITHUB_PAT": "SECRET-gh-value",
+               "WANDB_KEY": "SECRET-wandb-value", "MLFLOW_TRACKING_PASSWORD": "SECRET-ml-value"}
+    env = {**head.env, **planted, "PYTHONPATH": str(src), "AWS_REGION": "us-west-2"}
+    proc = pippo("submit", "--wait", "--", "data", "synth-images", tmp_path / "one", "--count", 1, env=env, cwd=src)
+    assert proc.returncode == 0, proc.stderr
+    sid = proc.stdout.strip()
+    assert "not shipping" in proc.stderr and "id_rsa" in proc.stderr and "SECRET" not in proc.stderr
+
+    client = JobSubmissionClient(head.url, headers={"Authorization": f"Bearer {head.token}"})
+    info = client.get_job_info(sid)
+    dumped = json.dumps(vars(info), default=str) + json.dumps(jobs_json(head)[sid])
+    assert "SECRET" not in dumped
+    assert set(info.runtime_env.get("env_vars", {})) <= {"AWS_REGION", "PIPPO_VERBOSITY"}
+    assert info.entrypoint.startswith("python -m pipelines.cli data synth-images")
+
+    # what the node unpacked for the job (Ray's package store in the head's session dir)
+    unpacked = {p.resolve() for p in (head.base / "r").glob("session_*/runtime_resources/working_dir_files/*")
+                if (p / "pipelines" / "cli.py").is_file()}
+    ours = [d for d in unpacked if (d / "pippo_model").is_dir() and not (d / "pippo_model" / "notes.txt").exists()
+            and (d / "configs").is_dir()]
+    assert ours, unpacked
+    for d in unpacked:
+        names = {p.relative_to(d).as_posix() for p in d.rglob("*")}
+        assert not {"pipelines/id_rsa", "configs/.aws", "configs/creds.yaml", "dataprep/service-account.json",
+                    "pippo_model/notes.txt"} & names
+        assert not any(b"SECRET-" in p.read_bytes() for p in d.rglob("*") if p.is_file() and not p.is_symlink())
+    # the torch build rule's question, asked of a real (CPU-only) head
+    assert submit.cluster_has_gpus(head.url, {"Authorization": f"Bearer {head.token}"}) is False
