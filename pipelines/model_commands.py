@@ -47,10 +47,11 @@ def fetch_directory(uri: str, cache: str | Path | None = None, http=None) -> Pat
     public addresses only) is the policy of http(s) fetches."""
     import hashlib
 
+    from dataprep.sources import is_chained
     from dataprep.storage import fs_and_path, is_local
 
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else "file"
-    if "::" in uri or "\0" in uri or scheme not in ("file", "http", "https", *WEIGHT_STORES):
+    if is_chained(uri) or "\0" in uri or scheme not in ("file", "http", "https", *WEIGHT_STORES):
         raise UserError(f"weights {_shown(uri)}: only local paths, http(s) and object stores "
                         f"({', '.join(WEIGHT_STORES)}) are allowed, not chained URLs or other schemes")
     if scheme == "file":

@@ -358,9 +358,9 @@ def main(args) -> int:
     stage = stage_of(model_cfg)
     n_train = train_tokens(model_cfg, run_cfg)
 
+    autoencoder = load_autoencoder_for(model_cfg, device)     # the checkpoint's vae_path: fail before the work
     reference, crop = reference_crop(read_photo(args.image), side)
     cams = orbit_cameras(args.views, side, args.elevation, args.radius)
-    autoencoder = load_autoencoder_for(model_cfg, device)
     cond = conditions(to_model_space(pixel_conditions(model_cfg, reference, cams), autoencoder, device, dtype))
     log.info("%s model, %d views at %d px (elevation %.1f deg, radius %.2f m), %d DDIM steps, guidance %.2f",
              stage, args.views, side, args.elevation, args.radius, args.steps, args.guidance)
