@@ -25,7 +25,8 @@ def load_model_config(path, overrides=()):
 # local paths as they are; any other scheme or an fsspec chain (`a::b`) is refused.
 WEIGHT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "memory")
 HTTP_WEIGHT_FILES = ("config.json", "diffusion_pytorch_model.safetensors")  # never the pickled .bin
-MAX_WEIGHTS_BYTES = 8 << 30
+MAX_WEIGHTS_BYTES = 2 << 30        # held in memory by http_get; the SDXL VAE is 335 MB
+WEIGHTS_TIMEOUT_S = 600.0          # http_get's deadline is per whole body, not per read
 
 
 def read_model_json(url: str):
@@ -94,7 +95,7 @@ def _fetch_http_directory(uri: str, into: Path, http) -> None:
     for name in HTTP_WEIGHT_FILES:
         url = uri.rstrip("/") + "/" + name
         try:
-            body = http_get(url, http or HttpConfig(), MAX_WEIGHTS_BYTES)
+            body = http_get(url, http or HttpConfig(timeout_s=WEIGHTS_TIMEOUT_S), MAX_WEIGHTS_BYTES)
         except Rejected as exc:
             raise UserError(f"weights {_shown(url)}: {exc.reason}") from None
         (into / name).write_bytes(body)
