@@ -16,19 +16,26 @@ def _shown(name: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 
-def validate_tag(name) -> str:
-    """A tag name is a file name under tags/ and the REF of `URI@REF`: 1-100 characters of
-    letters, digits and . _ + - (starting with a letter or digit), and not 'latest'."""
+def validate_name(name, what: str = "name") -> str:
+    """A name that becomes one path segment (a tag file, a workflow step's record directory, a
+    training run's directory): 1-100 characters of letters, digits and . _ + - starting with a
+    letter or digit — no separators, no '..', nothing that leaves the directory it is put in."""
     if not isinstance(name, str) or not name:
-        raise DataError(f"invalid tag name {_shown(name)}: must not be empty")
+        raise DataError(f"invalid {what} {_shown(name)}: must not be empty")
     if len(name) > MAX_TAG_LEN:
-        raise DataError(f"invalid tag name {_shown(name)}: {len(name)} characters (at most {MAX_TAG_LEN})")
-    if name == "latest":
-        raise DataError("invalid tag name 'latest': it always means the newest version")
+        raise DataError(f"invalid {what} {_shown(name)}: {len(name)} characters (at most {MAX_TAG_LEN})")
     if not _TAG.fullmatch(name):
-        raise DataError(f"invalid tag name {_shown(name)}: use letters, digits and . _ + - "
+        raise DataError(f"invalid {what} {_shown(name)}: use letters, digits and . _ + - "
                         "(starting with a letter or digit)")
     return name
+
+
+def validate_tag(name) -> str:
+    """A tag name is a file name under tags/ and the REF of `URI@REF`: a `validate_name`, and
+    not 'latest'."""
+    if name == "latest":
+        raise DataError("invalid tag name 'latest': it always means the newest version")
+    return validate_name(name, "tag name")
 
 
 def validate_camera_id(cam_id) -> str:

@@ -97,18 +97,22 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
     decided: list[dict] = []          # ledger rows decided here (rejects, removals)
     todo: list[dict] = []             # inputs to read
     seen: set[str] = set()
+    refused_here: set[str] = set()    # inputs whose first listing was refused at the source
     listed_tars: set[str] = set()
     for r in sorted(rows, key=lambda r: (r["input_id"], r["stage"])):
         if r["kind"] == "wds":
             listed_tars.add(strip_credentials(r["uri"]))
         old = previous.get(r["input_id"])
         if r["input_id"] in seen:
-            if old is None:
+            # a second listing of an input refused at the source adds no row: replay keeps the
+            # last row of an input, and the first reason (why it cannot be read) is the useful one
+            if old is None and r["input_id"] not in refused_here:
                 decided.append(ledger_row(input=r["input_id"], status="rejected", kind=r["kind"], uri=r["uri"],
                                           listing=r["listing"], stage="source", reason="listed twice"))
             continue
         seen.add(r["input_id"])
         if r["stage"]:                                 # broken at the source level
+            refused_here.add(r["input_id"])
             if old is None or (old["status"], old["stage"], old["reason"]) != ("rejected", r["stage"], r["reason"]):
                 decided.append(ledger_row(input=r["input_id"], status="rejected", kind=r["kind"], uri=r["uri"],
                                           listing=r["listing"], stage=r["stage"], reason=r["reason"],

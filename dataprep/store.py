@@ -56,6 +56,17 @@ class VersionNotFound(DataError):
     pass
 
 
+class OutsideDataset(DataError):
+    """A URL in a version or part record that does not name a file inside the dataset root."""
+
+
+def _shown(url, limit: int = 80) -> str:
+    from dataprep.redact import redact_text
+
+    text = repr(redact_text(str(url)))
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
 MARKER = ".pippo-dataset"
 FORMAT = 2
 # What the store itself names (gc deletes nothing else): shards, their indexes, part files,
@@ -347,11 +358,22 @@ class DatasetStore:
     # -- reading a version: the training loader goes through these only, never through paths, so
     # the on-store layout can change behind them.
     def resolve_url(self, url: str) -> str:
-        """Absolute URL of a URL a version stores: relative ones (the default: a copied or moved
-        dataset keeps working, SPEC §6) against the dataset root, absolute ones as they are."""
+        """Absolute URL of a URL a version stores: relative ones (what builds write: a copied or
+        moved dataset keeps working, SPEC §6) against the dataset root; absolute ones only when
+        they already lie inside the root. Records are input (anyone who can write the dataset
+        root can write them): a URL that leaves the root (`http://...`, `file:///etc/...`,
+        `../other`) is refused, so reading a version never fetches or reads anything else."""
+        if not isinstance(url, str) or not url or "\0" in url or "::" in url:
+            raise OutsideDataset(f"{self.uri}: a version record names {_shown(url)}: not a URL inside the dataset")
         if "://" in url or url.startswith("/"):
-            return absolute_url(url)
-        return self.url(url)
+            resolved = absolute_url(url)
+            inside = resolved.startswith(self.uri + "/")
+        else:
+            resolved, inside = self.url(url), True
+        if not inside or ".." in resolved[len(self.uri) + 1:].split("/"):
+            raise OutsideDataset(f"{self.uri}: a version record names {_shown(url)}, outside the dataset "
+                                 "root: refused (records name files of their own dataset only)")
+        return resolved
 
     def _fs_path(self, url: str):
         """(fs, path) of a URL; inside this dataset through the store's own filesystem (so its

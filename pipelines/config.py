@@ -7,9 +7,9 @@ way: one line naming the key, the value and the file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
-import stat
 import types
 import typing
 from pathlib import Path
@@ -103,24 +103,65 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+def read_config_bytes(path: str | Path, what: str = "config") -> bytes:
+    """The bytes of a config-sized file (a YAML or JSON config, a DeepSpeed config, a checkpoint's
+    model.json or run.json): a local path or file:// that is a regular file, or an object-store
+    URL, of at most MAX_CONFIG_BYTES; anything else is one ConfigError line. Local files are
+    stat'ed first and opened non-blocking: opening a FIFO blocks, reading /dev/zero never ends."""
+    from dataprep.safe_fetch import NotRegularFile, open_regular
+    from dataprep.storage import fs_and_path, is_local
+
+    shown = str(path)
+    if "::" in shown:
+        raise ConfigError(f"cannot read {what} {shown}: chained URLs (::) are not allowed")
+    try:
+        fs, fpath = fs_and_path(shown) if "://" in shown else (None, shown)
+        if fs is None or is_local(fs):
+            with open_regular(fpath) as f:
+                blob = None if os.fstat(f.fileno()).st_size > MAX_CONFIG_BYTES else f.read(MAX_CONFIG_BYTES + 1)
+        else:
+            with fs.open(fpath, "rb") as f:
+                size = getattr(f, "size", None)
+                blob = None if isinstance(size, int) and size > MAX_CONFIG_BYTES else f.read(MAX_CONFIG_BYTES + 1)
+    except NotRegularFile:
+        raise ConfigError(f"cannot read {what} {shown}: not a regular file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {shown}: {exc.strerror or type(exc).__name__}") from None
+    except ValueError as exc:                 # a NUL in the path; an unknown protocol (StorageError)
+        raise ConfigError(f"cannot read {what} {shown}: {exc}") from None
+    if blob is None or len(blob) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{shown}: larger than {MAX_CONFIG_BYTES} bytes; not a {what}")
+    return blob
+
+
+def _text(blob: bytes, shown: str) -> str:
+    try:
+        return blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{shown}: not UTF-8 text (byte {exc.start})") from None
+
+
+def read_json_config(path: str | Path, what: str = "config") -> Any:
+    """A JSON file under the rules of `read_config_bytes`, parsed (one ConfigError line if not)."""
+    text = _text(read_config_bytes(path, what), str(path))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
+    try:
+        _check_tree(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return data
+
+
 def read_yaml(path: str | Path) -> dict:
     """A YAML config file as a dict: a regular file of at most MAX_CONFIG_BYTES, UTF-8, no
     more than MAX_CONFIG_VALUES values with aliases expanded, nested at most MAX_CONFIG_DEPTH
     levels (anything else is one ConfigError line)."""
-    try:
-        # stat first: opening a FIFO blocks, reading /dev/zero never ends
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise ConfigError(f"cannot read config {path}: not a regular file")
-        with open(path, "rb") as f:
-            blob = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
-    if len(blob) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a config")
-    try:
-        text = blob.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    text = _text(read_config_bytes(path), str(path))
     try:
         data = _load_yaml(text)
     except yaml.YAMLError as exc:

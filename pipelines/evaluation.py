@@ -117,14 +117,20 @@ def run_eval(cfg: EvalConfig, parent_run_id: str | None = None) -> dict:
 def training_config(checkpoint: str) -> dict:
     """The training stage's config from its run's run.json (the checkpoint's run directory: the
     run itself, or <run>/final, or <run>/final/model.safetensors); {} when there is none."""
-    import json
-
     from dataprep.storage import fs_and_path
+    from pipelines.config import ConfigError, read_json_config
     from pipelines.training.checkpoint import resolve_weights
 
     weights, _ = resolve_weights(checkpoint)
-    fs, path = fs_and_path(posixpath.join(posixpath.dirname(posixpath.dirname(weights)), "run.json"))
-    return json.loads(fs.cat_file(path)).get("config", {}) if fs.exists(path) else {}
+    url = posixpath.join(posixpath.dirname(posixpath.dirname(weights)), "run.json")
+    fs, path = fs_and_path(url)
+    if not fs.exists(path):
+        return {}
+    run = read_json_config(url, "run.json")     # written by whoever can write the run: capped, checked
+    config = run.get("config", {}) if isinstance(run, dict) else None
+    if not isinstance(config, dict) or not isinstance(config.get("data", {}), dict):
+        raise ConfigError(f"{url}: not a run.json of pippo train (config.data must be a mapping)")
+    return config
 
 
 def check_against_training(cfg: EvalConfig, trained: dict) -> EvalConfig:

@@ -3,6 +3,9 @@ pippo_model: model configs from YAML and checkpoints from object stores."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from pipelines.cli import UserError
@@ -16,27 +19,93 @@ def load_model_config(path, overrides=()):
     return load_config(ModelConfig, path, overrides)
 
 
-def fetch_directory(uri: str, cache: str | Path | None = None) -> Path:
-    """A local directory for `uri` (a path, file:// or any fsspec URL such as s3://); remote
-    directories are copied once into `cache` (default ~/.cache/pippo) keyed by the URI."""
+# Where weights may come from. A model.json (and so its vae_path) is read from a run directory
+# that someone else may write: http(s) goes through dataprep.safe_fetch (public addresses only,
+# redirects checked, sizes capped), object stores through fsspec with the operator's credentials,
+# local paths as they are; any other scheme or an fsspec chain (`a::b`) is refused.
+WEIGHT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "memory")
+HTTP_WEIGHT_FILES = ("config.json", "diffusion_pytorch_model.safetensors")  # never the pickled .bin
+MAX_WEIGHTS_BYTES = 2 << 30        # held in memory by http_get; the SDXL VAE is 335 MB
+WEIGHTS_TIMEOUT_S = 600.0          # http_get's deadline is per whole body, not per read
+
+
+def read_model_json(url: str):
+    """A checkpoint's model.json -> ModelConfig, checked like a config file (regular file, size
+    cap, every key and type, the sizes' bounds of ModelConfig): one ConfigError line otherwise."""
+    from pipelines.config import ConfigError, from_dict, read_json_config
+    from pippo_model.config import ModelConfig
+
+    raw = read_json_config(url, "model.json")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{url}: a model.json is a JSON object, got {type(raw).__name__}")
+    return from_dict(ModelConfig, raw, source=str(url))
+
+
+def fetch_directory(uri: str, cache: str | Path | None = None, http=None) -> Path:
+    """A local directory for `uri` (a path, file://, an object-store URL such as s3://, or an
+    http(s) URL of a diffusers directory); remote directories are copied once into `cache`
+    (default ~/.cache/pippo) keyed by the URI. `http` (dataprep.build_config.HttpConfig, default:
+    public addresses only) is the policy of http(s) fetches."""
     import hashlib
 
-    import fsspec
+    from dataprep.sources import is_chained
+    from dataprep.storage import fs_and_path, is_local
 
-    fs, root = fsspec.core.url_to_fs(uri)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        local = Path(root)
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else "file"
+    if is_chained(uri) or "\0" in uri or scheme not in ("file", "http", "https", *WEIGHT_STORES):
+        raise UserError(f"weights {_shown(uri)}: only local paths, http(s) and object stores "
+                        f"({', '.join(WEIGHT_STORES)}) are allowed, not chained URLs or other schemes")
+    if scheme == "file":
+        local = Path(fs_and_path(uri)[1])
         if not local.is_dir():
-            raise UserError(f"checkpoint directory {uri} does not exist")
+            raise UserError(f"checkpoint directory {_shown(uri)} does not exist")
         return local
     target = Path(cache or Path.home() / ".cache" / "pippo") / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not (target / ".complete").exists():
-        if not fs.isdir(root):
-            raise UserError(f"checkpoint directory {uri} does not exist")
-        target.mkdir(parents=True, exist_ok=True)
-        fs.get(root.rstrip("/") + "/", str(target), recursive=True)
-        (target / ".complete").touch()
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))   # 0700, ours alone
+    try:
+        if scheme in ("http", "https"):
+            _fetch_http_directory(uri, tmp, http)
+        else:
+            fs, root = fs_and_path(uri)
+            if is_local(fs) or not fs.isdir(root):
+                raise UserError(f"checkpoint directory {_shown(uri)} does not exist")
+            fs.get(root.rstrip("/") + "/", str(tmp), recursive=True)
+        (tmp / ".complete").touch()
+        shutil.rmtree(target, ignore_errors=True)     # a copy an older version left unfinished
+        try:
+            os.replace(tmp, target)                   # whole or not at all
+        except OSError:
+            if not (target / ".complete").exists():   # else: a concurrent fetch placed it first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _fetch_http_directory(uri: str, into: Path, http) -> None:
+    """The files of a diffusers AutoencoderKL directory over http(s), through the data side's
+    guarded fetch (dataprep.safe_fetch): the address policy, redirects, deadline and size cap."""
+    from dataprep.build_config import HttpConfig
+    from dataprep.photos import Rejected
+    from dataprep.safe_fetch import http_get
+
+    for name in HTTP_WEIGHT_FILES:
+        url = uri.rstrip("/") + "/" + name
+        try:
+            body = http_get(url, http or HttpConfig(timeout_s=WEIGHTS_TIMEOUT_S), MAX_WEIGHTS_BYTES)
+        except Rejected as exc:
+            raise UserError(f"weights {_shown(url)}: {exc.reason}") from None
+        (into / name).write_bytes(body)
+
+
+def _shown(uri: str, limit: int = 120) -> str:
+    from dataprep.redact import redact_text
+
+    text = redact_text(str(uri))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_autoencoder_for(cfg, device="cpu"):

@@ -158,18 +158,42 @@ def stage_of(model_cfg) -> str:
 
 def training_run(uri: str) -> dict:
     """The training stage config saved beside a run's final/ (run.json), or {} (a bare
-    .safetensors has none): the resolution and the views the model was really trained with."""
-    from dataprep.storage import read_bytes
+    .safetensors has none): the resolution and the views the model was really trained with.
+    run.json is input (whoever writes the run directory writes it): read like a config file,
+    and the fields used here checked (`trained_shape`)."""
+    from dataprep.storage import fs_and_path
+    from pipelines.config import read_json_config
     from pipelines.training.checkpoint import resolve_weights
 
     weights, _ = resolve_weights(uri)
     final = posixpath.dirname(weights)
     if posixpath.basename(final) != "final":
         return {}
-    try:
-        return json.loads(read_bytes(posixpath.join(posixpath.dirname(final), "run.json"))).get("config", {})
-    except (OSError, ValueError):
+    path = posixpath.join(posixpath.dirname(final), "run.json")
+    fs, fpath = fs_and_path(path)
+    if not fs.exists(fpath):
         return {}
+    run = read_json_config(path, "run.json")
+    config = run.get("config", {}) if isinstance(run, dict) else None
+    if not isinstance(config, dict) or not isinstance(config.get("data", {}), dict):
+        raise UserError(f"{path}: not a run.json of pippo train (config.data must be a mapping)")
+    return config
+
+
+def trained_shape(model_cfg, run_cfg: dict) -> tuple[int, int]:
+    """(views, resolution) of a training sample: the stage's data.views/data.resolution from
+    run.json, else the model config's; bounded like the model config's own fields."""
+    from pippo_model.config import INT_BOUNDS
+
+    data = run_cfg.get("data", {})
+    shape = []
+    for key, fallback in (("views", model_cfg.views), ("resolution", model_cfg.resolution)):
+        value = data.get(key) or fallback
+        lo, hi = INT_BOUNDS[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise UserError(f"run.json: data.{key} must be an integer in [{lo}, {hi}], got {value!r:.40}")
+        shape.append(value)
+    return shape[0], shape[1]
 
 
 def train_tokens(model_cfg, run_cfg: dict) -> int:
@@ -177,9 +201,7 @@ def train_tokens(model_cfg, run_cfg: dict) -> int:
     config's `views` is a size preset's; the stage's data.views/resolution are what was trained."""
     if model_cfg.attn_n_train:
         return model_cfg.attn_n_train
-    data = run_cfg.get("data", {})
-    views = int(data.get("views") or model_cfg.views)
-    side = int(data.get("resolution") or model_cfg.resolution)
+    views, side = trained_shape(model_cfg, run_cfg)
     per_view = (side // (model_cfg.vae_downsample * model_cfg.patch_size)) ** 2
     return (views + 1) * per_view
 
@@ -298,9 +320,12 @@ def write_views(frames: np.ndarray, reference: np.ndarray, cams: list[dict], dir
 # -- the command ----------------------------------------------------------------------------------
 
 def _check_args(args, model_cfg, side: int) -> None:
+    from pippo_model.config import MAX_TOKENS_PER_VIEW
+
     unit = model_cfg.vae_downsample * model_cfg.patch_size
-    if side < unit or side % unit:
-        raise UserError(f"--resolution {side} must be a positive multiple of {unit} (VAE x patch)")
+    if side < unit or side % unit or (side // unit) ** 2 > MAX_TOKENS_PER_VIEW:
+        raise UserError(f"--resolution {side} must be a positive multiple of {unit} (VAE x patch), "
+                        f"at most {unit * int(MAX_TOKENS_PER_VIEW ** 0.5)}")
     if args.views < 1:
         raise UserError(f"--views {args.views}: at least 1 view")
     if not 1 <= args.steps <= model_cfg.timesteps:
@@ -328,14 +353,14 @@ def main(args) -> int:
                         "directory, its final/, or a .safetensors with model.json beside it)") from None
     model = model.to(dtype)
     run_cfg = training_run(args.checkpoint)
-    side = args.resolution or int(run_cfg.get("data", {}).get("resolution") or model_cfg.resolution)
+    side = args.resolution or trained_shape(model_cfg, run_cfg)[1]
     _check_args(args, model_cfg, side)
     stage = stage_of(model_cfg)
     n_train = train_tokens(model_cfg, run_cfg)
 
+    autoencoder = load_autoencoder_for(model_cfg, device)     # the checkpoint's vae_path: fail before the work
     reference, crop = reference_crop(read_photo(args.image), side)
     cams = orbit_cameras(args.views, side, args.elevation, args.radius)
-    autoencoder = load_autoencoder_for(model_cfg, device)
     cond = conditions(to_model_space(pixel_conditions(model_cfg, reference, cams), autoencoder, device, dtype))
     log.info("%s model, %d views at %d px (elevation %.1f deg, radius %.2f m), %d DDIM steps, guidance %.2f",
              stage, args.views, side, args.elevation, args.radius, args.steps, args.guidance)

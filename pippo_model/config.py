@@ -23,6 +23,18 @@ STAGE_MODULES = {
 }
 
 
+# Upper bounds far above every preset (full: dim 1536, depth 28, 512 px, ~1.5 B parameters).
+INT_BOUNDS = {"dim": (1, 16384), "depth": (1, 512), "heads": (1, 1024), "patch_size": (1, 64),
+              "latent_channels": (1, 64), "vae_downsample": (1, 64), "resolution": (1, 16384),
+              "views": (1, 4096), "max_views": (1, 65536), "camera_hidden": (1, 65536),
+              "timesteps": (1, 100_000)}
+FLOAT_BOUNDS = {"mlp_ratio": (0.01, 64.0), "siren_w0": (1e-3, 1e4), "vae_scaling_factor": (1e-6, 1e3),
+                "p_drop_reference": (0.0, 1.0), "p_drop_camera": (0.0, 1.0), "p_drop_control": (0.0, 1.0)}
+MAX_TOKENS_PER_VIEW = 256 * 256
+MAX_TOKENS = 1 << 26
+MAX_PARAMETERS = 50e9
+
+
 @dataclass
 class ModelConfig:
     name: str = "custom"
@@ -60,6 +72,7 @@ class ModelConfig:
     p_drop_control: float = 0.1
 
     def __post_init__(self):
+        self._check_bounds()
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if self.space == "pixel" and (self.vae_downsample != 1 or self.latent_channels != 3):
@@ -72,6 +85,36 @@ class ModelConfig:
             if not 0.0 <= getattr(self, p) <= 1.0:
                 raise ValueError(f"{p} must lie in [0, 1]")
         self.siren_channels = tuple(self.siren_channels)
+
+    def _check_bounds(self) -> None:
+        """Types and sane ranges of the sizes: a model.json read from a run directory is input,
+        and `dim: 10**9` or `resolution: -8` must be one clear error, not an allocation that
+        exhausts the machine (or a traceback from deep inside torch)."""
+        for name, (lo, hi) in INT_BOUNDS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        for name, (lo, hi) in FLOAT_BOUNDS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {value!r}")
+        if self.attn_n_train is not None and (isinstance(self.attn_n_train, bool) or not isinstance(
+                self.attn_n_train, int) or not 1 <= self.attn_n_train <= MAX_TOKENS):
+            raise ValueError(f"attn_n_train must be null or an integer in [1, {MAX_TOKENS}]")
+        channels = self.siren_channels
+        if (not isinstance(channels, (list, tuple)) or not 1 <= len(channels) <= 16
+                or any(isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 4096 for c in channels)):
+            raise ValueError("siren_channels must be 1 to 16 integers in [1, 4096]")
+        if self.vae_path is not None and not isinstance(self.vae_path, str):
+            raise ValueError("vae_path must be null or a string")
+        cell = self.vae_downsample * self.patch_size
+        if (self.resolution // cell) ** 2 > MAX_TOKENS_PER_VIEW:
+            raise ValueError(f"resolution {self.resolution} makes {(self.resolution // cell) ** 2} tokens per "
+                             f"view (at most {MAX_TOKENS_PER_VIEW})")
+        approx = self.depth * self.dim * self.dim * (10 + 2 * self.mlp_ratio)   # per block: qkv, out, mlp, adaLN
+        if approx > MAX_PARAMETERS:
+            raise ValueError(f"dim {self.dim} x depth {self.depth} is ~{approx / 1e9:.0f} B parameters "
+                             f"(at most {MAX_PARAMETERS / 1e9:.0f} B)")
 
     @property
     def head_dim(self) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dataprep.loader import DataSource, LoaderConfig
+from dataprep.names import validate_name
 from pipelines.config import to_dict
 
 
@@ -104,6 +105,8 @@ class StageConfig:
     def __post_init__(self):
         if self.workers < 1 or self.steps < 1:
             raise ValueError("workers and steps must be >= 1")
+        if self.run_name:                  # the run's directory, checkpoint.root/run_name: one segment
+            validate_name(self.run_name, "run_name")
         if "@" not in self.dataset:
             self.dataset = f"{self.dataset}@latest"
 

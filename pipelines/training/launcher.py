@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 
-from pipelines.config import ConfigError, load_config, to_dict
+from pipelines.config import ConfigError, load_config, read_json_config, to_dict
 from pipelines.training.config import StageConfig
 
 log = logging.getLogger("pippo.train")
@@ -39,12 +38,9 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     if cfg.data.resolution % unit:
         raise ConfigError(f"data.resolution {cfg.data.resolution} is not a multiple of {unit} "
                           f"(the model's VAE downsampling x patch size)")
-    try:
-        ds = json.loads(Path(cfg.deepspeed).read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read deepspeed config {cfg.deepspeed}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{cfg.deepspeed}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    ds = read_json_config(cfg.deepspeed, "deepspeed config")     # a regular file, size-capped
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{cfg.deepspeed}: a DeepSpeed config is a JSON object, got {type(ds).__name__}")
 
     pin_datasets(cfg)
     stage = to_dict(cfg)

@@ -179,23 +179,17 @@ def initial_model(model_cfg, seed: int, init_from: str | None):
     """The stage's model before training: seeded init (identical on every rank), then the previous
     stage's consolidated weights when `init_from` is set. Modules the new stage adds keep their
     zero init, so the model's output equals the previous stage's at step 0 (stage handoff)."""
-    from pippo_model.config import ModelConfig
+    from pipelines.model_commands import read_model_json
     from pippo_model.model import build_model, load_stage_weights
 
     torch.manual_seed(seed)
     model = build_model(model_cfg)
     if init_from:
         weights_url, config_url = resolve_weights(init_from)
-        source_cfg = ModelConfig(**_read_json_url(config_url)) if config_url else None
+        source_cfg = read_model_json(config_url) if config_url else None
         new = load_stage_weights(model, load_safetensors(weights_url), source_cfg)
         log.info("initialised from %s (%d new tensors at their zero init)", weights_url, len(new))
     return model
-
-
-def _read_json_url(url: str) -> dict:
-    from dataprep.storage import read_bytes
-
-    return json.loads(read_bytes(url))
 
 
 def _start_tracking(cfg, job, store, loader, model_cfg, ctx, fresh: bool):
@@ -319,11 +313,11 @@ def _report(use_ray: bool, summary: dict) -> None:
 
 def load_final_model(uri: str, device="cpu"):
     """(Pippo in eval mode, ModelConfig) from a training run's final/ (or any init_from form)."""
-    from pippo_model.config import ModelConfig
+    from pipelines.model_commands import read_model_json
     from pippo_model.model import build_model
 
     weights_url, config_url = resolve_weights(uri)
-    cfg = ModelConfig(**_read_json_url(config_url))
+    cfg = read_model_json(config_url)
     model = build_model(cfg)
     model.load_state_dict(load_safetensors(weights_url), strict=True)
     return model.to(device).eval(), cfg

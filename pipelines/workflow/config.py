@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dataprep.names import validate_name
+
 STEP_REF = re.compile(r"\$\{steps\.([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_]+))?\}")
 STEP_TAGS = {"synth": "dataprep", "dataprep": "dataprep", "train": None, "eval": "eval"}
 
@@ -48,8 +50,10 @@ class PipelineConfig:
     workdir: str = "out/pipelines"             # synth outputs: {workdir}/{name}/{step}/
 
     def __post_init__(self):
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
-            raise ValueError(f"name {self.name!r}: letters, digits, '.', '_' and '-' only")
+        # both become path segments: {store}/pipelines/{name}/steps/{step}/, {workdir}/{name}/{step}-...
+        validate_name(self.name, "pipeline name")
+        for name in self.steps:
+            validate_name(name, "step name")
         for name, step in self.steps.items():
             for dep in self.dependencies(name):
                 if dep not in self.steps:
