@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dataprep.loader import DataSource, LoaderConfig
+from dataprep.redact import check_not_secret
 from pipelines.config import to_dict
 
 
@@ -106,6 +107,8 @@ class StageConfig:
             raise ValueError("workers and steps must be >= 1")
         if "@" not in self.dataset:
             self.dataset = f"{self.dataset}@latest"
+        # the run's directory, MLflow run and Ray Train run are named after it
+        check_not_secret(self.run_name, "run_name")
 
     @property
     def sources(self) -> list[DataSource]:
@@ -124,7 +127,11 @@ class StageConfig:
         return f"{self.stage}-{digest}"
 
     def run_uri(self) -> str:
-        from pipelines.config import expand_env
+        from pipelines.config import ConfigError, expand_env
 
         root = expand_env(self.checkpoint.root)      # a default is not YAML: ${PIPPO_STORE} expands here
+        try:
+            check_not_secret(root, "checkpoint.root")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return root.rstrip("/") + "/" + self.resolved_run_name()
