@@ -86,7 +86,8 @@ def register_secret(value: str, replacement: str = MASK) -> None:
     `replacement` (e.g. "${TOKEN}", the reference it was expanded from)."""
     if isinstance(value, str) and len(value) >= MIN_SECRET_LEN:
         with _lock:
-            _registered[value] = replacement
+            if replacement != MASK or value not in _registered:    # keep the more telling "${NAME}"
+                _registered[value] = replacement
 
 
 def register_url_credentials(text: str) -> None:
