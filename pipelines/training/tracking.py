@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 # The project's one redactor; `redact` stays importable from here (pipelines.sample uses it).
-from dataprep.redact import redact, redact_text  # noqa: F401
+from dataprep.redact import redact, redact_text
 
 log = logging.getLogger("pippo.tracking")
 
