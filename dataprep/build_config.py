@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from dataprep.names import check_text, validate_camera_id, validate_tag
+from dataprep.redact import check_not_secret
 
 MAX_RESOLUTION = 16384      # output side; larger would allocate gigabytes per view
 
@@ -145,6 +146,8 @@ class BuildConfig:
     def __post_init__(self):
         # Everything a build could trip over later is checked here, before anything is built.
         check_text(self.dataset, "'dataset' (the target dataset URI)")
+        # Store paths and tag file names are listed by anyone who can read the store.
+        check_not_secret(self.dataset, "'dataset'")
         if not self.sources:
             raise ValueError("'sources' must list at least one source")
         if self.plucker_stride < 1:
@@ -168,7 +171,8 @@ class BuildConfig:
                 raise ValueError("cameras: [] selects no camera (leave it out, or null, for all)")
             for cam in self.cameras:
                 validate_camera_id(cam)
-        for tag in self.tags:      # a bad tag must fail now, not after the version is committed
+        for i, tag in enumerate(self.tags):   # a bad tag must fail now, not after the version is committed
+            check_not_secret(tag, f"tags[{i}]")     # checked after ${VAR} substitution, like the name
             validate_tag(tag)
 
     def sample_settings(self) -> dict:

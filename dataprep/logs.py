@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from dataprep.redact import redact_text
+from dataprep.redact import redact_text, redacting
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Routine INFO chatter of libraries: "Found credentials in environment variables.", connection
@@ -63,7 +63,10 @@ def configure(level: int = 0) -> None:
 
 def setup_worker() -> None:
     """Ray's `worker_process_setup_hook` (runtime_env): a worker's log lines, which Ray forwards to
-    the driver's stderr, get the same format, levels (PIPPO_VERBOSITY is inherited) and redaction."""
+    the driver's stderr and keeps in the cluster's session logs, get the same format, levels
+    (PIPPO_VERBOSITY is inherited) and redaction; so do its prints (DeepSpeed's, a library's).
+    The worker inherits the driver's environment, so the redactor knows the same env secrets."""
+    sys.stdout, sys.stderr = redacting(sys.stdout), redacting(sys.stderr)
     configure(verbosity())
 
 

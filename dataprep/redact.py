@@ -1,17 +1,28 @@
-"""Credentials are never stored or printed.
+"""The project's one redactor: credentials are never stored, logged or printed.
 
 Three kinds of secret reach us: userinfo in URLs (`https://user:pw@host/...`, `s3://KEY:SECRET@b`),
 secret-named query parameters (`?token=...`, presigned `X-Amz-Signature=...`), and the values of
-`${VAR}` references a config expanded (`uri: https://host/list.txt?sig=${TOKEN}`).
+secret-named environment variables (`${HF_TOKEN}`, `$AWS_SECRET_ACCESS_KEY`), whether a config
+expanded them or a library echoes them.
+
+Only secrets are redacted: keys, tokens, passwords, signatures. Identifiers are not — an access key
+id (AWS_ACCESS_KEY_ID, an s3 `access_key`), a bucket, a user name alone — so a record that stores
+`s3://my-bucket/ds` keeps it even when the access key id happens to equal `my-bucket`.
 
     strip_credentials(url)   an input id / ledger URL without its credentials; pure and
                              deterministic (a Ray worker computes the same id as the driver)
-    redact_text(text)        a log line or error message: the above, plus `password=...` pairs,
-                             AWS access key ids, and every registered secret value
-    redact_config(tree)      a config for the version record: strings redacted, expanded `${VAR}`
-                             values put back as `${VAR}`, secret-named keys masked
-    register_secret(value)   a value never to print (pipelines.config registers what `${VAR}`
-                             expanded to; the CLI registers URL userinfo of its arguments)
+    redact_text(text)        a log line, error message or output line: the above, `password=...`
+                             pairs and every secret value (registered, or in a secret-named env var)
+    redact(tree)             a config / record / MLflow payload fit to store: strings redacted
+                             (expanded secret `${VAR}` values back to `${VAR}`), secret-named keys
+                             masked; redact_config is the same function
+    register_secret(value)   a value never to print (pipelines.config registers what a secret-named
+                             `${VAR}` expanded to; the CLI registers URL userinfo of its arguments)
+    check_not_secret(v, w)   names and paths (tags, run names, run dirs) never derive from a secret
+    RedactingStream          sys.stdout/sys.stderr of the CLI and of Ray workers (print() output)
+
+Worker processes do not see the driver's registrations, but they inherit its environment: the
+env-derived part of the secret set is recomputed there on every call.
 """
 from __future__ import annotations
 
@@ -25,18 +36,26 @@ MIN_ENV_SECRET_LEN = 8      # secret-named environment variables (AWS_SECRET_ACC
 
 # Names whose values are credentials. "token" only as a whole word (max_tokens/tokenizer are
 # config) and "key" only as a whole name/segment (s3fs's storage_options.key, not sort_key).
-# Kept equal to pipelines.training.tracking's rules.
+# A bare `key` stays masked in configs: too many APIs call their secret just "key".
 _SECRET_NAME = re.compile(
-    r"secret|passw|pwd$|credential|signature|private[_-]?key|access[_-]?key|api[_-]?key|"
-    r"apikey|session[_-]?key|(?:^|[_.\-])(?:token|sig|auth)$|(?:^|[_.\-])token[_.\-]|(?:^|\.)key$",
+    r"secret|passw|pwd$|credential|signature|private[_-]?key|api[_-]?key|apikey|session[_-]?key|"
+    r"(?:^|[_.\-])(?:token|sig|auth)$|(?:^|[_.\-])token[_.\-]|(?:^|\.)key$",
     re.IGNORECASE)
-# scheme://user:pw@host; a password may hold "/" (AWS secret keys do), a user name may not; a
-# port ("host:8080/a@b") is not a password.
+# Identifiers that look secret-named: AWS_ACCESS_KEY_ID, access_key_id, client_id, key_id.
+_IDENTIFIER_NAME = re.compile(r"(?:^|[_.\-])id$", re.IGNORECASE)
+_NOT_IDENTIFIER = re.compile(r"secret|passw|token", re.IGNORECASE)
+# Environment variables name secrets more tersely than configs do: OPENAI_KEY, WANDB_KEY,
+# GITHUB_PAT, DB_PASS, MY_CREDS.
+_SECRET_ENV_NAME = re.compile(r"(?:^|_)(?:KEY|PAT|PASS|CREDS?|APIKEY)$", re.IGNORECASE)
+_NOT_SECRET_ENV = frozenset({"PWD", "OLDPWD"})    # "pwd$" is for passwords, not directories
+
+# scheme://user:pw@host. A password may hold "/" (AWS secret keys do), a user name may not. The
+# authority ends at the first "/" (RFC 3986), so "https://host:8080/a@b" has a port and a path
+# with "@", no userinfo: a ":digits" followed by "/", "?", "#" or the end is a port.
 _USERINFO = re.compile(r"([a-zA-Z][\w+.\-]*://)((?:[^/@\s?#:'\"]+:(?!\d+(?:[/?#\s'\"]|$))[^@\s'\"]*?"
                        r"|[^/@\s?#:'\"]+))@")
 _QUERY = re.compile(r"([?&;])([^=&#\s]+)=([^&#\s'\"]*)")                       # ?token=abc&...
 _ASSIGN = re.compile(r"""([\w.\-]+)(["']?[ \t]*[:=][ \t]*["']?)([^\s,;'"}\]]+)""")  # key: xyz
-_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 _ENV_REF = re.compile(r"^\$\{\w+(?::-[^}]*)?\}$")
 
 _lock = threading.Lock()
@@ -44,22 +63,38 @@ _registered: dict[str, str] = {}     # secret value -> what to print instead
 
 
 def is_secret_name(name: str) -> bool:
-    return bool(_SECRET_NAME.search(str(name)))
+    """True for a config key or variable name whose value is a secret (not an identifier)."""
+    name = str(name)
+    if not _SECRET_NAME.search(name):
+        return False
+    return not (_IDENTIFIER_NAME.search(name) and not _NOT_IDENTIFIER.search(name))
+
+
+def is_secret_env_name(name: str) -> bool:
+    """True for an environment variable whose value is a secret: the config rule plus the terse
+    names of env vars (`OPENAI_KEY`, `GITHUB_PAT`); never PWD/OLDPWD or an `..._ID`."""
+    name = str(name)
+    if name in _NOT_SECRET_ENV:
+        return False
+    if is_secret_name(name):
+        return True
+    return bool(_SECRET_ENV_NAME.search(name)) and not _IDENTIFIER_NAME.search(name)
 
 
 def register_secret(value: str, replacement: str = MASK) -> None:
-    """Never print or store `value` again in this process: redact_text/redact_config replace it
-    by `replacement` (e.g. "${TOKEN}", the reference it was expanded from)."""
+    """Never print or store `value` again in this process: redact_text/redact replace it by
+    `replacement` (e.g. "${TOKEN}", the reference it was expanded from)."""
     if isinstance(value, str) and len(value) >= MIN_SECRET_LEN:
         with _lock:
-            _registered[value] = replacement
+            if replacement != MASK or value not in _registered:    # keep the more telling "${NAME}"
+                _registered[value] = replacement
 
 
 def register_url_credentials(text: str) -> None:
     """Register the userinfo of every URL in `text` (and its password alone): some libraries
     echo a URL's authority without its scheme (botocore: 'Invalid bucket name "KEY:SECRET@b"')."""
     for m in _USERINFO.finditer(str(text)):
-        userinfo = m.group(2)
+        userinfo = m.group(2)      # `user:pw`, or a lone user that is often a token (`TOKEN@github.com`)
         register_secret(userinfo, MASK)
         user, sep, password = userinfo.partition(":")
         if sep:
@@ -87,17 +122,20 @@ def strip_credentials(url: str) -> str:
     return _QUERY.sub(lambda m: _query(m, MASK), url)
 
 
-_NOT_SECRET_ENV = frozenset({"PWD", "OLDPWD"})    # "pwd$" is for passwords, not directories
-
-
-def _env_secrets() -> dict[str, str]:
+def env_secrets() -> dict[str, str]:
+    """{value: "${NAME}"} of every secret-named environment variable: recomputed on each call, so
+    a Ray worker (which inherits the environment, not the driver's registrations) knows them."""
     return {v: f"${{{k}}}" for k, v in os.environ.items()
-            if is_secret_name(k) and k not in _NOT_SECRET_ENV and len(v) >= MIN_ENV_SECRET_LEN}
+            if len(v) >= MIN_ENV_SECRET_LEN and is_secret_env_name(k)}
 
 
-def _replace_registered(text: str) -> str:
+def _secret_table() -> dict[str, str]:
     with _lock:
-        table = {**_env_secrets(), **_registered}
+        return {**env_secrets(), **_registered}
+
+
+def _replace_secrets(text: str) -> str:
+    table = _secret_table()
     for value in sorted(table, key=len, reverse=True):      # longest first: no partial leftovers
         if value in text:
             text = text.replace(value, table[value])
@@ -105,27 +143,73 @@ def _replace_registered(text: str) -> str:
 
 
 def redact_text(text) -> str:
-    """A log line or error message fit to print: no URL userinfo, secret query values,
-    `password=...` values, AWS access key ids, or registered secret values."""
-    s = _replace_registered(str(text))
+    """A log line, error message or output line fit to print: no URL userinfo, secret query
+    values, `password=...` values, or secret values (registered or from the environment)."""
+    s = _replace_secrets(str(text))
     s = _USERINFO.sub(rf"\1{MASK}@", s)
     s = _QUERY.sub(lambda m: _query(m, MASK), s)
     # URLs are already clean, so a match that swallows one ("https" + "://...") loses nothing.
-    s = _ASSIGN.sub(lambda m: f"{m[1]}{m[2]}{MASK}"
-                    if is_secret_name(m[1]) and not _ENV_REF.match(m[3]) else m[0], s)
-    return _AWS_KEY_ID.sub(MASK, s)
+    return _ASSIGN.sub(lambda m: f"{m[1]}{m[2]}{MASK}"
+                       if is_secret_name(m[1]) and not _ENV_REF.match(m[3]) else m[0], s)
 
 
-def redact_config(value, key: str | None = None):
-    """A copy of a config tree fit to store: the values of `${VAR}` references the config expanded
-    go back to `${VAR}`, URL credentials and secret query values are removed, and the whole value of
-    a secret-named key is masked."""
-    if key is not None and is_secret_name(key) and value not in (None, "", True, False):
+def _blank(v) -> bool:
+    return v is None or isinstance(v, bool) or (isinstance(v, str) and not v)
+
+
+def redact(value, key: str | None = None):
+    """A copy of a config tree (or any JSON-like value) fit to store or log: the values of secret
+    `${VAR}`s go back to `${VAR}`, URL credentials and secret query values are removed, and the
+    whole value of a secret-named key is masked. Identifiers (ids, buckets) are kept."""
+    if key is not None and is_secret_name(key) and not _blank(value):
         return MASK
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, dict):
-        return {k: redact_config(v, str(k)) for k, v in value.items()}
+        return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(redact_config(v) for v in value)
+        return type(value)(redact(v) for v in value)
     return value
+
+
+redact_config = redact
+
+
+def derives_from_secret(text) -> bool:
+    """True if `text` holds a secret value (registered, or of a secret-named env variable)."""
+    text = str(text)
+    return any(value in text for value in _secret_table())
+
+
+def check_not_secret(value, what: str) -> None:
+    """Names and paths (tags, run names, run dirs) never derive from a secret: a path would show
+    it to anyone who lists the store. Raises ValueError naming only the redacted form."""
+    # URL userinfo is not part of a path, and storage refuses it with its own clearer line
+    if value is not None and derives_from_secret(strip_credentials(value)):
+        raise ValueError(f"{what} {redact_text(value)!r} comes from a secret; names and paths never "
+                         "hold a secret (use a plain name)")
+
+
+class RedactingStream:
+    """A text stream (sys.stdout/sys.stderr) whose writes are redacted: print() output of the
+    CLI's result lines, Ray's forwarded worker lines, and libraries that print (DeepSpeed).
+    Everything else is the wrapped stream's (fileno, buffer, encoding...)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text) -> int:
+        self._stream.write(redact_text(text) if text else text)
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def redacting(stream):
+    """`stream` wrapped once (wrapping a wrapper again would only redact twice)."""
+    return stream if isinstance(stream, RedactingStream) else RedactingStream(stream)

@@ -365,12 +365,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dataprep.logs import configure
-    from dataprep.redact import register_url_credentials
+    from dataprep.redact import redacting, register_url_credentials
 
     argv = list(sys.argv[1:] if argv is None else argv)
     for arg in argv:                 # e.g. s3://KEY:SECRET@bucket: never echoed, in any form
         register_url_credentials(arg)
+    # Every line printed (result lines, Ray's forwarded worker lines, libraries' prints) goes
+    # through the one redactor; the streams are given back afterwards (in-process callers).
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = redacting(out), redacting(err)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = out, err
+
+
+def _main(argv: list[str]) -> int:
+    from dataprep.logs import configure
+
     parser = build_parser()
     args = parser.parse_args(argv)
     verbose = bool(getattr(args, "verbose", False))
@@ -419,7 +431,9 @@ def _report(exc: BaseException, verbose: bool) -> int:
 
 
 def _one_line(text: str, limit: int = 1000) -> str:
-    text = " ".join(str(text).split())
+    from dataprep.names import printable
+
+    text = " ".join(printable(text).split())      # names in messages may carry terminal escapes
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -16,8 +16,9 @@ import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dataprep.names import printable
+from dataprep.redact import redact
 from pipelines.cli import UserError
-from pipelines.training.tracking import redact
 
 log = logging.getLogger("pippo.compare")
 
@@ -55,7 +56,7 @@ def choose_experiment(client, name: str | None, uri: str):
     if name:
         exp = client.get_experiment_by_name(name)
         if exp is None:
-            known = sorted(e.name for e in client.search_experiments(max_results=1000))
+            known = sorted(printable(e.name) for e in client.search_experiments(max_results=1000))
             listed = ", ".join(known[:10]) + (f" and {len(known) - 10} more" if len(known) > 10 else "")
             raise UserError(f"no experiment named {name!r} in {redact(uri)} (known: {listed or 'none'})")
         return exp
@@ -211,10 +212,11 @@ def plot_evals(rows: list[dict], path: Path) -> Path | None:
 # -- text output ------------------------------------------------------------------------------------
 
 def _fmt(v, width: int = 48) -> str:
-    """A table cell; long values (URIs) keep their end, where they differ (run names, hashes)."""
+    """A table cell; long values (URIs) keep their end, where they differ (run names, hashes).
+    Names, tags and params come from whoever wrote the runs: no terminal escapes get through."""
     if v is None:
         return "-"
-    s = f"{v:.4g}" if isinstance(v, float) else str(v)
+    s = f"{v:.4g}" if isinstance(v, float) else printable(v)
     return s if len(s) <= width else "…" + s[-(width - 1):]
 
 
@@ -229,19 +231,20 @@ def render_text(doc: dict) -> str:
     header = ["run", "name", "step", "status", "dataset", *metrics, "checkpoint"]
     rows = []
     for r in doc["runs"]:
-        name = "  " * r["depth"] + ("└ " if r["depth"] else "") + (r["name"] or "")
-        status = r["status"] + (" (cached)" if r["cached"] else "")
-        dataset = ",".join(v[:12] for v in r["dataset_versions"]) or "-"
-        rows.append([r["run_id"][:8], name, r["step"] or "-", status, dataset,
+        name = "  " * r["depth"] + ("└ " if r["depth"] else "") + printable(r["name"] or "")
+        status = printable(r["status"]) + (" (cached)" if r["cached"] else "")
+        dataset = ",".join(printable(v)[:12] for v in r["dataset_versions"]) or "-"
+        rows.append([printable(r["run_id"][:8]), name, printable(r["step"] or "-"), status, dataset,
                      *(_fmt(r["metrics"].get(m)) for m in metrics), _fmt(r["checkpoint"], 72)])
     exp = doc["experiment"]
-    out = [f"experiment {exp['name']} (id {exp['id']}, {doc['tracking_uri']}): {len(rows)} runs", ""]
+    out = [f"experiment {printable(exp['name'])} (id {printable(exp['id'])}, {printable(doc['tracking_uri'])}): "
+           f"{len(rows)} runs", ""]
     out += _table(header, rows) if rows else ["(no runs tagged pippo.step)"]
     if doc["differing_params"]:
         compared = [r for r in doc["runs"] if r["params"]]
         out += ["", "params that differ:"]
-        out += _table(["param", *(r["run_id"][:8] for r in compared)],
-                      [[k, *(_fmt(r["params"].get(k)) for r in compared)] for k in doc["differing_params"]])
+        out += _table(["param", *(printable(r["run_id"][:8]) for r in compared)],
+                      [[_fmt(k), *(_fmt(r["params"].get(k)) for r in compared)] for k in doc["differing_params"]])
     plots = [p for p in doc["plots"].values() if p]
     out += ["", "plots: " + (", ".join(plots) if plots else "none (no train/loss or eval metrics logged)")]
     return "\n".join(out)

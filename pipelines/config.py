@@ -179,18 +179,15 @@ def read_yaml(path: str | Path) -> dict:
 
 ENV_DEFAULTS = {"PIPPO_STORE": "./.pippo/store"}
 _ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
-# Variables whose values may be printed and recorded as they are. Any other variable a config
-# expands may hold a credential (`uri: https://host/list.txt?sig=${TOKEN}`): its value is
-# registered with dataprep.redact, so logs, error lines and version records show `${NAME}`.
-PUBLIC_ENV = frozenset({"PIPPO_STORE", "HOME", "USER", "PWD", "TMPDIR", "AWS_ENDPOINT_URL",
-                        "AWS_REGION", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"})
 
 
 def expand_env(value: Any, source: str = "<config>") -> Any:
     """Replace ${VAR} and ${VAR:-default} in every string (PIPPO_STORE defaults to ./.pippo/store).
 
-    Values of variables not in PUBLIC_ENV, and URL credentials in the result, are registered as
-    secrets (dataprep.redact): they are never printed or recorded."""
+    The value of a secret-named variable (dataprep.redact.is_secret_env_name: `${HF_TOKEN}`,
+    `${AWS_SECRET_ACCESS_KEY}`, not `${AWS_ACCESS_KEY_ID}`), and URL credentials in the result, are
+    registered with the one redactor: logs, outputs and records show `${NAME}` instead. Other
+    values (buckets, ids, paths) are data and are kept as they are."""
     if isinstance(value, dict):
         return {k: expand_env(v, source) for k, v in value.items()}
     if isinstance(value, list):
@@ -198,14 +195,14 @@ def expand_env(value: Any, source: str = "<config>") -> Any:
     if not isinstance(value, str):
         return value
 
-    from dataprep.redact import register_secret, register_url_credentials
+    from dataprep.redact import is_secret_env_name, register_secret, register_url_credentials
 
     def sub(match: re.Match) -> str:
         name, default = match.group(1), match.group(2)
         got = os.environ.get(name) or default or ENV_DEFAULTS.get(name)
         if got is None:
             raise ConfigError(f"{source}: ${{{name}}} is not set and has no default")
-        if os.environ.get(name) and name not in PUBLIC_ENV:
+        if os.environ.get(name) and is_secret_env_name(name):
             register_secret(got, f"${{{name}}}")
         return got
     out = _ENV_REF.sub(sub, value)

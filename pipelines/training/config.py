@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from dataprep.loader import DataSource, LoaderConfig
 from dataprep.names import validate_name
+from dataprep.redact import check_not_secret
 from pipelines.config import to_dict
 
 
@@ -109,6 +110,8 @@ class StageConfig:
             validate_name(self.run_name, "run_name")
         if "@" not in self.dataset:
             self.dataset = f"{self.dataset}@latest"
+        # the run's directory, MLflow run and Ray Train run are named after it
+        check_not_secret(self.run_name, "run_name")
 
     @property
     def sources(self) -> list[DataSource]:
@@ -127,7 +130,11 @@ class StageConfig:
         return f"{self.stage}-{digest}"
 
     def run_uri(self) -> str:
-        from pipelines.config import expand_env
+        from pipelines.config import ConfigError, expand_env
 
         root = expand_env(self.checkpoint.root)      # a default is not YAML: ${PIPPO_STORE} expands here
+        try:
+            check_not_secret(root, "checkpoint.root")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return root.rstrip("/") + "/" + self.resolved_run_name()

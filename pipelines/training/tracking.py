@@ -21,51 +21,12 @@ import time
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
+# The project's one redactor; `redact` stays importable from here (pipelines.sample uses it).
+from dataprep.redact import redact, redact_text
+
 log = logging.getLogger("pippo.tracking")
 
-MASK = "***"
-# Names whose values are credentials. "token" only as a whole word (max_tokens/tokenizer are
-# config) and "key" only as a whole name/segment (s3fs's storage_options.key, not sort_key).
-_SECRET_NAME = re.compile(
-    r"secret|passw|pwd$|credential|signature|private[_-]?key|access[_-]?key|api[_-]?key|"
-    r"apikey|session[_-]?key|(?:^|[_.\-])(?:token|sig|auth)$|(?:^|[_.\-])token[_.\-]|(?:^|\.)key$",
-    re.IGNORECASE)
-# scheme://user:pw@host; a password may hold "/" (AWS secret keys do), a user name may not.
-_USERINFO = re.compile(r"([a-zA-Z][\w+.\-]*://)(?:[^/@\s?#:]+:[^@\s]*?|[^/@\s?#]+)@")
-_QUERY = re.compile(r"([?&;])([^=&#\s]+)=([^&#\s]*)")                          # ?token=abc&...
-_ASSIGN = re.compile(r"""([\w.\-]+)(["']?[ \t]*[:=][ \t]*["']?)([^\s,;'"}\]]+)""")  # key: xyz
-_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 _TEXT_SUFFIXES = {".json", ".yaml", ".yml", ".txt", ".md", ".log", ".csv", ".toml", ".cfg", ".ini"}
-
-
-def is_secret_name(name: str) -> bool:
-    return bool(_SECRET_NAME.search(str(name)))
-
-
-def _redact_text(s: str) -> str:
-    s = _USERINFO.sub(rf"\1{MASK}@", s)
-    s = _QUERY.sub(lambda m: f"{m[1]}{m[2]}={MASK}" if is_secret_name(m[2]) else m[0], s)
-    # URLs are already clean, so a match that swallows one ("https" + "://...") loses nothing.
-    s = _ASSIGN.sub(lambda m: f"{m[1]}{m[2]}{MASK}" if is_secret_name(m[1]) else m[0], s)
-    return _AWS_KEY_ID.sub(MASK, s)
-
-
-def _blank(v) -> bool:
-    return v is None or isinstance(v, bool) or (isinstance(v, str) and not v)
-
-
-def redact(value, key: str | None = None):
-    """Copy of `value` with credentials masked: URL userinfo, secret-named query params and
-    `name: value` pairs in strings, and the whole value of any secret-named dict key."""
-    if key is not None and is_secret_name(key) and not _blank(value):
-        return MASK
-    if isinstance(value, str):
-        return _redact_text(value)
-    if isinstance(value, dict):
-        return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(redact(v) for v in value)
-    return value
 
 
 def tracking_uri() -> str:
@@ -112,7 +73,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _as_str(v, limit: int | None = None) -> str:
     """str() of an already redacted value, redacted again: objects (paths, configs) can print
     a URL that redact() could not see inside them. Truncated after redaction."""
-    return _redact_text(str(v))[:limit]
+    return redact_text(str(v))[:limit]
 
 
 def _is_local(uri: str) -> bool:
@@ -157,6 +118,9 @@ class RunTracker:
         self.uri = tracking_uri()
         self.client = MlflowClient(self.uri)
         self.step_tag, self._ended, self._monitor = step_tag, False, None
+        # Names are shown in every MLflow listing: a name built from a secret shows its redacted form.
+        experiment = redact_text(experiment)
+        run_name = redact_text(run_name) if run_name is not None else None
         run_tags = {**(tags or {}), "pippo.step": step_tag}
         if resume_run_id:
             self.run_id = resume_run_id
@@ -262,7 +226,7 @@ class RunTracker:
     def log_artifact_bytes(self, data: bytes, artifact_file: str) -> None:
         path = PurePosixPath(artifact_file)
         if path.suffix.lower() in _TEXT_SUFFIXES:  # configs/logs may quote credentials
-            data = _redact_text(data.decode("utf-8", "replace")).encode()
+            data = redact_text(data.decode("utf-8", "replace")).encode()
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / path.name
             local.write_bytes(data)
@@ -281,6 +245,7 @@ class RunTracker:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
         source = redact(str(source_uri))
+        name = redact_text(name)
         try:
             self.client.create_registered_model(name)
         except MlflowException as e:

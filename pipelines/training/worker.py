@@ -193,6 +193,7 @@ def initial_model(model_cfg, seed: int, init_from: str | None):
 
 
 def _start_tracking(cfg, job, store, loader, model_cfg, ctx, fresh: bool):
+    from dataprep.redact import redact
     from pipelines.config import flatten, to_dict
     from pipelines.training.tracking import RunTracker
 
@@ -203,7 +204,10 @@ def _start_tracking(cfg, job, store, loader, model_cfg, ctx, fresh: bool):
                          system_metrics=cfg.tracking.system_metrics,
                          tags={"pippo.run_uri": store.uri, "pippo.code_version": job.get("code_version", "")})
     if run is None:
-        store.write_json({"mlflow_run_id": tracker.run_id, "stage": cfg.stage, "config": to_dict(cfg)}, "run.json")
+        # redacted here, before the checkpoint store writes it: expanded secret ${VAR}s go back
+        # to ${VAR} (readers of run.json use its model/stage keys, never a credential)
+        store.write_json({"mlflow_run_id": tracker.run_id, "stage": cfg.stage, "config": redact(to_dict(cfg))},
+                         "run.json")
     if fresh:
         params = flatten(to_dict(cfg))
         params.update({f"model.{k}": v for k, v in flatten(dataclasses.asdict(model_cfg)).items()})
@@ -332,6 +336,9 @@ def ray_entry(job: dict) -> None:
     # The driver's stdout carries the command's result (SPEC §2: the last line); Ray forwards a
     # worker's stdout there, so the worker's prints (DeepSpeed's among them) go to stderr instead.
     os.dup2(2, 1)
+    from dataprep.logs import setup_worker
+
+    setup_worker()        # redacted logs and prints even where the runtime_env hook did not run
     if job.get("tracking_uri"):
         os.environ["MLFLOW_TRACKING_URI"] = job["tracking_uri"]
     train_worker(job)

@@ -29,6 +29,7 @@ import os
 import time
 from pathlib import Path
 
+from dataprep.redact import redact
 from dataprep.storage import absolute_url, atomic_write_bytes, fs_and_path, join
 from pipelines.workflow.config import STEP_REF, PipelineConfig
 from pipelines.workflow.steps import normalised, run_step, step_config
@@ -177,8 +178,10 @@ class Workflow:
         ctx = {"pipeline": self.cfg.name, "experiment": self.cfg.experiment_name, "parent_run_id": parent.run_id,
                "workdir": self.workdir, "key": key}
         output, run_id = _execute(kind, name, cfg, ctx)
+        # The config as written (secret ${VAR}s back to ${VAR}, URL credentials masked); the
+        # output is an identifier read back by later runs, so it is stored as it is.
         record = {"step": name, "kind": kind, "key": key, "output": output, "mlflow_run_id": run_id,
-                  "code_version": self.code, "config": config, "seconds": round(time.time() - start, 1),
+                  "code_version": self.code, "config": redact(config), "seconds": round(time.time() - start, 1),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         atomic_write_bytes(self.record_url(name, key), json.dumps(record, indent=1, sort_keys=True,
                                                                   default=str).encode())
@@ -216,10 +219,10 @@ def _execute(kind: str, name: str, cfg, ctx: dict):
 
 
 def _step_task(kind, name, cfg, ctx):
-    import logging as _logging
+    from dataprep.logs import setup_worker
 
     os.dup2(2, 1)      # the driver's stdout carries the command's result; step output goes to stderr
-    _logging.basicConfig(level=_logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_worker()     # the CLI's format, levels and redaction (Ray keeps worker logs on the cluster)
     return run_step(kind, name, cfg, ctx)
 
 

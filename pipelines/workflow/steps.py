@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+from dataprep.redact import redact
 from pipelines.config import flatten, from_dict, load_config, merge, read_yaml, to_dict
 
 log = logging.getLogger("pippo.workflow")
@@ -90,7 +91,7 @@ def _synth(name: str, params: dict, ctx: dict):
 def _dataprep(name: str, cfg, ctx: dict):
     from dataprep.build import run_build
 
-    vid = run_build(cfg, to_dict(cfg))
+    vid = run_build(cfg, redact(to_dict(cfg)))     # the record keeps secret ${VAR}s as ${VAR}
     output = f"{cfg.dataset}@{vid}"
     with _child_run(name, "dataprep", ctx) as run:
         run.log_params(flatten(to_dict(cfg)))
