@@ -3,6 +3,7 @@ pippo_model: model configs from YAML and checkpoints from object stores."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -10,6 +11,8 @@ from pathlib import Path
 
 from pipelines.cli import UserError
 from pipelines.config import load_config
+
+log = logging.getLogger("pippo.weights")
 
 
 def load_model_config(path, overrides=()):
@@ -60,10 +63,9 @@ def fetch_directory(uri: str, cache: str | Path | None = None, http=None) -> Pat
         if not local.is_dir():
             raise UserError(f"checkpoint directory {_shown(uri)} does not exist")
         return local
-    target = Path(cache or Path.home() / ".cache" / "pippo") / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if (target / ".complete").exists():
+    target = _private_cache_root(cache) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if _verified(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))   # 0700, ours alone
     try:
         if scheme in ("http", "https"):
@@ -73,16 +75,65 @@ def fetch_directory(uri: str, cache: str | Path | None = None, http=None) -> Pat
             if is_local(fs) or not fs.isdir(root):
                 raise UserError(f"checkpoint directory {_shown(uri)} does not exist")
             fs.get(root.rstrip("/") + "/", str(tmp), recursive=True)
-        (tmp / ".complete").touch()
+        (tmp / MANIFEST).write_text(json.dumps(_digests(tmp), sort_keys=True))   # checked on every reuse
         shutil.rmtree(target, ignore_errors=True)     # a copy an older version left unfinished
         try:
             os.replace(tmp, target)                   # whole or not at all
         except OSError:
-            if not (target / ".complete").exists():   # else: a concurrent fetch placed it first
+            if not _verified(target):                  # else: a concurrent fetch placed it first
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+MANIFEST = ".complete"     # {file name: sha256} of a finished copy, written last
+
+
+def _private_cache_root(cache) -> Path:
+    """The per-user weights cache (~/.cache/pippo): a directory we own that nobody else can write
+    (a shared or group-writable cache could have been pre-planted); created 0700."""
+    import stat
+
+    root = Path(cache or Path.home() / ".cache" / "pippo")
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise UserError(f"weights cache {root}: must be a directory owned by this user and writable by "
+                        f"nobody else (it is mode {stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid})")
+    return root
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    import hashlib
+
+    out = {}
+    for f in sorted(directory.iterdir()):
+        if f.name == MANIFEST:
+            continue
+        if f.is_symlink() or not f.is_file():
+            raise UserError(f"weights cache entry {f}: not a regular file")
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        out[f.name] = h.hexdigest()
+    return out
+
+
+def _verified(target: Path) -> bool:
+    """A finished cached copy whose files still match the digests recorded when it was fetched
+    (anything else is fetched again)."""
+    try:
+        if target.is_symlink() or not (target / MANIFEST).is_file():
+            return False
+        recorded = json.loads((target / MANIFEST).read_text())
+        if recorded == _digests(target):
+            return True
+    except (OSError, ValueError, UserError):
+        pass
+    log.warning("weights cache %s does not match the digests recorded when it was fetched; fetching again", target)
+    return False
 
 
 def _fetch_http_directory(uri: str, into: Path, http) -> None:

@@ -124,3 +124,30 @@ def test_pippo_train_refuses_a_planted_checkpoint_file_in_one_line(small_version
     assert len(lines) == 1 and lines[0].startswith("pippo: error: refused checkpoint file"), lines
     assert "optim_states.pt" in lines[0] and "posix.system" in lines[0]
     assert not marker.exists()
+
+
+def test_weights_cache_is_private_and_verified(tmp_path):
+    """The per-user cache of remote weights (VAE directories): a cache root others can write is
+    refused; a cached copy whose files changed after the fetch (a planted file) is fetched again."""
+    import fsspec
+
+    from pipelines.cli import UserError
+    from pipelines.model_commands import fetch_directory
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/weights-test/vae/config.json", b'{"a": 1}')
+    fs.pipe("/weights-test/vae/diffusion_pytorch_model.safetensors", b"real weights")
+    cache = tmp_path / "cache"
+    got = fetch_directory("memory://weights-test/vae", cache=cache)
+    assert (got / "diffusion_pytorch_model.safetensors").read_bytes() == b"real weights"
+    assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700
+    (got / "diffusion_pytorch_model.safetensors").write_bytes(b"planted")
+    (got / "extra.bin").write_bytes(b"planted too")
+    again = fetch_directory("memory://weights-test/vae", cache=cache)
+    assert (again / "diffusion_pytorch_model.safetensors").read_bytes() == b"real weights"
+    assert not (again / "extra.bin").exists()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(UserError, match="writable by nobody else"):
+        fetch_directory("memory://weights-test/vae", cache=shared)
