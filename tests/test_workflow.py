@@ -105,7 +105,7 @@ def test_resume_after_a_failed_step(tmp_path, env):
     assert parent2 == parent and mlflow.get_run(parent).info.status == "FINISHED"
     assert states == {"data": "cached", "dataprep": "ran", "pretrain": "ran", "mid": "ran"}
     kids = children(parent)
-    assert kids["mid"].data.tags["pippo.checkpoint"].endswith("/final")
+    assert kids["mid"].data.tags["pippo.checkpoint"].endswith("/final-step_00000002")
 
 
 def test_bad_pipeline_config_is_one_line(tmp_path, env):
