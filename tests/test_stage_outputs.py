@@ -106,3 +106,32 @@ def test_a_run_of_an_older_version_stays_readable(tmp_path):
     store.check_steps(40, {"step": 60})                # that output exists: no error
     with pytest.raises(CheckpointError, match="already trained to step 60"):
         store.check_steps(50, {"step": 60})
+
+
+def test_a_train_record_whose_weights_changed_or_vanished_is_not_served(tmp_path):
+    """The workflow's cache: a train step's record is served only while its checkpoint holds the
+    weights it recorded, and a downstream key moves with the upstream weights' digest."""
+    import torch
+
+    from pipelines.workflow.config import PipelineConfig, StepConfig
+    from pipelines.workflow.dag import Workflow
+
+    def workflow():
+        steps = {"pretrain": StepConfig(kind="train", config="unused.yaml"),
+                 "mid": StepConfig(kind="train", config="unused.yaml", overrides={"init_from": "${steps.pretrain}"})}
+        return Workflow(PipelineConfig(name="t", steps=steps, store=str(tmp_path / "store")))
+
+    store = CheckpointStore(str(tmp_path / "run"))
+    url = store.write_final({"w": torch.ones(4)}, None, {}, {"step": 2}, 2)
+    wf = workflow()
+    record = {"kind": "train", "output": url, "output_identity": wf.identity("pretrain", url)}
+    assert wf._still_valid("pretrain", record)
+    key = wf.key("mid", {}, {"pretrain": record["output_identity"]})
+
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(8)}, str(tmp_path / "run" / "final-step_00000002" / "model.safetensors"))
+    wf = workflow()                                       # a new invocation: nothing memoised
+    assert not wf._still_valid("pretrain", record)
+    assert wf.key("mid", {}, {"pretrain": wf.identity("pretrain", url)}) != key
+    shutil.rmtree(tmp_path / "run" / "final-step_00000002")
+    assert not workflow()._still_valid("pretrain", record)
