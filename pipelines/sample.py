@@ -163,11 +163,11 @@ def training_run(uri: str) -> dict:
     and the fields used here checked (`trained_shape`)."""
     from dataprep.storage import fs_and_path
     from pipelines.config import read_json_config
-    from pipelines.training.checkpoint import resolve_weights
+    from pipelines.training.checkpoint import is_final_dir, resolve_weights
 
     weights, _ = resolve_weights(uri)
     final = posixpath.dirname(weights)
-    if posixpath.basename(final) != "final":
+    if not is_final_dir(final):
         return {}
     path = posixpath.join(posixpath.dirname(final), "run.json")
     fs, fpath = fs_and_path(path)

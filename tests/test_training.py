@@ -84,7 +84,7 @@ def test_three_stages_on_two_ray_workers(dataset, tmp_path, mlflow_uri, s3_serve
         assert s["step"] == 4 and s["samples"] == 4 * 2 * cfg.data.batch_size
         assert s["checkpoint"].startswith("s3://" if stage == "mid" else "file://")
         store = CheckpointStore(s["run_uri"])
-        assert store.exists("final", "COMPLETE") and store.latest()["step"] == 4
+        assert store.final_at(4) and store.latest()["step"] == 4
         assert store.latest()["zero_stage"] == z and store.latest()["world_size"] == 2
         previous = s["run_uri"]
     # a fresh process finds the runs by the SPEC §7 names and tags
@@ -138,7 +138,7 @@ def test_handoff_output_equals_previous_stage_at_step_0(dataset, tmp_path, mlflo
                 assert prev(x, t, cond).abs().max() > 0       # a trained model: not the trivial zero output
         prev_uri = summary["run_uri"]
     weights, config = resolve_weights(prev_uri)
-    assert weights.endswith("final/model.safetensors") and config.endswith("final/model.json")
+    assert weights.endswith("final-step_00000002/model.safetensors") and config.endswith("final-step_00000002/model.json")
 
 
 def _kill_a_worker_when(store: CheckpointStore, step: int, done: threading.Event, killed: list):

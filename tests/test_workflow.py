@@ -68,6 +68,29 @@ def children(parent_id):
             for r in runs}
 
 
+def all_children(parent_id) -> list:
+    return mlflow.search_runs(experiment_names=["wf-test"], output_format="list",
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def compare_rows(tmp_path, env, parent_id) -> list[dict]:
+    """The rows `pippo compare --json` lists under one invocation's parent run."""
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "compare", "--experiment", "wf-test", "--json",
+                           "--out", str(tmp_path / "cmp")], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])["runs"]
+    return [r for r in rows if r["parent_run_id"] == parent_id]
+
+
+def output_of(proc, step: str) -> str:
+    return next(ln.split()[-1] for ln in proc.stdout.splitlines() if ln.split()[:1] == [step])
+
+
+def local(url: str) -> Path:
+    return Path(url.removeprefix("file://"))
+
+
 def test_cache_and_downstream_only_reruns(tmp_path, env):
     cfg = pipeline(tmp_path)
     proc, states, parent, _ = run(tmp_path, cfg, env=env)
@@ -80,6 +103,8 @@ def test_cache_and_downstream_only_reruns(tmp_path, env):
     proc, states, parent2, took = run(tmp_path, cfg, env=env)      # no change: nothing runs
     assert proc.returncode == 0 and set(states.values()) == {"cached"} and parent2 != parent
     assert len(children(parent2)) == 4
+    cached = children(parent2)["pretrain"].data.tags          # a step's tags hold its output, cached or not
+    assert cached["pippo.cached"] == "true" and cached["pippo.checkpoint"].endswith("/final-step_00000002")
     print(f"no-change re-run: {took:.1f} s")
 
     cfg["steps"]["mid"]["overrides"]["optim"] = {"lr": 3e-4}      # change mid only
@@ -90,6 +115,25 @@ def test_cache_and_downstream_only_reruns(tmp_path, env):
     cfg["steps"]["pretrain"]["overrides"]["optim"] = {"lr": 2e-4}  # change pretrain: mid follows
     proc, states, _, _ = run(tmp_path, cfg, env=env)
     assert states == {"data": "cached", "dataprep": "cached", "pretrain": "ran", "mid": "ran"}
+    before = output_of(proc, "pretrain")                         # final-step_00000002 of this config's run
+    weights = (local(before) / "model.safetensors").read_bytes()
+
+    # more steps: the same training run continues (steps are not in its name) into a NEW final;
+    # the earlier output keeps its weights, and mid (downstream of the new weights) runs again
+    cfg["steps"]["pretrain"]["overrides"]["steps"] = 4
+    proc, states, parent5, _ = run(tmp_path, cfg, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert states == {"data": "cached", "dataprep": "cached", "pretrain": "ran", "mid": "ran"}
+    longer = output_of(proc, "pretrain")
+    assert before.endswith("/final-step_00000002") and longer.endswith("/final-step_00000004")
+    assert local(longer).parent == local(before).parent
+    assert (local(before) / "model.safetensors").read_bytes() == weights
+    assert json.loads((local(before) / "info.json").read_text())["step"] == 2
+    # this invocation has a row for each step, the resumed training run's included
+    listed = compare_rows(tmp_path, env, parent5)
+    rows = {r["step"]: r for r in listed}
+    assert len(listed) == 4 and set(rows) == {"dataprep", "pretrain", "mid"}
+    assert rows["pretrain"]["checkpoint"] == longer and rows["mid"]["checkpoint"].endswith("/final-step_00000002")
 
 
 def test_resume_after_a_failed_step(tmp_path, env):
@@ -99,13 +143,20 @@ def test_resume_after_a_failed_step(tmp_path, env):
     assert proc.returncode != 0 and "--resume" in proc.stderr
     parent = proc.stderr.split("--resume ")[-1].split()[0]
     assert mlflow.get_run(parent).info.status == "FAILED"
+    failed = children(parent)["dataprep"]                 # the failed step is listed under the parent
+    assert failed.info.status == "FAILED" and "late_photos" in failed.data.tags["pippo.error"]
     synth_images(photos, 4, seed=1, person_fraction=1.0)
     proc, states, parent2, _ = run(tmp_path, cfg, "--resume", parent, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert parent2 == parent and mlflow.get_run(parent).info.status == "FINISHED"
     assert states == {"data": "cached", "dataprep": "ran", "pretrain": "ran", "mid": "ran"}
     kids = children(parent)
-    assert kids["mid"].data.tags["pippo.checkpoint"].endswith("/final")
+    assert kids["mid"].data.tags["pippo.checkpoint"].endswith("/final-step_00000002")
+    listed = [r.data.tags.get("pippo.workflow_step") for r in all_children(parent)]
+    assert sorted(listed) == ["data", "dataprep", "dataprep", "mid", "pretrain"], listed   # data once
+    proc, states, _, _ = run(tmp_path, cfg, "--resume", parent, env=env)   # again: all cached, none added
+    assert proc.returncode == 0 and set(states.values()) == {"cached"}, proc.stderr[-3000:]
+    assert len(all_children(parent)) == len(listed)
 
 
 def test_bad_pipeline_config_is_one_line(tmp_path, env):

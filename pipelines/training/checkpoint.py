@@ -9,8 +9,14 @@ Layout under the run's URI (StageConfig.run_uri()):
     step_00000100/trainer.json      step, samples, world size, ZeRO stage, EMA updates
     step_00000100/COMPLETE          the marker, written LAST (after a barrier behind every rank's upload)
     latest                          {"step", "dir"}: pointer to the newest complete step, after its marker
-    final/model.safetensors         consolidated EMA weights (+ model_raw.safetensors: the trained
-    final/model.json                weights, no EMA), the model config, then final/COMPLETE
+    final-step_00000100/model.safetensors   consolidated EMA weights (+ model_raw.safetensors: the
+    final-step_00000100/model.json  trained weights, no EMA), the model config, info.json (step,
+                                    loss, sha256 of model.safetensors), then COMPLETE
+
+A final directory is an output: once COMPLETE it is never rewritten. Training a run further (more
+`steps`: the run's name leaves steps out, so it resumes) writes another one, named by its step, so
+everything that consumed the earlier weights still finds them unchanged. Runs written before this
+layout have a single `final/`; it is read like the others (its step from its info.json).
 
 A step directory without its COMPLETE marker is never loaded: a crash during a save leaves the
 previous checkpoint as the newest complete one (if `latest` is missing or points at a directory
@@ -59,6 +65,8 @@ MARKER = "COMPLETE"
 # DeepSpeed's ds_to_universal needs this key in the client state of ZeRO-1/2 checkpoints.
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
 STEP_DIR = re.compile(r"step_\d{8}")
+FINAL_DIR = re.compile(r"final(-step_\d{8})?")      # final-step_NNNNNNNN; "final": runs of older versions
+LEGACY_FINAL = "final"
 # Caps on the small files of a run (JSON records, per-rank loader states, EMA slices) and on the
 # consolidated weights: a name that is /dev/zero or a FIFO must not hang or exhaust memory.
 MAX_JSON_BYTES = 16 << 20
@@ -77,6 +85,15 @@ def _rank() -> int:
 
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def final_name(step: int) -> str:
+    return f"final-{step_name(step)}"
+
+
+def is_final_dir(url: str) -> bool:
+    """Whether `url` names a stage's consolidated output (final-step_N/, or an older run's final/)."""
+    return bool(FINAL_DIR.fullmatch(posixpath.basename(url.rstrip("/"))))
 
 
 class CheckpointStore:
@@ -240,21 +257,71 @@ class CheckpointStore:
         paths = sorted(p for p in self.fs.ls(self.path(name, folder), detail=False))
         return [read_capped(self.fs, p, MAX_RANK_FILE_BYTES) for p in paths]
 
-    # -- the consolidated model --------------------------------------------------------------------
+    # -- the consolidated model (immutable outputs) ------------------------------------------------
+    def finals(self) -> dict[int, str]:
+        """{step: directory name} of every COMPLETE final of this run. An older run's `final/`
+        counts at the step its info.json names (a non-integer there: not a final)."""
+        self.fs.invalidate_cache()
+        try:
+            names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
+        except FileNotFoundError:
+            return {}
+        found: dict[int, str] = {}
+        for name in sorted(n for n in names if FINAL_DIR.fullmatch(n)):
+            if not self.exists(name, MARKER):
+                continue
+            if name == LEGACY_FINAL:
+                try:
+                    step = self.read_json(name, "info.json").get("step")
+                except (FileNotFoundError, ValueError, AttributeError, CheckpointError):
+                    continue
+                if not isinstance(step, int) or isinstance(step, bool):
+                    continue
+                found.setdefault(step, name)      # a final-step_N of the same step wins
+            else:
+                found[int(name[len("final-step_"):])] = name
+        return found
+
+    def final_at(self, step: int) -> str | None:
+        """The directory name of the COMPLETE final trained to exactly `step`, or None."""
+        return self.finals().get(step)
+
+    def check_steps(self, steps: int, resume: dict | None) -> None:
+        """Refuse, in one line, to "train" a run to fewer steps than it already has (unless that
+        very step's final exists): returning the longer run's weights would be a silent lie."""
+        if resume is None or resume["step"] <= steps or self.final_at(steps):
+            return
+        have = sorted(self.finals())
+        raise CheckpointError(
+            f"{self.uri} is already trained to step {resume['step']}; steps={steps} is fewer "
+            f"(finals at steps: {', '.join(map(str, have)) or 'none'}): ask for steps>={resume['step']}, "
+            f"one of those steps, or a new run_name")
+
     def write_final(self, weights: dict[str, torch.Tensor], raw: dict[str, torch.Tensor] | None,
-                    model_config: dict, info: dict) -> str:
+                    model_config: dict, info: dict, step: int) -> str:
+        """Write final-step_{step}/ (COMPLETE last) and return its URL. A COMPLETE one is never
+        touched again: it is refused here (CheckpointError); debris without a marker is replaced."""
+        import hashlib
+
         from safetensors.torch import save
 
+        name = final_name(step)
+        if self.exists(name, MARKER):
+            raise CheckpointError(f"{self.url(name)} is complete and immutable: not rewritten")
+        if self.exists(name):
+            self.fs.rm(self.path(name), recursive=True)      # a crashed write, never read
         meta = {"format": "pt", "pippo.model": json.dumps(model_config)}
-        if self.exists("final"):
-            self.fs.rm(self.path("final"), recursive=True)
-        atomic_write_bytes(self.url("final", "model.safetensors"), save(_contiguous(weights), metadata=meta))
+        data = save(_contiguous(weights), metadata=meta)
+        # the content's identity, recorded once here (the bytes are in memory): the workflow's
+        # cache keys of downstream steps use it instead of re-reading gigabytes
+        info = {**info, "weights_sha256": hashlib.sha256(data).hexdigest(), "weights_bytes": len(data)}
+        atomic_write_bytes(self.url(name, "model.safetensors"), data)
         if raw is not None:
-            atomic_write_bytes(self.url("final", "model_raw.safetensors"), save(_contiguous(raw), metadata=meta))
-        self.write_json(model_config, "final", "model.json")
-        self.write_json(info, "final", "info.json")
-        atomic_write_bytes(self.url("final", MARKER), b"ok\n")
-        return self.url("final")
+            atomic_write_bytes(self.url(name, "model_raw.safetensors"), save(_contiguous(raw), metadata=meta))
+        self.write_json(model_config, name, "model.json")
+        self.write_json(info, name, "info.json")
+        atomic_write_bytes(self.url(name, MARKER), b"ok\n")
+        return self.url(name)
 
 
 def _contiguous(state: dict) -> dict:
@@ -339,17 +406,49 @@ def to_universal(ds_dir: Path, out_dir: Path) -> None:
 
 def resolve_weights(uri: str) -> tuple[str, str | None]:
     """`init_from` -> (URL of model.safetensors, URL of its model.json or None). Accepts a run
-    directory (its final/), a final/ directory, or a .safetensors file."""
+    directory (its newest complete final), a final directory, or a .safetensors file."""
     uri = absolute_url(uri.rstrip("/"))
     fs, path = fs_and_path(uri)
     if path.endswith(".safetensors"):
         cfg = posixpath.join(posixpath.dirname(uri), "model.json")
         return uri, cfg if fs.exists(posixpath.join(posixpath.dirname(path), "model.json")) else None
-    for base in (uri, posixpath.join(uri, "final")):
+    bases = [uri]
+    if not is_final_dir(uri):
+        finals = CheckpointStore(uri).finals()
+        bases += [posixpath.join(uri, finals[s]) for s in sorted(finals, reverse=True)]
+        bases.append(posixpath.join(uri, LEGACY_FINAL))   # an older run's final/ without a readable info.json
+    for base in bases:
         _, p = fs_and_path(base)
         if fs.exists(posixpath.join(p, MARKER)) and fs.exists(posixpath.join(p, "model.safetensors")):
             return posixpath.join(base, "model.safetensors"), posixpath.join(base, "model.json")
-    raise FileNotFoundError(f"init_from {uri}: no complete final/ checkpoint (model.safetensors + {MARKER}) there")
+    raise FileNotFoundError(f"init_from {uri}: no complete final checkpoint (model.safetensors + {MARKER}) there")
+
+
+def weights_identity(uri: str) -> str:
+    """sha256 of the model.safetensors that `uri` resolves to (run dir, final dir, file): the
+    identity of a checkpoint's content. The digest its final's info.json recorded at write time
+    is used when the file still has the recorded size (finals are immutable: no one rewrites
+    them); otherwise — an older run, a bare file — the bytes are hashed."""
+    import hashlib
+
+    weights, _ = resolve_weights(uri)
+    fs, path = fs_and_path(weights)
+    size = int(fs.info(path).get("size") or 0)
+    info_path = posixpath.join(posixpath.dirname(path), "info.json")
+    try:
+        info = json.loads(read_capped(fs, info_path, MAX_JSON_BYTES))
+        digest = info.get("weights_sha256") if isinstance(info, dict) else None
+        if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) and info.get("weights_bytes") == size:
+            return digest
+    except (FileNotFoundError, ValueError, CheckpointError):
+        pass
+    if size > MAX_WEIGHTS_BYTES:
+        raise CheckpointError(f"{weights}: {size} bytes, more than the {MAX_WEIGHTS_BYTES} allowed")
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_safetensors(url: str) -> dict[str, torch.Tensor]:

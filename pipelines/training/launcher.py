@@ -57,6 +57,7 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
 
     store = CheckpointStore(run_uri)
     resume = store.latest()
+    store.check_steps(cfg.steps, resume)       # fewer steps than the run has: one line, here
     if resume:                   # a planted file is refused here, in one line, before Ray starts
         store.verify_step(resume["dir"])
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()       # workers inherit it (local Ray) ...
@@ -126,16 +127,19 @@ def _run_on_ray(cfg: StageConfig, job: dict) -> dict:
     result = trainer.fit()
     if result.error:
         raise result.error
-    return _summary(job["run_uri"])
+    return _summary(job["run_uri"], cfg.steps)
 
 
-def _summary(run_uri: str) -> dict:
+def _summary(run_uri: str, steps: int) -> dict:
     """Rank 0's summary, from the run's storage (Ray Train keeps no metrics reported without a
     checkpoint, and the storage is the truth anyway)."""
     from pipelines.training.checkpoint import CheckpointStore
 
     store = CheckpointStore(run_uri)
-    summary = store.read_json("final", "info.json")
+    final = store.final_at(steps)
+    if final is None:
+        raise RuntimeError(f"{run_uri}: training ended without a final at step {steps}")
+    summary = {**store.read_json(final, "info.json"), "checkpoint": store.url(final)}
     if store.exists("run.json"):
         summary.setdefault("mlflow_run_id", store.read_json("run.json")["mlflow_run_id"])
     return summary

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from pipelines.training.checkpoint import (CheckpointStore, barrier, load_safetensors,
+from pipelines.training.checkpoint import (CheckpointStore, barrier, final_name, load_safetensors,
                                            resolve_weights)
 from pipelines.training.config import StageConfig
 from pipelines.training.ema import ShardedEMA
@@ -78,11 +78,13 @@ def train_worker(job: dict) -> dict:
     model_cfg = ModelConfig(**job["model"]).for_stage(cfg.stage)
     store = CheckpointStore(job["run_uri"])
     resume = store.latest()
-    if resume and resume["step"] >= cfg.steps and store.exists("final", "COMPLETE"):
-        log.info("%s: already trained to step %d (%s)", store.uri, resume["step"], store.url("final"))
-        summary = {**store.read_json("final", "info.json"), "resumed": True}
+    done = store.final_at(cfg.steps)
+    if done:               # this very output exists (immutable): hand it back, train nothing
+        log.info("%s: already trained to step %d (%s)", store.uri, cfg.steps, store.url(done))
+        summary = {**store.read_json(done, "info.json"), "checkpoint": store.url(done), "resumed": True}
         _report(use_ray, summary)
         return summary
+    store.check_steps(cfg.steps, resume)       # the driver checked too; a worker never trains backwards
 
     model = initial_model(model_cfg, cfg.seed, cfg.init_from if resume is None else None)
     schedule = CosineSchedule(model_cfg.timesteps)
@@ -289,13 +291,13 @@ def _strip(state: dict) -> dict:
 def _finish(store, engine, ema, ctx, cfg, model_cfg, tracker, step, samples, last_metrics, heldout, autoencoder):
     raw = _strip(full_fp32_weights(engine))
     weights = _strip(ema.full_state_dict()) if ema is not None else raw
-    summary = {"stage": cfg.stage, "step": step, "samples": samples, "checkpoint": store.url("final"),
+    summary = {"stage": cfg.stage, "step": step, "samples": samples, "checkpoint": store.url(final_name(step)),
                "run_uri": store.uri, "loss": last_metrics.get("train/loss")}
     if ctx.is_main:
         model_json = dataclasses.asdict(model_cfg)
         if tracker:
             summary["mlflow_run_id"] = tracker.run_id
-        url = store.write_final(weights, raw if ema is not None else None, model_json, summary)
+        url = store.write_final(weights, raw if ema is not None else None, model_json, summary, step)
         if tracker:
             tracker.set_tags({"pippo.checkpoint": url})
             if cfg.tracking.register_model:
@@ -316,7 +318,7 @@ def _report(use_ray: bool, summary: dict) -> None:
 
 
 def load_final_model(uri: str, device="cpu"):
-    """(Pippo in eval mode, ModelConfig) from a training run's final/ (or any init_from form)."""
+    """(Pippo in eval mode, ModelConfig) from a training run's newest final (or any init_from form)."""
     from pipelines.model_commands import read_model_json
     from pippo_model.model import build_model
 

@@ -1,17 +1,21 @@
 """Running a workflow: cached, resumable steps on Ray, tracked as one MLflow parent run.
 
 Cache. A step's key = sha256(code version, kind, its normalised config with every `${steps.X}`
-replaced by X's output — a dataset version `URI@id`, a checkpoint URI —). A finished step writes its
+replaced by X's output — a dataset version `URI@id`, a checkpoint URI —, and the identity of each
+upstream output's content: the sha256 of a checkpoint's weights, a version id (content-addressed
+already)). A finished step writes its
 record `{store}/pipelines/{name}/steps/{step}/{key}.json` (output, MLflow run id) LAST; a step
 whose key has a record is skipped and its output reused. So a no-change re-run does no work, a
 changed config re-runs that step and, through the outputs it changes, exactly the steps downstream
 of it, and a crash anywhere leaves every finished step recorded. Train steps are themselves
-resumable (checkpoints), so re-running a half-trained step continues it.
+resumable (checkpoints), so re-running a half-trained step continues it; training a stage further
+writes a new final (its outputs are immutable), so every earlier record still points at the weights
+it was made from. A train record also holds its output's digest: a record whose checkpoint is gone
+or differs is not served, the step runs again.
 
-Runs. One MLflow parent run per invocation (tag `pippo.pipeline`); each step a child run. A cached
-step gets a small child run tagged `pippo.cached` that points at the run that produced it, so every
-invocation lists all its steps. `--resume RUN` continues a failed invocation's parent run: the
-finished steps are cached, the failed one runs again.
+Runs. One MLflow parent run per invocation (tag `pippo.pipeline`); each step a child run
+(pipelines.workflow.lineage: cached, resumed and failed steps are listed too). `--resume RUN`
+continues a failed invocation's parent run: the finished steps are cached, the failed one runs again.
 
 Why not Ray Workflows: it was removed from Ray (gone in 2.60). Flyte, Dagster and Metaflow cache a
 task by a hash of its inputs and code version as well (Flyte's `cache_version` + input literals,
@@ -32,6 +36,7 @@ from pathlib import Path
 from dataprep.redact import redact
 from dataprep.storage import absolute_url, atomic_write_bytes, fs_and_path, join
 from pipelines.workflow.config import STEP_REF, PipelineConfig
+from pipelines.workflow.lineage import Lineage
 from pipelines.workflow.steps import normalised, run_step, step_config
 
 log = logging.getLogger("pippo.workflow")
@@ -91,6 +96,9 @@ class Workflow:
         self.root = join(absolute_url(expand_env(cfg.store, source)), "pipelines", cfg.name)
         self.code = code_version()
         self.workdir = str(Path(cfg.workdir, cfg.name).resolve())
+        self._identities: dict[str, str] = {}
+        self._stages: dict[str, str] = {}          # train step -> its stage (for the pippo.step tag)
+        self._keys: dict[str, str] = {}
 
     # -- records ------------------------------------------------------------------------------------
     def record_url(self, step: str, key: str) -> str:
@@ -104,10 +112,23 @@ class Workflow:
         except FileNotFoundError:
             return None
 
-    def key(self, name: str, config: dict) -> str:
+    def key(self, name: str, config: dict, inputs: dict | None = None) -> str:
         step = self.cfg.steps[name]
-        canon = json.dumps({"code": self.code, "kind": step.kind, "config": config}, sort_keys=True, default=str)
+        canon = json.dumps({"code": self.code, "kind": step.kind, "config": config, "inputs": inputs or {}},
+                           sort_keys=True, default=str)
         return hashlib.sha256(canon.encode()).hexdigest()[:24]
+
+    def identity(self, name: str, output) -> str:
+        """The identity of step `name`'s output content: a train step's the sha256 of the weights
+        its checkpoint URI resolves to now; other outputs are content ids already (a dataset
+        version id is derived from its manifest) or plain values."""
+        if self.cfg.steps[name].kind != "train" or not isinstance(output, str):
+            return output if isinstance(output, str) else json.dumps(output, sort_keys=True, default=str)
+        if output not in self._identities:
+            from pipelines.training.checkpoint import weights_identity
+
+            self._identities[output] = "sha256:" + weights_identity(output)
+        return self._identities[output]
 
     def prepare(self, name: str, outputs: dict):
         """(typed config, normalised dict, cache key) of a step whose upstream outputs are known."""
@@ -118,7 +139,8 @@ class Workflow:
         except Exception as exc:
             raise type(exc)(f"step {name!r}: {exc}") from None
         config = normalised(step.kind, cfg)
-        return cfg, config, self.key(name, config)
+        inputs = {dep: self.identity(dep, outputs[dep]) for dep in self.cfg.dependencies(name) if dep in outputs}
+        return cfg, config, self.key(name, config, inputs)
 
     # -- running --------------------------------------------------------------------------------------
     def run(self, resume: str | None = None) -> dict:
@@ -135,12 +157,19 @@ class Workflow:
         outputs: dict = {}
         results: dict = {}
         with parent:
+            lineage = Lineage(parent, self.cfg.experiment_name, self.cfg.name, resumed=bool(resume))
             for name in order:
+                started_ms = int(time.time() * 1000)
                 try:
-                    results[name] = self._one(name, outputs, parent)
+                    results[name] = self._one(name, outputs, lineage)
                 except Exception as exc:
                     failure = StepFailed(name, exc, parent.run_id)
                     log.error("pipeline %s: %s", self.cfg.name, failure)
+                    try:
+                        lineage.failed(name, self.cfg.steps[name].kind, self._stages.get(name), started_ms,
+                                       self._keys.get(name), str(failure))
+                    except Exception as lineage_exc:  # noqa: BLE001 - the step's error is the one to report
+                        log.warning("step %s: could not list the failure in MLflow: %s", name, lineage_exc)
                     parent.set_tags({"pippo.status": f"failed at {name}"})
                     raise failure from exc
             parent.set_tags({"pippo.status": "succeeded"})
@@ -160,50 +189,59 @@ class Workflow:
         for name in order:
             step = self.cfg.steps[name]
             try:
-                step_config(step.kind, step.config, substitute(step.overrides, Pending()), step.params)
+                typed = step_config(step.kind, step.config, substitute(step.overrides, Pending()), step.params)
+                if step.kind == "train":
+                    self._stages[name] = typed.stage
             except (ConfigError, ValueError, TypeError) as exc:
                 raise ConfigError(f"{self.source}: step {name!r}: {exc}") from None
 
-    def _one(self, name: str, outputs: dict, parent) -> dict:
+    def _one(self, name: str, outputs: dict, lineage: Lineage) -> dict:
         kind = self.cfg.steps[name].kind
         cfg, config, key = self.prepare(name, outputs)
+        self._keys[name] = key                     # a failed step's MLflow row names it
+        stage = getattr(cfg, "stage", None)
         record = self.read_record(name, key)
-        if record is not None:
+        if record is not None and self._still_valid(name, record):
             outputs[name] = record["output"]
-            self._cached_child(name, kind, record, parent)
+            lineage.cached(name, kind, stage, record)
             log.info("step %s (%s): cached %s -> %s", name, kind, key[:12], _short(record["output"]))
             return {**record, "cached": True}
         log.info("step %s (%s): running (key %s)", name, kind, key[:12])
         start = time.time()
-        ctx = {"pipeline": self.cfg.name, "experiment": self.cfg.experiment_name, "parent_run_id": parent.run_id,
-               "workdir": self.workdir, "key": key}
+        ctx = {"pipeline": self.cfg.name, "experiment": self.cfg.experiment_name,
+               "parent_run_id": lineage.parent.run_id, "workdir": self.workdir, "key": key}
         output, run_id = _execute(kind, name, cfg, ctx)
         # The config as written (secret ${VAR}s back to ${VAR}, URL credentials masked); the
         # output is an identifier read back by later runs, so it is stored as it is.
         record = {"step": name, "kind": kind, "key": key, "output": output, "mlflow_run_id": run_id,
                   "code_version": self.code, "config": redact(config), "seconds": round(time.time() - start, 1),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if kind == "train":
+            record["output_identity"] = self.identity(name, output)
         atomic_write_bytes(self.record_url(name, key), json.dumps(record, indent=1, sort_keys=True,
                                                                   default=str).encode())
         outputs[name] = output
+        lineage.ran(name, kind, stage, record)
         log.info("step %s (%s): done in %.1f s -> %s", name, kind, record["seconds"], _short(output))
         return {**record, "cached": False}
 
-    def _cached_child(self, name: str, kind: str, record: dict, parent) -> None:
-        from pipelines.training.tracking import RunTracker
-        from pipelines.workflow.config import STEP_TAGS
-
-        tag = STEP_TAGS[kind] or self._train_tag(record)
-        with RunTracker(self.cfg.experiment_name, f"{self.cfg.name}/{name}", step_tag=tag,
-                        parent_run_id=parent.run_id, system_metrics=False,
-                        tags={"pippo.workflow_step": name, "pippo.cached": "true",
-                              "pippo.source_run": record.get("mlflow_run_id") or "",
-                              "pippo.output": _short(record["output"], 5000)}):
-            pass
-
-    @staticmethod
-    def _train_tag(record: dict) -> str:
-        return record.get("config", {}).get("stage", "pretrain")
+    def _still_valid(self, name: str, record: dict) -> bool:
+        """A train record is served only while its checkpoint still holds the weights it recorded
+        (someone may have deleted the run, or an older version rewrote final/ in place)."""
+        if record.get("kind") != "train":
+            return True
+        try:
+            now = self.identity(name, record["output"])
+        except (OSError, ValueError) as exc:
+            log.warning("step %s: its cached output %s is unreadable (%s): running it again", name,
+                        _short(record["output"]), exc)
+            return False
+        if now != record.get("output_identity"):
+            log.warning("step %s: the weights at %s are not the ones its record names: running it again",
+                        name, _short(record["output"]))
+            self._identities.pop(record["output"], None)
+            return False
+        return True
 
 
 def _execute(kind: str, name: str, cfg, ctx: dict):

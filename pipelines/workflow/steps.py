@@ -4,7 +4,7 @@ tasks, Ray Train's workers), and the step itself runs as a Ray task (pipelines.w
 
     synth     synthetic studio captures + photos (the demo's raw data)   -> {"captures", "photos"}
     dataprep  `pippo data build` (dataprep.build.run_build)               -> "URI@version-id"
-    train     `pippo train` (pipelines.training.launcher.run_stage)      -> the final/ checkpoint URI
+    train     `pippo train` (pipelines.training.launcher.run_stage)      -> its final-step_N/ checkpoint URI
     eval      pipelines.evaluation.run_eval                               -> {metric: value}
 """
 from __future__ import annotations
