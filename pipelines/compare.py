@@ -256,10 +256,10 @@ def compare(experiment: str | None, out_dir: str | Path) -> dict:
     """The comparison as one JSON-able document (also what --json prints)."""
     from mlflow import MlflowClient
 
-    from pipelines.training.tracking import _quiet_mlflow, tracking_uri
+    from pipelines.training.tracking import _quiet_mlflow, check_tracking_server
 
     _quiet_mlflow()
-    uri = tracking_uri()
+    uri = check_tracking_server()      # seconds and one line, not mlflow's minutes of retries
     client = MlflowClient(uri)
     exp = choose_experiment(client, experiment, uri)
     runs = _all_runs(client, exp.experiment_id)

@@ -22,9 +22,10 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     from dataprep.commit import code_version
     from dataprep.storage import absolute_url
     from pipelines.model_commands import load_model_config
-    from pipelines.training.tracking import tracking_uri
+    from pipelines.training.tracking import check_tracking_server
     from pippo_model.config import ModelConfig
 
+    tracking = check_tracking_server()         # first: seconds, before Ray or any data is touched
     model_cfg: ModelConfig = load_model_config(cfg.model, [f"{k}={json.dumps(v)}" for k, v in
                                                            cfg.model_overrides.items()])
     try:
@@ -44,6 +45,7 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
 
     pin_datasets(cfg)
     stage = to_dict(cfg)
+    stage["run_name"] = cfg.resolved_run_name()    # computed here, where the config files are
     from pipelines.config import expand_env
 
     stage["checkpoint"]["root"] = absolute_url(expand_env(cfg.checkpoint.root))
@@ -59,7 +61,7 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     resume = store.latest()
     if resume:                   # a planted file is refused here, in one line, before Ray starts
         store.verify_step(resume["dir"])
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()       # workers inherit it (local Ray) ...
+    os.environ["MLFLOW_TRACKING_URI"] = tracking             # workers inherit it (local Ray) ...
     import dataclasses
 
     return {"stage": stage, "model": dataclasses.asdict(model_cfg), "deepspeed": ds, "run_uri": run_uri,

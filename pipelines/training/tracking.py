@@ -38,6 +38,62 @@ def tracking_uri() -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+# The driver's reachability check: a few seconds in all, so a wrong or stopped server is one line
+# before Ray starts (mlflow's own client retries for minutes, inside every worker).
+CHECK_TIMEOUT_S = 4.0
+CHECK_RETRIES = 2
+
+
+def check_tracking_server(uri: str | None = None, *, timeout_s: float = CHECK_TIMEOUT_S,
+                          retries: int = CHECK_RETRIES) -> str:
+    """The tracking URI, after one cheap authenticated request to it (http(s) servers only: a
+    sqlite or file store is local). A server that does not answer, refuses the credentials or is
+    not MLflow is one UserError line naming the (redacted) URI; at most `retries` + 1 tries of
+    `timeout_s` each, with a short backoff."""
+    from pipelines.cli import UserError
+
+    uri = uri or tracking_uri()
+    if urlparse(uri).scheme not in ("http", "https"):
+        return uri
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    shown = redact_text(uri)
+    pool_log = logging.getLogger("urllib3.connectionpool")      # one "Retrying ..." line per try
+    level = pool_log.level
+    pool_log.setLevel(logging.ERROR)
+    try:
+        response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
+                                max_retries=retries, backoff_factor=0.5, backoff_jitter=0.0,
+                                timeout=timeout_s, raise_on_status=False, params={"max_results": 1})
+    except Exception as exc:  # noqa: BLE001 - requests/urllib3 wrap refused, DNS, timeouts differently
+        reason = _root_reason(exc)
+        raise UserError(f"MLflow tracking server {shown} is not reachable ({reason}); start it or set "
+                        f"MLFLOW_TRACKING_URI (unset = the local sqlite store .pippo/mlflow.db)") from None
+    finally:
+        pool_log.setLevel(level)
+    if response.status_code in (401, 403):
+        raise UserError(f"MLflow tracking server {shown} refused the credentials (HTTP {response.status_code}); "
+                        f"check MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD")
+    if response.status_code != 200:
+        raise UserError(f"MLflow tracking server {shown} answered HTTP {response.status_code} to a search "
+                        f"of experiments: not an MLflow server, or not a working one")
+    return uri
+
+
+def _root_reason(exc: BaseException) -> str:
+    """The innermost cause of a requests/urllib3 error, in a few words ("Connection refused")."""
+    seen = exc
+    while seen.__cause__ is not None or seen.__context__ is not None:
+        seen = seen.__cause__ or seen.__context__
+    text = str(seen) or type(seen).__name__
+    if "Connection refused" in text or isinstance(seen, ConnectionRefusedError):
+        return "connection refused"
+    if "timed out" in text.lower():
+        return "timed out"
+    return redact_text(" ".join(text.split()))[:200]
+
+
 def _artifact_location(uri: str, experiment: str) -> str | None:
     """Runs in a local sqlite store keep artifacts beside the db (mlflow would use ./mlruns of
     whatever the cwd is); servers choose their own (None)."""

@@ -124,8 +124,11 @@ class Workflow:
     def run(self, resume: str | None = None) -> dict:
         from pipelines.training.tracking import RunTracker
 
+        from pipelines.training.tracking import check_tracking_server
+
         order = [s for s in self.cfg.order() if self.cfg.steps[s].enabled]
         self.validate(order)
+        check_tracking_server()          # before any step: a stopped server is one line, not a hang
         parent = RunTracker(self.cfg.experiment_name, f"{self.cfg.name}", step_tag="pipeline",
                             resume_run_id=resume, system_metrics=False,
                             tags={"pippo.pipeline": self.cfg.name, "pippo.code_version": self.code,
