@@ -407,8 +407,9 @@ def _main(argv: list[str]) -> int:
             _silence_stdout()
             return 141           # 128 + SIGPIPE, what a shell reports for `seq 9999 | head -1`
         return _report(sys.exc_info()[1], verbose)
-    except KeyboardInterrupt:
-        print("pippo: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:      # a command may say where it stopped and how to continue
+        where = _one_line(str(exc)) if str(exc) else ""
+        print(f"pippo: interrupted{': ' + where if where else ''}", file=sys.stderr)
         return 130
     except Exception as exc:
         return _report(exc, verbose)
@@ -421,6 +422,12 @@ def _report(exc: BaseException, verbose: bool) -> int:
     from dataprep.redact import redact_text
 
     message = user_error_message(exc)
+    code = getattr(exc, "exit_code", None)      # a failure that explains itself in one line
+    if message is None and isinstance(code, int):
+        if verbose:
+            sys.stderr.write(redact_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
+        print(f"pippo: error: {_one_line(redact_text(str(exc)))}", file=sys.stderr)
+        return code
     if message is None or verbose:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         sys.stderr.write(redact_text(text))

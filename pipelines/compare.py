@@ -256,10 +256,10 @@ def compare(experiment: str | None, out_dir: str | Path) -> dict:
     """The comparison as one JSON-able document (also what --json prints)."""
     from mlflow import MlflowClient
 
-    from pipelines.training.tracking import _quiet_mlflow, check_tracking_server
+    from pipelines.training.tracking import _quiet_mlflow, tracking_uri
 
     _quiet_mlflow()
-    uri = check_tracking_server()      # seconds and one line, not mlflow's minutes of retries
+    uri = tracking_uri()
     client = MlflowClient(uri)
     exp = choose_experiment(client, experiment, uri)
     runs = _all_runs(client, exp.experiment_id)
@@ -279,6 +279,9 @@ def compare(experiment: str | None, out_dir: str | Path) -> dict:
 
 
 def main(args) -> int:
+    from pipelines.training.tracking import check_tracking_server
+
+    check_tracking_server()        # before mlflow's import (seconds on a busy machine)
     doc = compare(args.experiment, args.out or "out/compare")
     if args.json:
         print(json.dumps(doc, default=str))

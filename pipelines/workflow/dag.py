@@ -141,6 +141,10 @@ class Workflow:
             for name in order:
                 try:
                     results[name] = self._one(name, outputs, parent)
+                except KeyboardInterrupt:
+                    parent.set_tags({"pippo.status": f"interrupted at {name}"})
+                    raise KeyboardInterrupt(f"pipeline run {parent.run_id} stopped at step {name!r}; continue it "
+                                            f"with --resume {parent.run_id}") from None
                 except Exception as exc:
                     failure = StepFailed(name, exc, parent.run_id)
                     log.error("pipeline %s: %s", self.cfg.name, failure)
