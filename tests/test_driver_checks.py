@@ -196,12 +196,17 @@ def test_input_error_in_a_ray_worker_ends_the_run_at_once(dataset, tmp_path):
     for shard in copy.rglob("*.tar"):
         shard.unlink()
     code, out, err, seconds = pippo(*train_args("pretrain", f"{copy}@{vid}", tmp_path / "ckpt",
-                                                "resources.max_failures=2", "steps=2"), cwd=tmp_path)
-    print(err[-3000:], f"\n{seconds:.1f} s")
+                                                "resources.max_failures=2", "steps=2"), cwd=tmp_path,
+                                    env={"RAY_DEDUP_LOGS": "0"})     # every worker's lines, with its pid
+    (Path("/tmp") / f"pippo-test-{os.getpid()}-worker-error.txt").write_text(err)
+    print(f"worker input error: {seconds:.1f} s to the error line")
     last = err.strip().splitlines()[-1]
     assert code == 2 and out == "" and last.startswith("pippo: error: "), err[-3000:]
-    assert "worker rank 0" in last
+    assert "worker rank 0" in last and "No such file" in last
     assert err.count("pippo: error:") == 1
+    import re
+    workers = set(re.findall(r"\(RayTrainWorker pid=(\d+)", err))
+    assert len(workers) <= 1, f"the worker group was restarted: {workers}"
 
 
 def test_train_on_ray_prints_only_the_result_and_ctrl_c_says_how_to_continue(dataset, tmp_path):

@@ -137,7 +137,10 @@ def input_error(exc: BaseException) -> StageInputError | None:
     if isinstance(exc, (UserError, *_user_errors())):
         from dataprep.redact import redact_text
 
-        return StageInputError(redact_text(user_error_message(exc) or type(exc).__name__))
+        # torch's DataLoader re-raises a loader process's error with that process's whole
+        # traceback as the message: its last line is the error itself
+        lines = [line for line in (user_error_message(exc) or "").splitlines() if line.strip()]
+        return StageInputError(redact_text(lines[-1].strip() if lines else type(exc).__name__))
     return None
 
 

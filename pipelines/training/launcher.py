@@ -133,14 +133,18 @@ def _run_on_ray(cfg: StageConfig, job: dict) -> dict:
                              # an input error in a worker ends the run instead of being retried
                              callbacks=[_end_on_input_error_class()()],
                              storage_path=os.path.abspath(os.environ.get("PIPPO_RAY_RESULTS", ".pippo/ray_results"))))
-    result = trainer.fit()
-    if result.error:
-        input_error = find_input_error(result.error)
+    try:
+        result = trainer.fit()                # Ray Train v2 raises TrainingFailedError ...
+        error = result.error                  # ... v1 returned it
+    except ray.train.TrainingFailedError as exc:
+        error = exc
+    if error:
+        input_error = find_input_error(error)
         if input_error is not None:
             from pipelines.cli import UserError
 
             raise UserError(str(input_error)) from None
-        raise StageFailed(job["run_uri"], result.error) from None
+        raise StageFailed(job["run_uri"], error) from None
     return _summary(job["run_uri"])
 
 
