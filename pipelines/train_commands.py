@@ -40,5 +40,5 @@ def where_stopped(cfg) -> str:
         return "stopped before the run started; nothing to continue"
     if latest is None:
         return f"run {store.uri} stopped before its first checkpoint; the same command starts it again"
-    return (f"run {store.uri} stopped; its newest checkpoint is step {latest['step']} ({latest['dir']}); "
+    return (f"run {store.uri} stopped; its newest checkpoint is step {latest['step']} ({store.url(latest['dir'])}); "
             f"the same command continues from it")

@@ -229,6 +229,7 @@ def test_train_on_ray_prints_only_the_result_and_ctrl_c_says_how_to_continue(dat
     assert list((tmp_path / "ckpt2").glob("*/latest")), "no checkpoint within 300 s"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
+    (Path("/tmp") / f"pippo-test-{os.getpid()}-ctrl-c.txt").write_text(err)
     last = err.strip().splitlines()[-1]
     assert proc.returncode == 130 and out == "", err[-3000:]
     assert last.startswith("pippo: interrupted: run ") and "newest checkpoint is step" in last

@@ -134,7 +134,7 @@ def _run_on_ray(cfg: StageConfig, job: dict) -> dict:
                              callbacks=[_end_on_input_error_class()()],
                              storage_path=os.path.abspath(os.environ.get("PIPPO_RAY_RESULTS", ".pippo/ray_results"))))
     try:
-        result = trainer.fit()                # Ray Train v2 raises TrainingFailedError ...
+        result = _fit_interruptibly(trainer)  # Ray Train v2 raises TrainingFailedError ...
         error = result.error                  # ... v1 returned it
     except ray.train.TrainingFailedError as exc:
         error = exc
@@ -146,6 +146,31 @@ def _run_on_ray(cfg: StageConfig, job: dict) -> dict:
             raise UserError(str(input_error)) from None
         raise StageFailed(job["run_uri"], error) from None
     return _summary(job["run_uri"])
+
+
+def _fit_interruptibly(trainer):
+    """trainer.fit() in a helper thread, so that Ctrl-C stays a KeyboardInterrupt here. On the main
+    thread Ray Train v2 installs its own SIGINT handler, which aborts the run and then exits 0 or
+    1 without a word (ray.train.v2 DataParallelTrainer._register_sigint_handler); the command must
+    instead say where the run stopped. The workers end with this driver (its Ray shuts down); the
+    run continues from its newest checkpoint when the command is run again."""
+    import threading
+
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread as it is
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="pippo-ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)                      # a join with a timeout lets SIGINT through
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 class StageFailed(RuntimeError):
