@@ -52,7 +52,7 @@ def stopped_mlflow_server(tmp_path_factory):
         url = f"http://127.0.0.1:{port}"
         try:
             wait_http(url + "/health", timeout=300)   # 2 shared cores: minutes under load
-            assert check_tracking_server(url, timeout_s=60) == url          # a live server passes the check
+            check_tracking_server(url, timeout_s=60)          # a live server passes the check
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)

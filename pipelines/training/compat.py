@@ -144,8 +144,9 @@ def input_error(exc: BaseException) -> StageInputError | None:
     return None
 
 
-def _end_on_input_error_class():
-    """EndOnInputError, defined lazily: ray.train.v2 is imported only when a run starts."""
+def end_on_input_error():
+    """An EndOnInputError callback; the class is defined here, lazily: ray.train.v2 is imported
+    only when a run starts."""
     from ray.train.v2.api.callback import UserCallback
 
     class EndOnInputError(UserCallback):
@@ -158,7 +159,7 @@ def _end_on_input_error_class():
                 if isinstance(cause, StageInputError):
                     raise StageInputError(f"{cause} (worker rank {rank})")
 
-    return EndOnInputError
+    return EndOnInputError()
 
 
 def find_input_error(error: BaseException | None) -> StageInputError | None:

@@ -23,10 +23,10 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     from dataprep.commit import code_version
     from dataprep.storage import absolute_url
     from pipelines.model_commands import load_model_config
-    from pipelines.training.tracking import check_tracking_server
+    from pipelines.training.tracking import check_tracking_server, tracking_uri
     from pippo_model.config import ModelConfig
 
-    tracking = check_tracking_server()         # first: seconds, before Ray or any data is touched
+    check_tracking_server()         # first: seconds, before Ray or any data is touched
     model_cfg: ModelConfig = load_model_config(cfg.model, [f"{k}={json.dumps(v)}" for k, v in
                                                            cfg.model_overrides.items()])
     try:
@@ -68,7 +68,7 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     # stage and model must fit the run being resumed / the weights it starts from: one line here,
     # before Ray, not an error on every worker (pipelines.training.compat)
     check_resume(store, resume, cfg.stage, dataclasses.asdict(model_cfg))
-    os.environ["MLFLOW_TRACKING_URI"] = tracking             # workers inherit it (local Ray) ...
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()       # workers inherit it (local Ray) ...
     return {"stage": stage, "model": dataclasses.asdict(model_cfg), "deepspeed": ds, "run_uri": run_uri,
             "tracking_uri": os.environ["MLFLOW_TRACKING_URI"],  # ... or read it here (remote workers)
             "code_version": code_version(), "verbose": verbose}
@@ -115,7 +115,7 @@ def _run_on_ray(cfg: StageConfig, job: dict) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from dataprep.build import ensure_ray
-    from pipelines.training.compat import _end_on_input_error_class, find_input_error
+    from pipelines.training.compat import end_on_input_error, find_input_error
     from pipelines.training.worker import ray_entry
 
     ensure_ray(dashboard=True)
@@ -131,7 +131,7 @@ def _run_on_ray(cfg: StageConfig, job: dict) -> dict:
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(name=job["stage"]["run_name"], failure_config=FailureConfig(max_failures=r.max_failures),
                              # an input error in a worker ends the run instead of being retried
-                             callbacks=[_end_on_input_error_class()()],
+                             callbacks=[end_on_input_error()],
                              storage_path=os.path.abspath(os.environ.get("PIPPO_RAY_RESULTS", ".pippo/ray_results"))))
     try:
         result = _fit_interruptibly(trainer)  # Ray Train v2 raises TrainingFailedError ...

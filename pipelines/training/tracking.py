@@ -45,9 +45,9 @@ CHECK_RETRIES = 2
 
 
 def check_tracking_server(uri: str | None = None, *, timeout_s: float = CHECK_TIMEOUT_S,
-                          retries: int = CHECK_RETRIES) -> str:
-    """The tracking URI, after one cheap authenticated request to it (http(s) servers only: a
-    sqlite or file store is local). A server that does not answer, refuses the credentials or is
+                          retries: int = CHECK_RETRIES) -> None:
+    """One cheap authenticated request to the tracking server (http(s) only: a sqlite or file
+    store is local, and nothing is created for it here). A server that does not answer, refuses the credentials or is
     not MLflow is one UserError line naming the (redacted) URI; at most `retries` + 1 tries of
     `timeout_s` each, with a short backoff.
 
@@ -58,9 +58,9 @@ def check_tracking_server(uri: str | None = None, *, timeout_s: float = CHECK_TI
 
     from pipelines.cli import UserError
 
-    uri = uri or tracking_uri()
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
     if urlparse(uri).scheme not in ("http", "https"):
-        return uri
+        return
     env = os.environ.get
     headers = {"Authorization": f"Bearer {env('MLFLOW_TRACKING_TOKEN')}"} if env("MLFLOW_TRACKING_TOKEN") else {}
     auth = (env("MLFLOW_TRACKING_USERNAME"), env("MLFLOW_TRACKING_PASSWORD") or "") \
@@ -87,7 +87,6 @@ def check_tracking_server(uri: str | None = None, *, timeout_s: float = CHECK_TI
     if response.status_code != 200:
         raise UserError(f"MLflow tracking server {shown} answered HTTP {response.status_code} to a search "
                         f"of experiments: not an MLflow server, or not a working one")
-    return uri
 
 
 def _root_reason(exc: BaseException) -> str:
