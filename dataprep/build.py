@@ -29,7 +29,7 @@ from dataprep.build_config import BuildConfig
 from dataprep.commit import commit_version
 from dataprep.errors import DataError
 from dataprep.listing import list_unit, plan_listing
-from dataprep.logs import quiet_ray
+from dataprep.logs import quiet_ray, ray_output_to_stderr
 from dataprep.partition_job import dedup_bucket, process_partition, write_partition
 from dataprep.store import BuildLease, DatasetStore, VersionNotFound
 
@@ -47,6 +47,7 @@ def ensure_ray(dashboard: bool = False):
                  logging_level=logging.WARNING, configure_logging=False,
                  runtime_env={"worker_process_setup_hook": "dataprep.logs.setup_worker"})
         quiet_ray()
+        ray_output_to_stderr()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

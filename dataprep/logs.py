@@ -70,6 +70,26 @@ def setup_worker() -> None:
     configure(verbosity())
 
 
+def ray_output_to_stderr() -> None:
+    """Send every line Ray forwards to this driver (workers' stdout, raylet and autoscaler notices)
+    to stderr: stdout carries a command's result (SPEC §2), and a raylet warning must never be
+    the line a script reads. Ray has no option for this (log_to_driver is all or nothing), so its
+    forwarding handler is replaced with the same printer told that every line is stderr's; if
+    Ray's internals move, lines keep their stream and nothing else changes."""
+    import functools
+
+    try:
+        from ray._private import worker as ray_worker
+
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+        printer = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=ignore_prefix)
+        dispatcher.remove_handler("ray_print_logs")
+    except (ImportError, AttributeError, KeyError):
+        return
+    dispatcher.add_handler("ray_print_logs", lambda data: printer({**data, "is_err": True}))
+
+
 def unconfigure() -> None:
     """Remove our handler (tests: it holds the stderr of the call that configured it)."""
     global _handler

@@ -367,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from dataprep.redact import redacting, register_url_credentials
 
+    global _OWN_PROCESS
+    _OWN_PROCESS = argv is None           # the console script, not an in-process caller
     argv = list(sys.argv[1:] if argv is None else argv)
     for arg in argv:                 # e.g. s3://KEY:SECRET@bucket: never echoed, in any form
         register_url_credentials(arg)
@@ -407,12 +409,33 @@ def _main(argv: list[str]) -> int:
             _silence_stdout()
             return 141           # 128 + SIGPIPE, what a shell reports for `seq 9999 | head -1`
         return _report(sys.exc_info()[1], verbose)
-    except KeyboardInterrupt:
-        print("pippo: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:      # a command may say where it stopped and how to continue
+        _end_ray()
+        where = _one_line(str(exc)) if str(exc) else ""
+        print(f"pippo: interrupted{': ' + where if where else ''}", file=sys.stderr)
         return 130
     except Exception as exc:
+        _end_ray()
         return _report(exc, verbose)
     return int(code or 0)
+
+
+_OWN_PROCESS = False
+
+
+def _end_ray() -> None:
+    """Before the last line of a failed command: stop this process's Ray driver. Ray forwards
+    workers' lines late (deduplicated, "[repeated 4x across cluster]") and flushes them on
+    shutdown, so they come before `pippo: error: ...`, which stays the last line. Only in the
+    console script's own process: an in-process caller keeps its Ray."""
+    ray = sys.modules.get("ray")
+    if not _OWN_PROCESS or ray is None:
+        return
+    try:
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - the error line matters more than a clean shutdown
+        pass
 
 
 def _report(exc: BaseException, verbose: bool) -> int:
@@ -421,6 +444,12 @@ def _report(exc: BaseException, verbose: bool) -> int:
     from dataprep.redact import redact_text
 
     message = user_error_message(exc)
+    code = getattr(exc, "exit_code", None)      # a failure that explains itself in one line
+    if message is None and isinstance(code, int):
+        if verbose:
+            sys.stderr.write(redact_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
+        print(f"pippo: error: {_one_line(redact_text(str(exc)))}", file=sys.stderr)
+        return code
     if message is None or verbose:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         sys.stderr.write(redact_text(text))

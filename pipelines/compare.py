@@ -279,6 +279,9 @@ def compare(experiment: str | None, out_dir: str | Path) -> dict:
 
 
 def main(args) -> int:
+    from pipelines.training.tracking import check_tracking_server
+
+    check_tracking_server()        # before mlflow's import (seconds on a busy machine)
     doc = compare(args.experiment, args.out or "out/compare")
     if args.json:
         print(json.dumps(doc, default=str))

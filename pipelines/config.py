@@ -211,10 +211,69 @@ def expand_env(value: Any, source: str = "<config>") -> Any:
     return out
 
 
+# Paths to other config files written inside a config (a stage's `model:` and `deepspeed:`, a
+# pipeline step's `config:`) resolve against the directory of the file they are written in, so a
+# config works from any working directory and `pippo submit` can ship it. Fields opt in with
+# `metadata=FILE_PATH`; a dict field names its path keys with `metadata={FILE_PATH_KEYS: (...)}`.
+# Paths given on the command line (overrides), defaults and data locations (dataset URIs, sources,
+# checkpoint roots, ${PIPPO_STORE}) stay relative to the working directory, like any CLI path.
+FILE_PATH = {"pippo.file_path": True}
+FILE_PATH_KEYS = "pippo.file_path_keys"
+
+
+def resolve_file_path(value: Any, base_dir: Path) -> Any:
+    """`value` (as written in a config file in `base_dir`) as a path that works from any cwd.
+    URLs, absolute paths and ${VAR}s are left as they are. Back-compat: configs written before
+    this rule name repo-root paths (`configs/models/test.yaml`) and are run from the repo root;
+    when only that cwd-relative file exists it is used, with a warning."""
+    if not isinstance(value, str) or not value or "://" in value or "${" in value or os.path.isabs(value):
+        return value
+    beside = os.path.normpath(base_dir / value)
+    if not os.path.exists(beside) and os.path.exists(value):
+        import logging
+
+        logging.getLogger("pippo.config").warning(
+            "%s: found only relative to the working directory; paths in a config are relative to "
+            "the config's own directory (%s), so write %s", value, base_dir,
+            os.path.relpath(os.path.abspath(value), base_dir))
+        return value
+    return beside
+
+
+def resolve_file_paths(cls: Any, raw: Any, base_dir: Path) -> Any:
+    """`raw` (a config file's mapping for dataclass `cls`) with its FILE_PATH fields resolved by
+    `resolve_file_path`, through nested dataclasses, dicts and lists of them."""
+    if not dataclasses.is_dataclass(cls) or not isinstance(raw, dict):
+        return raw
+    hints = typing.get_type_hints(cls)
+    out = dict(raw)
+    for f in dataclasses.fields(cls):
+        if f.name not in out:
+            continue
+        value, tp = out[f.name], hints[f.name]
+        if f.metadata.get("pippo.file_path"):
+            out[f.name] = resolve_file_path(value, base_dir)
+        elif f.metadata.get(FILE_PATH_KEYS) and isinstance(value, dict):
+            out[f.name] = {k: resolve_file_path(v, base_dir) if k in f.metadata[FILE_PATH_KEYS] else v
+                           for k, v in value.items()}
+        elif typing.get_origin(tp) is dict and isinstance(value, dict):
+            item = (typing.get_args(tp) or (Any, Any))[1]
+            out[f.name] = {k: resolve_file_paths(item, v, base_dir) for k, v in value.items()}
+        elif typing.get_origin(tp) in (list, tuple) and isinstance(value, list) and typing.get_args(tp):
+            out[f.name] = [resolve_file_paths(typing.get_args(tp)[0], v, base_dir) for v in value]
+        else:
+            out[f.name] = resolve_file_paths(tp, value, base_dir)
+    return out
+
+
 def load_config(cls: type[T], path: str | Path | None, overrides=(), *, data: dict | None = None) -> T:
-    """Load `path` (YAML) with `overrides` applied into dataclass `cls`, checking every key."""
+    """Load `path` (YAML) with `overrides` applied into dataclass `cls`, checking every key. The
+    file's own FILE_PATH fields resolve against its directory (local files; a config read from a
+    URL keeps them as written); `data` and `overrides` are taken as they are."""
     source = str(path) if path is not None else "<defaults>"
     raw = read_yaml(path) if path is not None else {}
+    if path is not None and "://" not in str(path):
+        raw = resolve_file_paths(cls, raw, Path(path).absolute().parent)
     if data:
         raw = merge(raw, data)
     raw = merge(raw, parse_overrides(list(overrides)))

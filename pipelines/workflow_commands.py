@@ -6,6 +6,9 @@ import sys
 
 
 def run(args) -> int:
+    from pipelines.training.tracking import check_tracking_server
+
+    check_tracking_server()      # first: seconds and one line, before configs, Ray or any step
     from pipelines.config import load_config
     from pipelines.workflow.config import PipelineConfig
     from pipelines.workflow.dag import Workflow
@@ -16,8 +19,12 @@ def run(args) -> int:
     try:
         result = Workflow(cfg, source=args.config).run(resume=args.resume)
     except StepFailed as exc:
-        print(f"pippo: error: {exc}", file=sys.stderr)
-        return 1
+        from pipelines.cli import _end_ray, _one_line, user_error_message
+
+        _end_ray()                   # Ray's late forwarded lines first: the error line stays last
+        print(f"pippo: error: {_one_line(str(exc))}", file=sys.stderr)
+        print(exc.run_id)            # the id --resume takes (the result line of a failed run)
+        return 2 if user_error_message(exc.cause) is not None else 1    # input errors: 2, as documented
     for name, step in result["steps"].items():
         state = "cached" if step["cached"] else f"ran {step['seconds']} s"
         out = step["output"] if isinstance(step["output"], str) else json.dumps(step["output"])

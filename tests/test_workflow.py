@@ -139,9 +139,11 @@ def test_cache_and_downstream_only_reruns(tmp_path, env):
 def test_resume_after_a_failed_step(tmp_path, env):
     photos = tmp_path / "late_photos"                # the dataprep step's source is not there yet
     cfg = pipeline(tmp_path, photos_dir=photos)
-    proc, states, _, _ = run(tmp_path, cfg, env=env)
-    assert proc.returncode != 0 and "--resume" in proc.stderr
+    proc, states, printed, _ = run(tmp_path, cfg, env=env)
+    # input caused it (a missing source): exit 2, as documented; stdout holds the id to resume
+    assert proc.returncode == 2 and "--resume" in proc.stderr
     parent = proc.stderr.split("--resume ")[-1].split()[0]
+    assert printed == parent and proc.stdout.strip() == parent
     assert mlflow.get_run(parent).info.status == "FAILED"
     failed = children(parent)["dataprep"]                 # the failed step is listed under the parent
     assert failed.info.status == "FAILED" and "late_photos" in failed.data.tags["pippo.error"]

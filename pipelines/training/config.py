@@ -13,7 +13,7 @@ from typing import Any, Literal
 from dataprep.loader import DataSource, LoaderConfig
 from dataprep.names import validate_name
 from dataprep.redact import check_not_secret
-from pipelines.config import to_dict
+from pipelines.config import FILE_PATH, to_dict
 
 
 @dataclass
@@ -82,9 +82,10 @@ class StageConfig:
     # --- SPEC §2 keys ---
     stage: Literal["pretrain", "mid", "post"]
     dataset: str                   # URI@REF of the training dataset version
-    model: str = "configs/models/test.yaml"   # model config YAML (size preset)
+    # model config YAML (size preset); in a config file, relative to that file (pipelines.config)
+    model: str = field(default="configs/models/test.yaml", metadata=FILE_PATH)
     init_from: str | None = None   # previous stage's checkpoint (run dir, its final/ dir, or a .safetensors)
-    deepspeed: str = "configs/deepspeed/zero2.json"
+    deepspeed: str = field(default="configs/deepspeed/zero2.json", metadata=FILE_PATH)
     workers: int = 1
     steps: int = 1000              # optimiser steps
     # --- ours ---
@@ -120,12 +121,19 @@ class StageConfig:
     def resolved_run_name(self) -> str:
         """Deterministic: re-running the same command finds (and resumes) the same run. Keys that do
         not change what is trained (steps, tracking, checkpoint cadence, resources) are left out, so
-        raising `steps` continues a finished run."""
+        raising `steps` continues a finished run. The model and DeepSpeed configs count by content,
+        not by path: their paths are absolute once resolved (pipelines.config.resolve_file_path),
+        and the same run must be found from any directory, checkout or `pippo submit` working_dir.
+        (The launcher pins the name into the job: workers never read these files.)"""
+        from pipelines.config import read_json_config, read_yaml
+
         if self.run_name:
             return self.run_name
         d = to_dict(self)
         for key in ("steps", "tracking", "checkpoint", "resources", "run_name", "workers"):
             d.pop(key, None)
+        d["model"] = read_yaml(self.model)
+        d["deepspeed"] = read_json_config(self.deepspeed, "deepspeed config")
         digest = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
         return f"{self.stage}-{digest}"
 

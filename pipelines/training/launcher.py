@@ -7,6 +7,7 @@ start in another directory (or on another machine): the job dict is all they nee
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,9 +23,10 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     from dataprep.commit import code_version
     from dataprep.storage import absolute_url
     from pipelines.model_commands import load_model_config
-    from pipelines.training.tracking import tracking_uri
+    from pipelines.training.tracking import check_tracking_server, tracking_uri
     from pippo_model.config import ModelConfig
 
+    check_tracking_server()         # first: seconds, before Ray or any data is touched
     model_cfg: ModelConfig = load_model_config(cfg.model, [f"{k}={json.dumps(v)}" for k, v in
                                                            cfg.model_overrides.items()])
     try:
@@ -42,27 +44,32 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     if not isinstance(ds, dict):
         raise ConfigError(f"{cfg.deepspeed}: a DeepSpeed config is a JSON object, got {type(ds).__name__}")
 
+    if cfg.init_from:            # before the datasets are read: the cheaper mistake first
+        from pipelines.training.compat import check_init_from
+
+        # (a resumed run started from the same init_from: it is part of the run's name)
+        check_init_from(absolute_url(cfg.init_from), model_cfg, cfg.stage)
     pin_datasets(cfg)
     stage = to_dict(cfg)
+    if cfg.init_from:
+        stage["init_from"] = absolute_url(cfg.init_from)
+    stage["run_name"] = cfg.resolved_run_name()    # computed here, where the config files are
     from pipelines.config import expand_env
 
     stage["checkpoint"]["root"] = absolute_url(expand_env(cfg.checkpoint.root))
-    if cfg.init_from:
-        from pipelines.training.checkpoint import resolve_weights
-
-        stage["init_from"] = absolute_url(cfg.init_from)
-        resolve_weights(stage["init_from"])          # fails here, in one line, not on every worker
     run_uri = absolute_url(cfg.run_uri())
     from pipelines.training.checkpoint import CheckpointStore
+    from pipelines.training.compat import check_resume
 
     store = CheckpointStore(run_uri)
     resume = store.latest()
     store.check_steps(cfg.steps, resume)       # fewer steps than the run has: one line, here
     if resume:                   # a planted file is refused here, in one line, before Ray starts
         store.verify_step(resume["dir"])
+    # stage and model must fit the run being resumed / the weights it starts from: one line here,
+    # before Ray, not an error on every worker (pipelines.training.compat)
+    check_resume(store, resume, cfg.stage, dataclasses.asdict(model_cfg))
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()       # workers inherit it (local Ray) ...
-    import dataclasses
-
     return {"stage": stage, "model": dataclasses.asdict(model_cfg), "deepspeed": ds, "run_uri": run_uri,
             "tracking_uri": os.environ["MLFLOW_TRACKING_URI"],  # ... or read it here (remote workers)
             "code_version": code_version(), "verbose": verbose}
@@ -109,6 +116,7 @@ def _run_on_ray(cfg: StageConfig, job: dict) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from dataprep.build import ensure_ray
+    from pipelines.training.compat import end_on_input_error, find_input_error
     from pipelines.training.worker import ray_entry
 
     ensure_ray(dashboard=True)
@@ -122,12 +130,67 @@ def _run_on_ray(cfg: StageConfig, job: dict) -> dict:
         ray_entry, train_loop_config=job,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
-        run_config=RunConfig(name=cfg.resolved_run_name(), failure_config=FailureConfig(max_failures=r.max_failures),
+        run_config=RunConfig(name=job["stage"]["run_name"], failure_config=FailureConfig(max_failures=r.max_failures),
+                             # an input error in a worker ends the run instead of being retried
+                             callbacks=[end_on_input_error()],
                              storage_path=os.path.abspath(os.environ.get("PIPPO_RAY_RESULTS", ".pippo/ray_results"))))
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    try:
+        result = _fit_interruptibly(trainer)  # Ray Train v2 raises TrainingFailedError ...
+        error = result.error                  # ... v1 returned it
+    except ray.train.TrainingFailedError as exc:
+        error = exc
+    if error:
+        input_error = find_input_error(error)
+        if input_error is not None:
+            from pipelines.cli import UserError
+
+            raise UserError(str(input_error)) from None
+        raise StageFailed(job["run_uri"], error) from None
     return _summary(job["run_uri"], cfg.steps)
+
+
+def _fit_interruptibly(trainer):
+    """trainer.fit() in a helper thread, so that Ctrl-C stays a KeyboardInterrupt here. On the main
+    thread Ray Train v2 installs its own SIGINT handler, which aborts the run and then exits 0 or
+    1 without a word (ray.train.v2 DataParallelTrainer._register_sigint_handler); the command must
+    instead say where the run stopped. The workers end with this driver (its Ray shuts down); the
+    run continues from its newest checkpoint when the command is run again."""
+    import threading
+
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread as it is
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="pippo-ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)                      # a join with a timeout lets SIGINT through
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+class StageFailed(RuntimeError):
+    """Training failed in the workers beyond the retries (not an input error): one line naming the
+    last error and how to continue; Ray Train's log above holds the tracebacks."""
+    exit_code = 1
+
+    def __init__(self, run_uri: str, error: BaseException):
+        from pipelines.training.checkpoint import CheckpointStore
+
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        last = lines[-1].strip() if lines else type(error).__name__
+        try:
+            latest = CheckpointStore(run_uri).latest()
+        except Exception:  # noqa: BLE001 - the message must not fail on a broken store
+            latest = None
+        where = f"newest checkpoint: step {latest['step']}" if latest else "no checkpoint yet"
+        super().__init__(f"training failed in the Ray workers ({type(error).__name__}: {last}); run {run_uri}, "
+                         f"{where}; re-run the same command to continue")
 
 
 def _summary(run_uri: str, steps: int) -> dict:

@@ -38,6 +38,70 @@ def tracking_uri() -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+# The driver's reachability check: a few seconds in all, so a wrong or stopped server is one line
+# before Ray starts (mlflow's own client retries for minutes, inside every worker).
+CHECK_TIMEOUT_S = 4.0
+CHECK_RETRIES = 2
+
+
+def check_tracking_server(uri: str | None = None, *, timeout_s: float = CHECK_TIMEOUT_S,
+                          retries: int = CHECK_RETRIES) -> None:
+    """One cheap authenticated request to the tracking server (http(s) only: a sqlite or file
+    store is local, and nothing is created for it here). A server that does not answer, refuses the credentials or is
+    not MLflow is one UserError line naming the (redacted) URI; at most `retries` + 1 tries of
+    `timeout_s` each, with a short backoff.
+
+    Deliberately plain `requests` (what mlflow's REST client uses underneath) and not
+    mlflow.utils.rest_utils: importing mlflow takes 3-9 s on a busy 2-core machine, more than the
+    check itself. The same environment variables as mlflow's client decide auth and TLS."""
+    import requests
+
+    from pipelines.cli import UserError
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    env = os.environ.get
+    headers = {"Authorization": f"Bearer {env('MLFLOW_TRACKING_TOKEN')}"} if env("MLFLOW_TRACKING_TOKEN") else {}
+    auth = (env("MLFLOW_TRACKING_USERNAME"), env("MLFLOW_TRACKING_PASSWORD") or "") \
+        if env("MLFLOW_TRACKING_USERNAME") else None
+    verify = False if env("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true" else \
+        env("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+    shown = redact_text(uri)
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search"
+    for attempt in range(retries + 1):
+        try:
+            response = requests.get(url, params={"max_results": 1}, headers=headers, auth=auth, verify=verify,
+                                    cert=env("MLFLOW_TRACKING_CLIENT_CERT_PATH"), timeout=timeout_s,
+                                    allow_redirects=False)
+            break
+        except requests.RequestException as exc:
+            if attempt == retries:
+                raise UserError(f"MLflow tracking server {shown} is not reachable ({_root_reason(exc)}); start "
+                                f"it or set MLFLOW_TRACKING_URI (unset = the local sqlite store "
+                                f".pippo/mlflow.db)") from None
+            time.sleep(0.5 * 2 ** attempt)
+    if response.status_code in (401, 403):
+        raise UserError(f"MLflow tracking server {shown} refused the credentials (HTTP {response.status_code}); "
+                        f"check MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD")
+    if response.status_code != 200:
+        raise UserError(f"MLflow tracking server {shown} answered HTTP {response.status_code} to a search "
+                        f"of experiments: not an MLflow server, or not a working one")
+
+
+def _root_reason(exc: BaseException) -> str:
+    """The innermost cause of a requests/urllib3 error, in a few words ("Connection refused")."""
+    seen = exc
+    while seen.__cause__ is not None or seen.__context__ is not None:
+        seen = seen.__cause__ or seen.__context__
+    text = str(seen) or type(seen).__name__
+    if "Connection refused" in text or isinstance(seen, ConnectionRefusedError):
+        return "connection refused"
+    if "timed out" in text.lower():
+        return "timed out"
+    return redact_text(" ".join(text.split()))[:200]
+
+
 def _artifact_location(uri: str, experiment: str) -> str | None:
     """Runs in a local sqlite store keep artifacts beside the db (mlflow would use ./mlruns of
     whatever the cwd is); servers choose their own (None)."""

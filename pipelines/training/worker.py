@@ -208,8 +208,9 @@ def _start_tracking(cfg, job, store, loader, model_cfg, ctx, fresh: bool):
     if run is None:
         # redacted here, before the checkpoint store writes it: expanded secret ${VAR}s go back
         # to ${VAR} (readers of run.json use its model/stage keys, never a credential)
-        store.write_json({"mlflow_run_id": tracker.run_id, "stage": cfg.stage, "config": redact(to_dict(cfg))},
-                         "run.json")
+        # "model": what a resume is checked against on the driver (pipelines.training.compat)
+        store.write_json({"mlflow_run_id": tracker.run_id, "stage": cfg.stage, "config": redact(to_dict(cfg)),
+                          "model": redact(job["model"])}, "run.json")
     if fresh:
         params = flatten(to_dict(cfg))
         params.update({f"model.{k}": v for k, v in flatten(dataclasses.asdict(model_cfg)).items()})
@@ -343,4 +344,12 @@ def ray_entry(job: dict) -> None:
     setup_worker()        # redacted logs and prints even where the runtime_env hook did not run
     if job.get("tracking_uri"):
         os.environ["MLFLOW_TRACKING_URI"] = job["tracking_uri"]
-    train_worker(job)
+    from pipelines.training.compat import input_error
+
+    try:
+        train_worker(job)
+    except Exception as exc:
+        # a retry cannot fix a bad config, data or checkpoint: the controller ends the run on it
+        if (carried := input_error(exc)) is not None and carried is not exc:
+            raise carried from None
+        raise

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dataprep.names import validate_name
+from pipelines.config import FILE_PATH, FILE_PATH_KEYS
 
 STEP_REF = re.compile(r"\$\{steps\.([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_]+))?\}")
 STEP_TAGS = {"synth": "dataprep", "dataprep": "dataprep", "train": None, "eval": "eval"}
@@ -30,8 +31,12 @@ STEP_TAGS = {"synth": "dataprep", "dataprep": "dataprep", "train": None, "eval":
 @dataclass
 class StepConfig:
     kind: Literal["synth", "dataprep", "train", "eval"]
-    config: str | None = None                  # the step's own YAML (build config, stage config)
-    overrides: dict[str, Any] = field(default_factory=dict)   # merged over the YAML (nested keys)
+    # the step's own YAML (build config, stage config); relative to the pipeline file
+    config: str | None = field(default=None, metadata=FILE_PATH)
+    # merged over the YAML (nested keys); a train step's model/deepspeed paths written here are
+    # relative to the pipeline file too
+    overrides: dict[str, Any] = field(default_factory=dict,
+                                      metadata={FILE_PATH_KEYS: ("model", "deepspeed")})
     params: dict[str, Any] = field(default_factory=dict)      # synth: captures, cameras, frames, photos...
     after: list[str] = field(default_factory=list)            # extra ordering edges
     enabled: bool = True

@@ -146,8 +146,11 @@ class Workflow:
     def run(self, resume: str | None = None) -> dict:
         from pipelines.training.tracking import RunTracker
 
+        from pipelines.training.tracking import check_tracking_server
+
         order = [s for s in self.cfg.order() if self.cfg.steps[s].enabled]
         self.validate(order)
+        check_tracking_server()          # before any step: a stopped server is one line, not a hang
         parent = RunTracker(self.cfg.experiment_name, f"{self.cfg.name}", step_tag="pipeline",
                             resume_run_id=resume, system_metrics=False,
                             tags={"pippo.pipeline": self.cfg.name, "pippo.code_version": self.code,
@@ -162,6 +165,10 @@ class Workflow:
                 started_ms = int(time.time() * 1000)
                 try:
                     results[name] = self._one(name, outputs, lineage)
+                except KeyboardInterrupt:
+                    parent.set_tags({"pippo.status": f"interrupted at {name}"})
+                    raise KeyboardInterrupt(f"pipeline run {parent.run_id} stopped at step {name!r}; continue it "
+                                            f"with --resume {parent.run_id}") from None
                 except Exception as exc:
                     failure = StepFailed(name, exc, parent.run_id)
                     log.error("pipeline %s: %s", self.cfg.name, failure)
