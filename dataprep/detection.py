@@ -165,8 +165,9 @@ class TorchDetector(Detector):
 
     def detect(self, images: list[np.ndarray]) -> list[Detections]:
         torch = self.torch
-        batch = [torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(2, 0, 1).float() / 255.0
-                 for rgb in images]
+        # arrays from Ray's object store are read-only: torch wants its own (cheap at max_side)
+        batch = [torch.from_numpy(rgb if rgb.flags.writeable and rgb.flags.c_contiguous else np.array(rgb))
+                 .to(self.device).permute(2, 0, 1).float() / 255.0 for rgb in images]
         with torch.inference_mode():
             outputs = self.model(batch) if batch else []
         return [self._one(rgb, out) for rgb, out in zip(images, outputs)]

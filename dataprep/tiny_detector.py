@@ -12,6 +12,8 @@ so box decoding and non-maximum suppression are written here in torch ops.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -94,5 +96,7 @@ def save_random_weights(path: str, seed: int = 0, **kwargs) -> str:
 
     torch.manual_seed(seed)
     model = TinyPersonDetector(**kwargs)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)          # atomic: a reader never sees half a file
     return path
