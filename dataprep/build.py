@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from dataprep.build_config import BuildConfig
 from dataprep.commit import commit_version
+from dataprep.detect_stage import start_detectors, stop_detectors
 from dataprep.errors import DataError
 from dataprep.listing import list_unit, plan_listing
 from dataprep.logs import quiet_ray, ray_output_to_stderr
@@ -141,11 +142,17 @@ def run_build(cfg: BuildConfig, config_dict: dict, dry_run: bool = False) -> str
         def parts_of(p: int, kind: str) -> list[dict]:
             return [r for r in parent_parts if r["partition"] == p and r["kind"] == kind]
 
-        process = ray.remote(num_cpus=1, num_returns=buckets + 2, max_retries=3)(_process)
-        plans = [process.remote(p, partitions, buckets, cfg, store.uri, recipe, parts_of(p, "ledger"), relisted,
-                                dry_run, *[refs[p] for refs in listed]) for p in range(partitions)]
-        summaries = _drain(ray, [refs[0] for refs in plans], Progress("process", total, "inputs"),
-                           lambda s: s["listed"])
+        # the detection stage: actors holding the model, fed in batches by the process tasks
+        detectors = start_detectors(ray, cfg) if cfg.needs_detection() and not dry_run else []
+        try:
+            process = ray.remote(num_cpus=1, num_returns=buckets + 2, max_retries=3)(_process)
+            plans = [process.remote(p, partitions, buckets, cfg, store.uri, recipe, parts_of(p, "ledger"),
+                                    relisted, dry_run, *[refs[p] for refs in listed], detectors=detectors)
+                     for p in range(partitions)]
+            summaries = _drain(ray, [refs[0] for refs in plans], Progress("process", total, "inputs"),
+                               lambda s: s["listed"])
+        finally:
+            stop_detectors(ray, detectors)
         unknown = sorted({c for s in summaries for c in s["unknown_cameras"]})
         if unknown:   # a typo in `cameras:` must not pass as "those views were dropped"
             log.warning("cameras %s of the config are in none of the captures read", ", ".join(unknown[:10]))
@@ -197,10 +204,11 @@ def _check_sources(cfg: BuildConfig, units, summaries) -> None:
             raise DataError(f"{source.kind} source {source.uri} yields no inputs to read{detail}")
 
 
-def _process(p, partitions, buckets, cfg, store_uri, recipe, parent_parts, relisted, dry_run, *listing):
+def _process(p, partitions, buckets, cfg, store_uri, recipe, parent_parts, relisted, dry_run, *listing,
+             detectors=None):
     """process_partition, with a small summary first (the driver fetches only that)."""
     out = process_partition(p, partitions, cfg, store_uri, recipe, parent_parts, relisted, *listing,
-                            dry_run=dry_run, buckets=buckets)
+                            dry_run=dry_run, buckets=buckets, detectors=detectors)
     plan = out[0]
     summary = {"partition": p, "listed": sum(t.num_rows for t in listing), "part": plan["part"],
                "unknown_cameras": plan.get("unknown_cameras", []),

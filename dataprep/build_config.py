@@ -5,7 +5,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from dataprep.names import check_text, validate_camera_id, validate_tag
 from dataprep.redact import check_not_secret
@@ -45,14 +45,55 @@ class PhotoFilters:
     min_side: int = 128                 # shorter side of the decoded photo, pixels
     max_aspect: float = 3.0             # longer side / shorter side
     max_pixels: int = 64_000_000        # larger claims are decompression bombs: refused unread
-    detect_person: bool = False         # OpenCV's bundled HOG people detector
-    detect_face: bool = False           # OpenCV's bundled Haar frontal-face cascade
+    detect_person: bool = False         # reject photos without a person (the `detector` stage)
+    detect_face: bool = False           # reject photos without a face (the `detector` stage)
 
     def __post_init__(self):
         if self.min_side < 1 or self.max_pixels < 1:
             raise ValueError(f"min_side and max_pixels must be >= 1 "
                              f"(got {self.min_side}, {self.max_pixels})")
         _finite(self.max_aspect, "max_aspect", 1.0)
+
+
+@dataclass
+class DetectorConfig:
+    """The detection stage (dataprep.detection): Ray actors that load the model once and detect
+    people (and faces) in batches. Weights are never downloaded from a hub."""
+    # opencv: OpenCV's bundled HOG people detector + Haar face cascade (no weights at all);
+    # torch: a torchvision-style detector (`model`) with safetensors `weights`
+    backend: Literal["opencv", "torch"] = "opencv"
+    # torch: `module:callable` returning an nn.Module with torchvision's detection contract
+    # (list of CHW float images in [0, 1] -> [{"boxes", "scores", "labels"[, "keypoints"]}]),
+    # e.g. torchvision.models.detection:keypointrcnn_resnet50_fpn
+    model: str = "dataprep.tiny_detector:tiny_person_detector"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)   # passed to the callable
+    weights: str | None = None          # torch: local path or fsspec URI of a .safetensors state dict
+    person_label: int = 1               # torch: the label id of "person" (COCO: 1)
+    # a detection counts from this score on; None = the backend's own default (HOG: SVM margin
+    # 0, OpenCV's default; Haar: 0; torch: 0.5)
+    min_person_score: float | None = None
+    min_face_score: float | None = None
+    max_side: int = 640                 # photos are sent to the detector at most this large
+    margin: float = 0.2                 # crop: person adds this fraction of the box on each side
+    # not part of the recipe (throughput only):
+    batch_size: int = 16                # photos per actor call
+    actors: int | None = None           # None: one per GPU on a GPU cluster, else CPUs / 2
+
+    def __post_init__(self):
+        module, _, name = self.model.partition(":")
+        if not (module and name and all(p.isidentifier() for p in module.split(".") + name.split("."))):
+            raise ValueError(f"detector.model must be 'module:callable', got {self.model!r}")
+        if self.weights is not None:
+            check_text(self.weights, "detector.weights")
+            check_not_secret(self.weights, "detector.weights")
+        for name in ("min_person_score", "min_face_score"):
+            if getattr(self, name) is not None:
+                _finite(getattr(self, name), f"detector.{name}", -1e6, 1e6)
+        _finite(self.margin, "detector.margin", 0.0, 10.0)
+        if not 32 <= self.max_side <= 8192 or not 1 <= self.batch_size <= 4096:
+            raise ValueError("detector.max_side must be within 32..8192 and detector.batch_size within 1..4096")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError(f"detector.actors must be >= 1 (or null: automatic), got {self.actors}")
 
 
 @dataclass
@@ -124,6 +165,10 @@ class BuildConfig:
     jpeg_quality: int = 92
     anchor_axis_m: float = 0.2          # length of the drawn head axes, metres
     filters: PhotoFilters = field(default_factory=PhotoFilters)
+    # photos: "center" = the centre square; "person" = a square around the chosen (largest)
+    # detected person plus detector.margin (photos without a person are rejected)
+    crop: Literal["center", "person"] = "center"
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     inputs: InputPolicy = field(default_factory=InputPolicy)
     shard: ShardLimits = field(default_factory=ShardLimits)
@@ -183,7 +228,15 @@ class BuildConfig:
                     "dedup_against_parent", "tags", "preview_samples", "http", "on_missing", "max_attempts",
                     "inputs"):
             d.pop(key)
+        if not self.needs_detection():
+            # builds without detection keep the recipe (and the incremental reuse) they had
+            d.pop("crop"), d.pop("detector")
+        else:
+            d["detector"].pop("batch_size"), d["detector"].pop("actors")
         return d
+
+    def needs_detection(self) -> bool:
+        return self.filters.detect_person or self.filters.detect_face or self.crop == "person"
 
     def recipe_hash(self) -> str:
         blob = json.dumps(self.sample_settings(), sort_keys=True).encode()

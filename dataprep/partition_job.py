@@ -29,7 +29,8 @@ from dataprep.errors import DataError
 from dataprep.ledger import SHA_SCHEMA, ledger_counts, ledger_row, part_id, write_part
 from dataprep.photos import Rejected
 from dataprep.redact import redact_text, strip_credentials
-from dataprep.samples import photo_sample, studio_sample
+from dataprep.detect_stage import DetectionBatcher
+from dataprep.samples import finish_photo_sample, photo_sample, prepare_photo, studio_sample
 from dataprep.shards import ShardWriter
 from dataprep.sources import check_body, fetch, read_tar, sha256, wds_image
 from dataprep.storage import atomic_write_bytes, read_bytes
@@ -77,9 +78,10 @@ def _check_shards(store: DatasetStore, records: list[dict]) -> None:
 
 def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str, recipe: str,
                       parent_parts: list[dict], relisted: list[str], *listing: pa.Table,
-                      dry_run: bool = False, buckets: int | None = None) -> tuple:
+                      dry_run: bool = False, buckets: int | None = None, detectors: list | None = None) -> tuple:
     """-> (plan, claims for sha bucket 0, ..., claims for bucket B-1). `dry_run`: plan only.
-    `buckets`: the number of sha buckets (default: one per partition)."""
+    `buckets`: the number of sha buckets (default: one per partition). `detectors`: the
+    detection stage's actors (dataprep.detect_stage; None: detection runs in this task)."""
     buckets = buckets or partitions
     import cv2
     cv2.setNumThreads(1)    # a partition job is a one-CPU task: no thread pool oversubscribing the node
@@ -169,8 +171,15 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
         return (plan, *_claims(kept, p, buckets))
 
     samples, captures, tars = [], {}, {}
+    batcher = None
+    if cfg.needs_detection():
+        batcher = DetectionBatcher(cfg, detectors[p % len(detectors)] if detectors else None)
     for t in todo:
-        t_rows, t_samples = _process_input(t, cfg, store_uri, captures, tars)
+        t_rows, t_samples = _process_input(t, cfg, store_uri, captures, tars, batcher)
+        decided += t_rows
+        samples += t_samples
+    if batcher is not None:
+        t_rows, t_samples = _finish_photos(batcher.flush(), cfg)
         decided += t_rows
         samples += t_samples
     unknown = set()
@@ -217,8 +226,9 @@ def _reject(t: dict, stage: str, reason: str, sha: str = "", input_id: str | Non
                       reason=redact_text(reason), sha256=sha, size=t["size"], attempts=t["attempts"])
 
 
-def _process_input(t: dict, cfg: BuildConfig, store_uri: str, captures: dict, tars: dict):
-    """One listed input -> (ledger rows of rejects, processed samples)."""
+def _process_input(t: dict, cfg: BuildConfig, store_uri: str, captures: dict, tars: dict, batcher=None):
+    """One listed input -> (ledger rows of rejects, processed samples). With a `batcher`
+    (detection), the photos' rows come back as their batches finish, maybe another input's."""
     rows, samples = [], []
     try:
         if t["kind"] == "studio":
@@ -249,7 +259,7 @@ def _process_input(t: dict, cfg: BuildConfig, store_uri: str, captures: dict, ta
                     rows.append(_reject(m, "decode", "sample has no image member"))
                     continue
                 m["size"] = len(image)
-                r, s = _photo(m, bytes(image), cfg)
+                r, s = _photo(m, bytes(image), cfg, batcher)
                 rows += r
                 samples += s
             for name in sorted(contents.others):
@@ -259,7 +269,7 @@ def _process_input(t: dict, cfg: BuildConfig, store_uri: str, captures: dict, ta
             data = cached_fetch(t["uri"], cfg, store_uri)
             if not data:
                 raise Rejected("decode", "empty file (0 bytes)")
-            r, s = _photo({**t, "size": len(data)}, data, cfg)
+            r, s = _photo({**t, "size": len(data)}, data, cfg, batcher)
             rows += r
             samples += s
     except Rejected as exc:
@@ -270,13 +280,34 @@ def _process_input(t: dict, cfg: BuildConfig, store_uri: str, captures: dict, ta
     return rows, samples
 
 
-def _photo(t: dict, data: bytes, cfg: BuildConfig):
+def _photo(t: dict, data: bytes, cfg: BuildConfig, batcher=None):
     digest = sha256(data)
     try:
-        key, members = photo_sample(data, cfg, t["input_id"], digest)
+        if batcher is None:
+            key, members = photo_sample(data, cfg, t["input_id"], digest)
+        else:
+            photo = prepare_photo(data, cfg)
+            return _finish_photos(batcher.add((t, digest, photo), photo.rgb), cfg)
     except Rejected as exc:
         return [_reject(t, exc.stage, exc.reason, sha=digest)], []
     return [], [_sample(t, key, members, "image", digest)]
+
+
+def _finish_photos(done: list, cfg: BuildConfig):
+    """Photos back from the detection stage -> (reject rows, samples)."""
+    rows, samples = [], []
+    for (t, digest, photo), detections in done:
+        try:
+            if isinstance(detections, Rejected):
+                raise detections
+            key, members = finish_photo_sample(photo, cfg, t["input_id"], digest, detections)
+            samples.append(_sample(t, key, members, "image", digest))
+        except Rejected as exc:
+            rows.append(_reject(t, exc.stage, exc.reason, sha=digest))
+        except Exception as exc:    # as in _process_input: a bug loses this photo only, loudly
+            log.exception("unexpected error on %s", t["input_id"])
+            rows.append(_reject(t, "error", f"unexpected {type(exc).__name__}: {exc}", sha=digest))
+    return rows, samples
 
 
 def _sample(t: dict, key: str, members: dict, kind: str, sha: str, dropped_views: int = 0) -> dict:

@@ -103,43 +103,14 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))   # convert() copies even RGB
 
 
-_HOG = None
-_FACE = None
-
-
-def has_person(rgb: np.ndarray) -> bool:
-    """OpenCV's bundled HOG + linear SVM people detector (Dalal & Triggs 2005); nothing downloaded."""
-    global _HOG
-    if _HOG is None:
-        _HOG = cv2.HOGDescriptor()
-        _HOG.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    scale = min(1.0, 400.0 / max(grey.shape))
-    if scale < 1.0:
-        grey = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    rects, _ = _HOG.detectMultiScale(grey, winStride=(8, 8), padding=(8, 8), scale=1.05)
-    return len(rects) > 0
-
-
-def has_face(rgb: np.ndarray) -> bool:
-    """OpenCV's bundled Haar frontal-face cascade (Viola & Jones 2001); nothing downloaded."""
-    global _FACE
-    if _FACE is None:
-        _FACE = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    return len(_FACE.detectMultiScale(grey, scaleFactor=1.1, minNeighbors=4)) > 0
-
-
 def apply_filters(photo: Photo, filters: PhotoFilters) -> None:
+    """Size and aspect: what needs no model."""
     w, h = photo.upright_size
     if min(h, w) < filters.min_side:
         raise Rejected("filter", f"too small: {w}x{h}, shorter side < {filters.min_side}")
     if max(h, w) / min(h, w) > filters.max_aspect:
         raise Rejected("filter", f"aspect {max(h, w) / min(h, w):.2f} > {filters.max_aspect}")
-    if filters.detect_person and not has_person(photo.rgb):
-        raise Rejected("filter", "no person detected (HOG)")
-    if filters.detect_face and not has_face(photo.rgb):
-        raise Rejected("filter", "no face detected (Haar)")
+    # detect_person / detect_face are judged by the detection stage (dataprep.detection)
 
 
 def center_square(rgb: np.ndarray, side_out: int) -> tuple[np.ndarray, list[int]]:

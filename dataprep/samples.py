@@ -19,7 +19,7 @@ from dataprep.capture import Capture
 from dataprep.errors import DataError
 from dataprep.geometry import (crop_intrinsics, plucker, project_with_depth, resize_intrinsics,
                                undistort_image)
-from dataprep.photos import Rejected, apply_filters, center_square, decode_photo, encode, png, resize
+from dataprep.photos import Photo, Rejected, apply_filters, decode_photo, encode, png, resize
 
 HEAD_RADIUS_M = 0.12      # for sizing the face crop around the projected head
 
@@ -128,20 +128,73 @@ def face_view(image: np.ndarray, cam, head_uv, head_z: float, out: int):
     return resize(image[y0:y0 + side, x0:x0 + side], out, out), K, [x0, y0, side]
 
 
-def photo_sample(data: bytes, cfg: BuildConfig, input_id: str, sha256: str) -> tuple[str, dict]:
-    """One unstructured photo -> (key, members) per SPEC §5 (`{key}.jpg` + `{key}.json`)."""
-    photo = decode_photo(data, cfg.filters.max_pixels, min_side=cfg.resolution)
+PHOTO_FOV_DEG = 55.0    # synthetic K of a photo: this field of view across its longer side
+
+
+def photo_intrinsics(width: int, height: int, fov_deg: float = PHOTO_FOV_DEG) -> np.ndarray:
+    """The synthetic K of an upright photo (its EXIF rarely says more): principal point at the
+    centre, square pixels, `fov_deg` across the longer side (a phone's main camera is ~55-65)."""
+    f = max(width, height) / 2 / math.tan(math.radians(fov_deg) / 2)
+    return np.array([[f, 0.0, (width - 1) / 2], [0.0, f, (height - 1) / 2], [0.0, 0.0, 1.0]])
+
+
+def photo_sample(data: bytes, cfg: BuildConfig, input_id: str, sha256: str, detector=None) -> tuple[str, dict]:
+    """One unstructured photo -> (key, members) per SPEC §5 (`{key}.jpg` + `{key}.json`).
+    When the config needs detection it runs here, in-process, with `detector` (or a cached one);
+    the build batches it in Ray actors instead (dataprep.detect_stage)."""
+    photo = prepare_photo(data, cfg)
+    detections = None
+    if cfg.needs_detection():
+        from dataprep.detection import detection_input
+        from dataprep.detect_stage import local_detector
+        small, back = detection_input(photo.rgb, cfg.detector.max_side)
+        detections = (detector or local_detector(cfg)).detect([small])[0].scaled(back, back)
+    return finish_photo_sample(photo, cfg, input_id, sha256, detections)
+
+
+def prepare_photo(data: bytes, cfg: BuildConfig) -> Photo:
+    """Decode and the filters that need no model (size, aspect). A photo to detect in is decoded
+    at least as large as the detector sees it (people must stay larger than HOG's window)."""
+    min_side = max(cfg.resolution, cfg.detector.max_side) if cfg.needs_detection() else cfg.resolution
+    photo = decode_photo(data, cfg.filters.max_pixels, min_side=min_side)
     apply_filters(photo, cfg.filters)
-    rgb, box = center_square(photo.rgb, cfg.resolution)
-    # the crop box in full-resolution upright pixels (the decode may have used a DCT scale)
+    return photo
+
+
+def finish_photo_sample(photo: Photo, cfg: BuildConfig, input_id: str, sha256: str,
+                        detections=None) -> tuple[str, dict]:
+    """The decoded photo and its detections (boxes in `photo.rgb` pixels, None without
+    detection) -> (key, members): detection filters, the square crop (centre or around the
+    chosen person), K of the stored pixels by the crop and resize rules of SPEC §4."""
+    chosen = None
+    if detections is not None:
+        from dataprep.detection import judge, square_around
+        chosen = judge(detections, cfg.filters.detect_person or cfg.crop == "person", cfg.filters.detect_face)
+    dh, dw = photo.rgb.shape[:2]
+    if cfg.crop == "person":
+        x0, y0, side = square_around(dh, dw, chosen.box, cfg.detector.margin)
+    else:
+        side = min(dh, dw)
+        x0, y0 = (dw - side) // 2, (dh - side) // 2
+    rgb = resize(photo.rgb[y0:y0 + side, x0:x0 + side], cfg.resolution, cfg.resolution)
+    # The decode may have used a DCT scale (a resize by the half-pixel rule): K of the decoded
+    # pixels first, then the crop and the resize, so K describes exactly the stored pixels.
     w, h = photo.upright_size
-    scale = min(w, h) / box[2]
-    box = [round(v * scale) for v in box]
+    K = resize_intrinsics(photo_intrinsics(w, h), dw / w, dh / h)
+    K = resize_intrinsics(crop_intrinsics(K, x0, y0), cfg.resolution / side)
+    # the crop box and detections in full-resolution upright pixels
+    scale = w / dw
+    box = [round(v * scale) for v in (x0, y0, side)]
     encoded, ext = encode(rgb, cfg.lossless, cfg.jpeg_quality)
     name = input_id.rsplit("/", 1)[-1].rsplit("#", 1)[-1]
     key = sample_key("img", name.rsplit(".", 1)[0], input_id=input_id)
     meta = {"kind": "image", "source": input_id, "sha256": sha256, "width": cfg.resolution,
             "height": cfg.resolution, "orig_width": photo.orig_width, "orig_height": photo.orig_height,
             "upright_width": w, "upright_height": h, "crop": box, "source_mode": photo.mode,
-            "exif_rotated": photo.exif_rotated}
+            "exif_rotated": photo.exif_rotated, "K": K.tolist(), "crop_mode": cfg.crop}
+    if detections is not None:
+        full = detections.scaled(scale, h / dh)
+        meta["detections"] = full.to_json()
+        if chosen is not None:
+            meta["person"] = detections.persons.index(chosen)
     return key, {ext: encoded, "json": json.dumps(meta).encode()}

@@ -50,48 +50,26 @@ def read_photo(uri: str) -> np.ndarray:
         raise UserError(f"{uri}: {exc.reason}") from None
 
 
-def detect_people(rgb: np.ndarray) -> list[tuple[float, float, float, float]] | None:
-    """(x, y, w, h) boxes of OpenCV's bundled HOG people detector (as dataprep.photos.has_person
-    runs it), or None when this OpenCV has no HOG (OpenCV 5 moved it out of the main module)."""
-    import cv2
-
-    if not hasattr(cv2, "HOGDescriptor"):
-        return None
-    hog = cv2.HOGDescriptor()
-    hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    scale = min(1.0, 400.0 / max(grey.shape))      # the detector's cost grows with the pixels
-    if scale < 1.0:
-        grey = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    rects, _ = hog.detectMultiScale(grey, winStride=(8, 8), padding=(8, 8), scale=1.05)
-    return [tuple(float(v) / scale for v in r) for r in rects]
-
-
-def square_around(height: int, width: int, box, margin: float = MARGIN) -> tuple[int, int, int]:
-    """(x0, y0, side): the square around `box` (x, y, w, h) plus `margin` per side, centred on the
-    box and shifted (then shrunk) to stay inside the image — no padding the model never saw."""
-    x, y, w, h = box
-    side = int(round(max(w, h) * (1 + 2 * margin)))
-    side = max(1, min(side, height, width))
-    cx, cy = x + w / 2, y + h / 2
-    x0 = int(round(min(max(cx - side / 2, 0), width - side)))
-    y0 = int(round(min(max(cy - side / 2, 0), height - side)))
-    return x0, y0, side
-
-
-def reference_crop(rgb: np.ndarray, side_out: int) -> tuple[np.ndarray, dict]:
-    """The reference (side_out², uint8) and how it was cut: around the largest detected person,
-    else the centre square (logged: the subject may be cut)."""
+def reference_crop(rgb: np.ndarray, side_out: int, detector=None) -> tuple[np.ndarray, dict]:
+    """The reference (side_out², uint8) and how it was cut: a square around the largest person
+    found by the build's detector (dataprep.detection, default backend unless `detector` is
+    given) plus MARGIN, else the centre square (logged: the subject may be cut)."""
+    from dataprep.build_config import DetectorConfig
+    from dataprep.detection import build_detector, detection_input, judge, miss_reason, square_around
     from dataprep.photos import center_square, resize
 
     h, w = rgb.shape[:2]
-    boxes = detect_people(rgb)
-    if boxes:
-        box = max(boxes, key=lambda b: b[2] * b[3])
-        x0, y0, side = square_around(h, w, box)
+    cfg = DetectorConfig(margin=MARGIN)
+    detector = detector or build_detector(cfg, faces=False)
+    small, back = detection_input(rgb, cfg.max_side)
+    found = detector.detect([small])[0].scaled(back, back)
+    person = judge(found, need_person=False, need_face=False)
+    if person is not None:
+        x0, y0, side = square_around(h, w, person.box, cfg.margin)
         crop = resize(rgb[y0:y0 + side, x0:x0 + side], side_out, side_out)
-        return crop, {"how": "person", "box": [x0, y0, side], "person": [round(v, 1) for v in box]}
-    why = "no person detected (HOG)" if boxes is not None else "no HOG people detector in this OpenCV"
+        return crop, {"how": "person", "box": [x0, y0, side], "person": [round(v, 1) for v in person.box],
+                      "score": round(person.score, 4), "detector": found.backend}
+    why = miss_reason("person", found.backend, found.best_person, found.min_person).reason
     log.info("%s: using the centre square of the %dx%d photo", why, w, h)
     crop, box = center_square(rgb, side_out)
     return crop, {"how": "centre", "box": box, "reason": why}

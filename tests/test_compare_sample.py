@@ -220,27 +220,52 @@ def test_sample_bad_inputs(trained, astronaut, tmp_path):
 
 
 def test_person_square():
-    from pipelines.sample import square_around
+    from dataprep.detection import square_around
 
     # a standing person in a landscape photo: a square around the box, margin included, inside
-    assert square_around(480, 640, (300, 100, 60, 120), margin=0.25) == (240, 70, 180)
+    assert square_around(480, 640, (300, 100, 360, 220), margin=0.25) == (240, 70, 180)
     # near the border: shifted in, never padded; too large: shrunk to the short side
-    assert square_around(480, 640, (600, 10, 30, 60), margin=0.25) == (550, 0, 90)
-    assert square_around(480, 640, (100, 0, 300, 470), margin=0.25) == (10, 0, 480)
+    assert square_around(480, 640, (600, 10, 630, 70), margin=0.25) == (550, 0, 90)
+    assert square_around(480, 640, (100, 0, 400, 470), margin=0.25) == (10, 0, 480)
 
 
-def test_reference_crop_around_the_largest_person(monkeypatch):
-    """The detector is stubbed: OpenCV 5 wheels have no HOG, and its boxes are what matters here."""
+def test_reference_crop_around_the_largest_person():
+    """The detector's boxes are what matters here: a stub backend behind the same interface."""
+    from dataprep.detection import Detections, Found
     from pipelines import sample
 
+    class Stub:
+        def __init__(self, persons, best=None):
+            self.persons, self.best = persons, best
+
+        def detect(self, images):
+            return [Detections("stub", list(self.persons), best_person=self.best) for _ in images]
+
     rgb = np.zeros((300, 400, 3), np.uint8)
-    monkeypatch.setattr(sample, "detect_people", lambda im: [(10, 10, 20, 40), (250, 50, 80, 200)])
-    crop, info = sample.reference_crop(rgb, 32)
+    stub = Stub([Found([10, 10, 30, 50], 2.0), Found([250, 50, 330, 250], 0.5)])
+    crop, info = sample.reference_crop(rgb, 32, detector=stub)
     assert crop.shape == (32, 32, 3) and info["how"] == "person" and info["box"] == [120, 10, 280]
-    monkeypatch.setattr(sample, "detect_people", lambda im: [])
-    crop, info = sample.reference_crop(rgb, 32)
-    assert crop.shape == (32, 32, 3) and info == {"how": "centre", "box": [50, 0, 300],
-                                                  "reason": "no person detected (HOG)"}
+    assert info["score"] == 0.5
+    crop, info = sample.reference_crop(rgb, 32, detector=Stub([], best=-1.25))
+    assert crop.shape == (32, 32, 3) and info == {
+        "how": "centre", "box": [50, 0, 300],
+        "reason": "no person detected (stub): best score -1.250 < min score 0"}
+
+
+def test_reference_crop_uses_the_builds_detector_on_a_real_photo(tmp_path):
+    """No stub: the default backend (OpenCV HOG, which the pinned OpenCV must ship) finds the
+    rendered person of a synthetic photo and the crop is around it."""
+    from dataprep.photos import decode_photo
+    from dataprep.synth import synth_images
+    from pipelines import sample
+
+    path = synth_images(tmp_path, count=1, seed=9, person_fraction=1.0)[0]
+    rgb = decode_photo(path.read_bytes(), 10**8).rgb
+    crop, info = sample.reference_crop(rgb, 64)
+    assert info["how"] == "person" and info["detector"] == "opencv" and info["score"] > 0
+    x0, y0, side = info["box"]
+    px0, py0, px1, py1 = info["person"]
+    assert x0 <= px0 and y0 <= py0 and px1 <= x0 + side and py1 <= y0 + side
 
 
 def test_sample_views_in_chunks_when_out_of_memory(monkeypatch):
