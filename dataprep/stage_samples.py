@@ -66,25 +66,41 @@ def _colour_jitter(img, rng, strength: float = 0.2) -> np.ndarray:
     return np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def frontal_view(meta: dict) -> int:
-    """Index of the view whose camera lies most in front of the face (module docstring)."""
+def frontal_view(meta: dict, allowed=None) -> int:
+    """Index of the view (among `allowed`, default all) whose camera lies most in front of the
+    face (module docstring)."""
     head_R, head_t = np.asarray(meta["anchor"]["R"], np.float64), np.asarray(meta["anchor"]["t"], np.float64)
     forward = head_R[:, FACE_AXIS]
-    scores = []
-    for v in meta["views"]:
+    allowed = range(len(meta["views"])) if allowed is None else allowed
+    scores = {}
+    for i in allowed:
+        v = meta["views"][i]
         d = camera_center(v["R"], v["t"]) - head_t
-        scores.append(float(forward @ d) / max(float(np.linalg.norm(d)), 1e-12))
-    return int(np.argmax(scores))
+        scores[i] = float(forward @ d) / max(float(np.linalg.norm(d)), 1e-12)
+    return max(scores, key=lambda i: (scores[i], -i))
 
 
-def choose_targets(n: int, count: int, reference: int, rng) -> np.ndarray:
-    """`count` target view indices of n views (module docstring: mid)."""
-    others = np.array([v for v in range(n) if v != reference])
+def heldout_views(meta: dict, fraction: float) -> list[int]:
+    """Indices of the sample's views whose CAMERA is held out (dataprep.loader.holdout_set over the
+    camera ids: a pure function of the ids, so every frame of a capture holds out the same cameras
+    and those are never seen in training, at any frame)."""
+    from dataprep.loader import holdout_set
+
+    ids = [str(v.get("camera_id", i)) for i, v in enumerate(meta["views"])]
+    held = holdout_set(ids, fraction)
+    return [i for i, c in enumerate(ids) if c in held]
+
+
+def choose_targets(n: int, count: int, reference: int, rng, candidates=None) -> np.ndarray:
+    """`count` target view indices of n views (module docstring: mid), drawn from `candidates`
+    (default all n views)."""
+    pool = np.arange(n) if candidates is None else np.asarray(sorted(candidates))
+    others = np.array([v for v in pool if v != reference])
     if len(others) >= count:
         return rng.choice(others, count, replace=False)
-    if n >= count:
-        return rng.choice(n, count, replace=False)
-    return np.resize(rng.permutation(n), count)
+    if len(pool) >= count:
+        return rng.choice(pool, count, replace=False)
+    return np.resize(rng.permutation(pool), count)
 
 
 def _pretrain_sample(raw: dict, cfg: LoaderConfig, rng, augment: bool) -> dict:
@@ -104,10 +120,18 @@ def _face_slots(targets, faces: dict, count: int) -> np.ndarray:
     return np.isin(np.arange(len(targets)), slots)
 
 
-def _studio_sample(raw: dict, meta: dict, post: bool, cfg: LoaderConfig, axis_m: float, rng) -> dict:
+def _studio_sample(raw: dict, meta: dict, post: bool, cfg: LoaderConfig, axis_m: float, rng,
+                   split: str = "train") -> dict:
+    """split "train": reference and targets from the kept cameras only; "heldout": the reference
+    from the kept cameras, the targets at the held-out ones (all cameras when none is held out)."""
     res, views = cfg.resolution, meta["views"]
-    ref = frontal_view(meta)
-    targets = choose_targets(len(views), cfg.views, ref, rng)
+    held = heldout_views(meta, cfg.holdout_cameras)
+    kept = [i for i in range(len(views)) if i not in held]
+    if not kept:                               # a one-camera sample: nothing to hold out
+        held, kept = [], list(range(len(views)))
+    ref = frontal_view(meta, kept)
+    targets = choose_targets(len(views), cfg.views, ref, rng,
+                             candidates=held if split == "heldout" and held else kept)
     faces = {f["view"]: f for f in meta.get("face_views", [])} if post else {}
     is_face = _face_slots(targets, faces, cfg.face_views)
     out = {"views": np.stack([_resize(_image(raw, f"{'face' if f else 'view'}{v:02d}"), res)
@@ -119,6 +143,9 @@ def _studio_sample(raw: dict, meta: dict, post: bool, cfg: LoaderConfig, axis_m:
     out["cameras"] = camera_vectors(Rs, ts).numpy().astype(np.float32)
     out["_K"] = np.stack([_delivered_K(faces[v] if f else views[v], res) for v, f in zip(targets, is_face)])
     out["_R"], out["_t"] = Rs.numpy(), ts.numpy()
+    # head-to-world pose: evaluation redraws anchors for a wrong camera (the camera control)
+    out["_head"] = np.concatenate([np.asarray(meta["anchor"]["R"], np.float64),
+                                   np.asarray(meta["anchor"]["t"], np.float64)[:, None]], axis=1)
     if post:
         stored = np.load(io.BytesIO(raw["plucker.npy"]), allow_pickle=False)
         pose = np.concatenate([np.asarray(meta["anchor"]["R"]), np.asarray(meta["anchor"]["t"])[:, None]], axis=1)
@@ -157,12 +184,14 @@ def _stored_anchor(raw: dict, v: int) -> np.ndarray:
     return np.load(io.BytesIO(raw["anchor.npy"]), allow_pickle=False)[v].transpose(1, 2, 0)
 
 
-def decode_sample(raw: dict, stage: str, cfg: LoaderConfig, axis_m: float, rng, augment: bool) -> dict:
-    """One raw webdataset sample (member -> bytes) -> the per-sample arrays of a batch."""
+def decode_sample(raw: dict, stage: str, cfg: LoaderConfig, axis_m: float, rng, augment: bool,
+                  split: str = "train") -> dict:
+    """One raw webdataset sample (member -> bytes) -> the per-sample arrays of a batch; split
+    "heldout" puts a studio sample's targets at its held-out cameras (evaluation)."""
     if stage == "pretrain":
         out = _pretrain_sample(raw, cfg, rng, augment)
     else:
-        out = _studio_sample(raw, json.loads(raw["json"]), stage == "post", cfg, axis_m, rng)
+        out = _studio_sample(raw, json.loads(raw["json"]), stage == "post", cfg, axis_m, rng, split)
     out["key"] = raw["__key__"]
     return out
 
