@@ -14,7 +14,9 @@ views, R = cfg.resolution:
     internal (the trainer ignores them): "_source", "_epoch", "_position" (B,) int64: where each
     sample sits in the position space below; "_view_index" (B, V) int64: each target's index in the
     sample's json "views"; "_face" (B, V) bool: the target is that view's face crop;
-    "_reference_index" (B,) int64: the view used as reference (-1 in pretrain); mid, post: "_K"
+    "_reference_index" (B,) int64: the view used as reference (-1 in pretrain); mid, post:
+    "_heldout_camera" (B, V) bool: the target's camera is held out (cfg.holdout_cameras), "_head"
+    (B, 3, 4) float64: the head-to-world pose, "_K"
     (B, V, 3, 3), "_R" (B, V, 3, 3), "_t" (B, V, 3) float64: each target's camera (SPEC §4, world
     = the sample's frame) with K describing the DELIVERED R x R pixels (face crops included), so
     the views of a batch can be measured geometrically (reprojection error in evaluation).
@@ -560,17 +562,25 @@ class TrainingLoader:
             vid: {"n": m["n"], "fingerprint": m["fingerprint"], "consumed": _rle_union(m["parts"])}
             for vid, m in merged.items()}}
 
-    def heldout_batch(self, n: int, frames: str = "heldout") -> dict:
-        """The first n held-out samples (sources, shards, tar order), no augmentation; views drawn
+    def anchor_axis_m(self, source: int) -> float:
+        """The drawn anchor axis length of source `source`'s version (to redraw its anchors)."""
+        return self._sources[source].axis_m
+
+    def heldout_batch(self, n: int, frames: str = "heldout", targets: str = "heldout") -> dict:
+        """The first n held-out samples (by source, then split name), no augmentation; views drawn
         with a generator seeded by (seed, key) so every call returns the same batch. frames=
         "seen": the first n TRAINING samples instead (novel cameras of frames the model saw). With
-        cfg.holdout_cameras > 0 the targets are the sample's held-out cameras either way."""
-        if frames not in ("heldout", "seen"):
-            raise ValueError(f"frames must be 'heldout' or 'seen', got {frames!r}")
+        cfg.holdout_cameras > 0 the targets are the sample's held-out cameras either way; targets=
+        "orbit": every camera instead, by azimuth (a turnaround next to its ground truth)."""
+        if frames not in ("heldout", "seen") or targets not in ("heldout", "orbit"):
+            raise ValueError(f"frames must be 'heldout' or 'seen' and targets 'heldout' or 'orbit', "
+                             f"got {frames!r}, {targets!r}")
         if frames == "heldout":
-            items = [(s, j, key) for s in self._sources for j, key in s.heldout][:n]
+            items = [(s, j, key) for s in self._sources for j, key in s.heldout]
         else:
-            items = [(s, j, key.decode()) for s in self._sources for j, keys in enumerate(s.keys) for key in keys][:n]
+            items = [(s, j, key.decode()) for s in self._sources for j, keys in enumerate(s.keys) for key in keys]
+        # by source, then split name: the same samples wherever the shards put them
+        items = sorted(items, key=lambda item: (item[0].index, split_name(item[2]), item[2]))[:n]
         if not items:
             raise DataError(f"no {'held-out' if frames == 'heldout' else 'training'} samples for stage "
                             f"'{self.stage}' (holdout_fraction={self.cfg.holdout_fraction})")
@@ -584,7 +594,7 @@ class TrainingLoader:
         for position, (src, _, key) in enumerate(items):
             rng = np.random.default_rng([self.cfg.seed, HELDOUT_SALT, _key_hash(key)])
             out = decode_sample(raws[(src.index, key)], self.stage, self.cfg, src.axis_m, rng, augment=False,
-                                split="heldout")
+                                split=targets)
             out.update(_source=src.index, _epoch=-1, _position=position)
             samples.append(out)
         return _as_tensors(collate(samples))

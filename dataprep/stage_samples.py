@@ -81,14 +81,59 @@ def frontal_view(meta: dict, allowed=None) -> int:
 
 
 def heldout_views(meta: dict, fraction: float) -> list[int]:
-    """Indices of the sample's views whose CAMERA is held out (dataprep.loader.holdout_set over the
-    camera ids: a pure function of the ids, so every frame of a capture holds out the same cameras
-    and those are never seen in training, at any frame)."""
-    from dataprep.loader import holdout_set
+    """Indices of the sample's views whose CAMERA is held out: round(fraction x views) cameras (at
+    least 1, leaving at least 2), picked in pairs of neighbours: a camera by the hash order of the
+    ids (dataprep.loader.split_name's sha1), then the camera whose optical axis is nearest to its.
+    A pure function of the rig (ids and orientations, the same at every frame), so those cameras
+    are never seen in training at any frame; in pairs, because the reprojection error of novel
+    views needs two that see the same side of the subject (random picks often face away)."""
+    from dataprep.loader import _split_hash
 
+    n = len(meta["views"])
+    if fraction <= 0 or n < 3:
+        return []
+    count = min(max(1, round(fraction * n)), n - 2)
     ids = [str(v.get("camera_id", i)) for i, v in enumerate(meta["views"])]
-    held = holdout_set(ids, fraction)
-    return [i for i, c in enumerate(ids) if c in held]
+    axes = np.stack([np.asarray(v["R"], np.float64)[2] for v in meta["views"]])
+    held: list[int] = []
+    for i in sorted(range(n), key=lambda k: (_split_hash(ids[k]), ids[k])):
+        if len(held) >= count:
+            break
+        if i in held:
+            continue
+        held.append(i)
+        rest = [k for k in range(n) if k not in held]
+        if len(held) < count and rest:
+            held.append(max(rest, key=lambda k: (float(axes[k] @ axes[i]), ids[k])))
+    return sorted(held)
+
+
+def orbit_views(meta: dict) -> np.ndarray:
+    """All view indices ordered by the azimuth of their camera about the head (world z up)."""
+    head_t = np.asarray(meta["anchor"]["t"], np.float64)
+    az = [math.atan2(*(camera_center(v["R"], v["t"]) - head_t)[[0, 1]]) for v in meta["views"]]
+    return np.argsort(az, kind="stable").astype(np.int64)
+
+
+def neighbouring_views(meta: dict, candidates, count: int) -> np.ndarray:
+    """`count` of the candidate views that see the head from the closest directions: the closest
+    pair first, then the candidate nearest to one already chosen (repeated cyclically when there are
+    fewer). Evaluation targets: the reprojection error is measured on pairs that see the same side
+    of the subject, and random held-out cameras would often face opposite sides (nothing to match)."""
+    head_t = np.asarray(meta["anchor"]["t"], np.float64)
+    cands = sorted(candidates)
+    dirs = np.stack([camera_center(meta["views"][v]["R"], meta["views"][v]["t"]) - head_t for v in cands])
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True).clip(1e-12)
+    cos = dirs @ dirs.T
+    np.fill_diagonal(cos, -np.inf)
+    if len(cands) == 1:
+        return np.full(count, cands[0], np.int64)
+    i, j = np.unravel_index(int(np.argmax(cos)), cos.shape)
+    chosen = [int(min(i, j)), int(max(i, j))]
+    while len(chosen) < min(count, len(cands)):
+        rest = [k for k in range(len(cands)) if k not in chosen]
+        chosen.append(max(rest, key=lambda k: (cos[k, chosen].max(), -k)))
+    return np.resize(np.asarray([cands[k] for k in chosen], np.int64), count)
 
 
 def choose_targets(n: int, count: int, reference: int, rng, candidates=None) -> np.ndarray:
@@ -123,21 +168,28 @@ def _face_slots(targets, faces: dict, count: int) -> np.ndarray:
 def _studio_sample(raw: dict, meta: dict, post: bool, cfg: LoaderConfig, axis_m: float, rng,
                    split: str = "train") -> dict:
     """split "train": reference and targets from the kept cameras only; "heldout": the reference
-    from the kept cameras, the targets at the held-out ones (all cameras when none is held out)."""
+    from the kept cameras, the targets at the held-out ones (all cameras when none is held out);
+    "orbit": the reference as in "heldout", the targets every camera by azimuth (`orbit_views`)."""
     res, views = cfg.resolution, meta["views"]
     held = heldout_views(meta, cfg.holdout_cameras)
     kept = [i for i in range(len(views)) if i not in held]
     if not kept:                               # a one-camera sample: nothing to hold out
         held, kept = [], list(range(len(views)))
     ref = frontal_view(meta, kept)
-    targets = choose_targets(len(views), cfg.views, ref, rng,
-                             candidates=held if split == "heldout" and held else kept)
+    if split == "orbit":            # every camera by azimuth about the head: a turnaround
+        targets = orbit_views(meta)[:cfg.views]
+        targets = np.resize(targets, cfg.views)
+    elif split == "heldout" and held:
+        targets = neighbouring_views(meta, held, cfg.views)
+    else:
+        targets = choose_targets(len(views), cfg.views, ref, rng, candidates=kept)
     faces = {f["view"]: f for f in meta.get("face_views", [])} if post else {}
     is_face = _face_slots(targets, faces, cfg.face_views)
     out = {"views": np.stack([_resize(_image(raw, f"{'face' if f else 'view'}{v:02d}"), res)
                               for v, f in zip(targets, is_face)]),
            "reference": _resize(_image(raw, f"view{ref:02d}"), res),
-           "_view_index": targets.astype(np.int64), "_face": is_face, "_reference_index": ref}
+           "_view_index": targets.astype(np.int64), "_face": is_face, "_reference_index": ref,
+           "_heldout_camera": np.isin(targets, held)}
     Rs = torch.tensor(np.array([views[v]["R"] for v in targets]), dtype=torch.float64)
     ts = torch.tensor(np.array([views[v]["t"] for v in targets]), dtype=torch.float64)
     out["cameras"] = camera_vectors(Rs, ts).numpy().astype(np.float32)
