@@ -107,6 +107,16 @@ def pippo(args: list[str], env: dict, log: Path) -> str:
     return out.stdout
 
 
+def pippo_python(code: str, argv: list[str], env: dict, log: Path) -> str:
+    """Run a snippet of the pipeline's Python API (the last stdout line returned)."""
+    with open(log, "a") as err:
+        out = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=err)
+    if out.returncode:
+        sys.exit(f"bench snippet failed (exit {out.returncode}); see {log}")
+    return out.stdout.strip().splitlines()[-1]
+
+
 def loss_curves(tracking_uri: str, runs: list[dict], points: int = 8) -> dict[str, list[tuple[int, float]]]:
     """stage -> train/loss at `points` evenly spaced steps (means over windows: the loss of one
     diffusion step is noisy), from the stage runs of the newest pipeline run."""
@@ -141,6 +151,11 @@ def report(evals: dict, curves: dict, scale: str, command: str, seconds: dict) -
                      f"{_f(m.get('eval/psnr_wrong_camera'))} | {_f(m.get('eval/ssim'), 3)} | "
                      f"{_f(m.get('eval/re_pct'), 3)} ({_f(m.get('eval/re_pairs'), 0)}) | "
                      f"{_f(m.get('eval/re_pct_gt'), 3)} ({_f(m.get('eval/re_pairs_gt'), 0)}) | {_f(ratio)} |")
+    strip = (evals.get("post") or {}).get("strip")
+    if strip:
+        lines += ["", f"post turnaround of held-out frame {strip['key']} at all {strip['views']} cameras "
+                      f"({strip['path']}): PSNR {strip['psnr']:.2f} dB, {strip['psnr_heldout_cameras']:.2f} dB "
+                      f"at the held-out cameras"]
     lines += ["", "train/loss (window means) by step:", ""]
     for stage, pts in curves.items():
         lines.append(f"- {stage}: " + ", ".join(f"{s}: {v:.3f}" for s, v in pts))
@@ -177,6 +192,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     ap.add_argument("--out", default="out/bench-learning")
+    ap.add_argument("--no-strip", action="store_true", help="skip the post model's held-out turnaround strip")
     ap.add_argument("--re-floor", action="store_true", help="only measure the RE's ground-truth floor per resolution")
     for key, value in SCALES["cpu"].items():
         if isinstance(value, int):
@@ -210,6 +226,17 @@ def main() -> int:
     # a cached step's child run carries no metrics: fall back to the newest eval of that stage
     evals = {k: evals.get(k) or doc["stage_evals"].get(k, {}) for k in ("mid", "post")}
     curves = loss_curves(env["MLFLOW_TRACKING_URI"], [r for r in doc["runs"] if r["step"] in ("pretrain", "mid", "post")])
+    if not args.no_strip:                          # the post model's turnaround of a held-out frame
+        post = next(ln.split()[-1] for ln in lines[:-1] if ln.split()[0] == "post")
+        version = next(ln.split()[-1] for ln in lines[:-1] if ln.split()[0] == "dataprep")
+        started = time.perf_counter()
+        strip = json.loads(pippo_python(
+            "import json, sys; from pipelines.evaluation import EvalConfig, turnaround_strip; "
+            "r = turnaround_strip(EvalConfig(checkpoint=sys.argv[1], dataset=sys.argv[2], holdout_fraction=0.25, "
+            f"views={s['cameras']}, resolution={s['resolution']}, steps={s['eval_steps']}), sys.argv[3]); "
+            "print(json.dumps(r))", [post, version, str(out / "heldout_turnaround.png")], env, log))
+        seconds["strip"] = time.perf_counter() - started
+        evals["post"] = {**evals["post"], "strip": strip}
     command = "python benches/learning.py " + " ".join(sys.argv[1:])
     text = report(evals, curves, args.scale, command.strip(), seconds)
     (out / "results.md").write_text(text + "\n")
