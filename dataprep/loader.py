@@ -14,7 +14,9 @@ views, R = cfg.resolution:
     internal (the trainer ignores them): "_source", "_epoch", "_position" (B,) int64: where each
     sample sits in the position space below; "_view_index" (B, V) int64: each target's index in the
     sample's json "views"; "_face" (B, V) bool: the target is that view's face crop;
-    "_reference_index" (B,) int64: the view used as reference (-1 in pretrain); mid, post: "_K"
+    "_reference_index" (B,) int64: the view used as reference (-1 in pretrain); mid, post:
+    "_heldout_camera" (B, V) bool: the target's camera is held out (cfg.holdout_cameras), "_head"
+    (B, 3, 4) float64: the head-to-world pose, "_K"
     (B, V, 3, 3), "_R" (B, V, 3, 3), "_t" (B, V, 3) float64: each target's camera (SPEC §4, world
     = the sample's frame) with K describing the DELIVERED R x R pixels (face crops included), so
     the views of a batch can be measured geometrically (reprojection error in evaluation).
@@ -58,6 +60,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -97,7 +100,9 @@ class LoaderConfig:         # loaded from YAML by pipelines.config.load_config (
     views: int = 4               # target views per sample (mid/post); pretrain always 1
     face_views: int = 0          # post: how many of the views are face crops, when the sample has them
     augment: bool = True         # pretrain augmentation (crop, flip, colour)
-    holdout_fraction: float = 0.0  # samples (by key hash) excluded from training, served by heldout_batch
+    holdout_fraction: float = 0.0  # samples (by split name hash) excluded from training, served by heldout_batch
+    holdout_cameras: float = 0.0   # mid/post: fraction of each studio sample's cameras (by camera id hash)
+                                   # never used in training, the targets of heldout_batch
     prefetch_factor: int = 2
 
     def __post_init__(self):
@@ -107,6 +112,8 @@ class LoaderConfig:         # loaded from YAML by pipelines.config.load_config (
             raise ValueError("num_workers, face_views and shuffle_buffer must be >= 0")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must lie in [0, 1), got {self.holdout_fraction}")
+        if not 0.0 <= self.holdout_cameras < 1.0:
+            raise ValueError(f"holdout_cameras must lie in [0, 1), got {self.holdout_cameras}")
 
 
 # ---- position ranges: sorted, disjoint, non-adjacent [a, b) lists ---------------------------------
@@ -194,22 +201,39 @@ def _key_hash(key: str) -> int:
     return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "little")
 
 
+_INPUT_HASH = re.compile(r"_[0-9a-f]{10}$")
+
+
+def split_name(key: str) -> str:
+    """What the held-out split hashes: the sample key without its input-id hash (dataprep.samples.
+    sample_key appends a hash of the source URL), i.e. capture name + frame, or the photo's name.
+    The split then depends on what a sample is, not on where its source lived: the same captures
+    built from another directory or bucket hold out the same frames."""
+    return _INPUT_HASH.sub("", key) or key
+
+
+def _split_hash(name: str) -> int:
+    return _key_hash(split_name(name))
+
+
 def held_out(key: str, fraction: float) -> bool:
-    """Holdout by key hash: stable across versions, ranks, workers and runs."""
-    return fraction > 0 and _key_hash(key) / 2.0 ** 64 < fraction
+    """Holdout by split-name hash (sha1, never Python's salted hash()): stable across versions,
+    source locations, ranks, workers, processes and runs."""
+    return fraction > 0 and _split_hash(key) / 2.0 ** 64 < fraction
 
 
 def holdout_set(keys: list[str], fraction: float) -> set[str]:
-    """The held-out keys of a version: `held_out` by key hash, except that a fraction > 0 of two or
-    more samples always holds out at least one and trains on at least one (the smallest / largest
-    hash: what a slightly larger / smaller fraction would pick). A pure function of the version's
-    keys, so training and evaluation agree without sharing state."""
+    """The held-out keys (or camera ids) of a set: `held_out` by hash, except that a fraction > 0
+    of two or more always holds out at least one and keeps at least one (the smallest / largest
+    hash: what a slightly larger / smaller fraction would pick). A pure function of the keys, so
+    training and evaluation agree without sharing state."""
     held = {k for k in keys if held_out(k, fraction)}
     if fraction > 0 and len(keys) >= 2:
+        order = sorted(keys, key=lambda k: (_split_hash(k), k))
         if not held:
-            held = {min(keys, key=_key_hash)}
+            held = {order[0]}
         elif len(held) == len(keys):
-            held.discard(max(keys, key=_key_hash))
+            held.discard(order[-1])
     return held
 
 
@@ -538,13 +562,28 @@ class TrainingLoader:
             vid: {"n": m["n"], "fingerprint": m["fingerprint"], "consumed": _rle_union(m["parts"])}
             for vid, m in merged.items()}}
 
-    def heldout_batch(self, n: int) -> dict:
-        """The first n held-out samples (sources, shards, tar order), no augmentation; views drawn
-        with a generator seeded by (seed, key) so every call returns the same batch."""
-        items = [(s, j, key) for s in self._sources for j, key in s.heldout][:n]
+    def anchor_axis_m(self, source: int) -> float:
+        """The drawn anchor axis length of source `source`'s version (to redraw its anchors)."""
+        return self._sources[source].axis_m
+
+    def heldout_batch(self, n: int, frames: str = "heldout", targets: str = "heldout") -> dict:
+        """The first n held-out samples (by source, then split name), no augmentation; views drawn
+        with a generator seeded by (seed, key) so every call returns the same batch. frames=
+        "seen": the first n TRAINING samples instead (novel cameras of frames the model saw). With
+        cfg.holdout_cameras > 0 the targets are the sample's held-out cameras either way; targets=
+        "orbit": every camera instead, by azimuth (a turnaround next to its ground truth)."""
+        if frames not in ("heldout", "seen") or targets not in ("heldout", "orbit"):
+            raise ValueError(f"frames must be 'heldout' or 'seen' and targets 'heldout' or 'orbit', "
+                             f"got {frames!r}, {targets!r}")
+        if frames == "heldout":
+            items = [(s, j, key) for s in self._sources for j, key in s.heldout]
+        else:
+            items = [(s, j, key.decode()) for s in self._sources for j, keys in enumerate(s.keys) for key in keys]
+        # by source, then split name: the same samples wherever the shards put them
+        items = sorted(items, key=lambda item: (item[0].index, split_name(item[2]), item[2]))[:n]
         if not items:
-            raise DataError(f"no held-out samples for stage '{self.stage}' "
-                            f"(holdout_fraction={self.cfg.holdout_fraction})")
+            raise DataError(f"no {'held-out' if frames == 'heldout' else 'training'} samples for stage "
+                            f"'{self.stage}' (holdout_fraction={self.cfg.holdout_fraction})")
         raws: dict[tuple[int, str], dict] = {}
         for i, j in dict.fromkeys((src.index, j) for src, j, _ in items):
             src = self._sources[i]
@@ -554,7 +593,8 @@ class TrainingLoader:
         samples = []
         for position, (src, _, key) in enumerate(items):
             rng = np.random.default_rng([self.cfg.seed, HELDOUT_SALT, _key_hash(key)])
-            out = decode_sample(raws[(src.index, key)], self.stage, self.cfg, src.axis_m, rng, augment=False)
+            out = decode_sample(raws[(src.index, key)], self.stage, self.cfg, src.axis_m, rng, augment=False,
+                                split=targets)
             out.update(_source=src.index, _epoch=-1, _position=position)
             samples.append(out)
         return _as_tensors(collate(samples))

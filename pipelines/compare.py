@@ -26,6 +26,10 @@ STEP_TAG = "pippo.step"
 PARENT_TAG = "mlflow.parentRunId"
 LOSS = "train/loss"
 EVAL_METRICS = ("eval/re_pct", "eval/psnr", "eval/ssim")
+# the stage table (`stage_evals`): every eval metric a stage comparison needs, side by side
+STAGE_EVAL_METRICS = ("eval/psnr", "eval/psnr_seen", "eval/psnr_wrong_camera", "eval/ssim", "eval/re_pct",
+                      "eval/re_pct_gt", "eval/re_pct_same_pairs", "eval/re_pct_gt_same_pairs", "eval/re_pairs",
+                      "eval/re_pairs_gt")
 METRICS = (LOSS, *EVAL_METRICS)
 STAGES = ("pretrain", "mid", "post")              # panel order of the loss plot
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipelines" / "demo.yaml"
@@ -105,6 +109,8 @@ def run_row(run) -> dict:
             "cached": tags.get("pippo.cached") == "true", "start_time": _iso(info.start_time),
             "dataset_versions": _dataset_versions(run),
             "metrics": {k: run.data.metrics[k] for k in METRICS if k in run.data.metrics},
+            "eval_stage": tags.get("pippo.eval_stage"),
+            "eval_metrics": {k: v for k, v in run.data.metrics.items() if k in STAGE_EVAL_METRICS},
             "checkpoint": tags.get("pippo.checkpoint")}
 
 
@@ -226,6 +232,18 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
+def stage_evals(rows: list[dict]) -> dict[str, dict]:
+    """stage -> the eval metrics of its newest eval run (rows carry `eval_stage`), stages in
+    training order: what changed from pretrain to mid to post, in one table."""
+    newest: dict[str, dict] = {}
+    for r in rows:
+        if r.get("eval_stage") and r["eval_metrics"]:
+            if r["eval_stage"] not in newest or (r["start_time"] or "") > (newest[r["eval_stage"]]["start_time"] or ""):
+                newest[r["eval_stage"]] = r
+    order = sorted(newest, key=lambda s: (STAGES.index(s) if s in STAGES else len(STAGES), s))
+    return {s: {"run_id": newest[s]["run_id"], **newest[s]["eval_metrics"]} for s in order}
+
+
 def render_text(doc: dict) -> str:
     metrics = [m for m in METRICS if any(m in r["metrics"] for r in doc["runs"])]
     header = ["run", "name", "step", "status", "dataset", *metrics, "checkpoint"]
@@ -245,6 +263,11 @@ def render_text(doc: dict) -> str:
         out += ["", "params that differ:"]
         out += _table(["param", *(printable(r["run_id"][:8]) for r in compared)],
                       [[_fmt(k), *(_fmt(r["params"].get(k)) for r in compared)] for k in doc["differing_params"]])
+    evals = doc.get("stage_evals") or {}
+    if evals:
+        names = [m for m in STAGE_EVAL_METRICS if any(m in e for e in evals.values())]
+        out += ["", "eval metrics by stage (newest eval run of each):"]
+        out += _table(["metric", *(printable(s) for s in evals)], [[m, *(_fmt(e.get(m)) for e in evals.values())] for m in names])
     plots = [p for p in doc["plots"].values() if p]
     out += ["", "plots: " + (", ".join(plots) if plots else "none (no train/loss or eval metrics logged)")]
     return "\n".join(out)
@@ -274,7 +297,7 @@ def compare(experiment: str | None, out_dir: str | Path) -> dict:
     evals = plot_evals(rows, out / "eval_metrics.png")
     # a server URI may carry user:password@
     return {"experiment": {"name": exp.name, "id": exp.experiment_id}, "tracking_uri": redact(uri), "runs": rows,
-            "differing_params": keys,
+            "differing_params": keys, "stage_evals": stage_evals(rows),
             "plots": {"loss": str(loss.resolve()) if loss else None, "eval": str(evals.resolve()) if evals else None}}
 
 

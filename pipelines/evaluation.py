@@ -1,25 +1,36 @@
 """The evaluation step: a trained stage's checkpoint on the held-out samples of its dataset version.
 
-    checkpoint + dataset  ->  held-out frames at their TRUE cameras (dataprep.loader.heldout_batch)
+    checkpoint + dataset  ->  held-out frames at held-out cameras (dataprep.loader.heldout_batch)
                           ->  DDIM with classifier-free guidance (pippo_model.sampler.ddim_sample)
                           ->  metrics vs the ground-truth views  ->  one MLflow run (SPEC §7)
 
-Held out = never trained on: the loader holds samples out by a hash of their key, so the same
-`holdout_fraction` as the training stage selects exactly the samples that stage never saw (checked
+Held out = never trained on: the loader holds frames out by a hash of what they are (capture and
+frame, not where they were read from) and, with `holdout_cameras` > 0, the same cameras of every
+frame; the same fractions as the training stage select exactly what that stage never saw (checked
 against the run's run.json when the checkpoint is a run directory or its final/; a stage trained
 with the stand-in VAE is decoded with the same one).
 
 Metrics (all means over generated target views, images in [-1, 1]):
-    eval/psnr, eval/ssim      fidelity to the ground-truth view at the same camera
+    eval/psnr, eval/ssim      fidelity to the ground-truth view at the same camera: held-out frames,
+                              at held-out cameras when the stage held cameras out
+    eval/psnr_seen, _ssim_seen  the same at held-out cameras of frames the stage trained on
+                              (novel views of seen frames; only with holdout_cameras > 0)
+    eval/psnr_wrong_camera    mid, post: the same samples (same noise) generated at the held-out camera
+                              turned `wrong_camera_deg` about the vertical through the head, scored
+                              against the TRUE camera's view: the camera-conditioning control; a
+                              model that ignores its camera scores the same as eval/psnr
     eval/re_pct               reprojection error of the GENERATED views under their true cameras
                               (pippo_model.metrics.reprojection), % of the image side; the mean over
                               every pair measured in every sample (mid, post: pretrain has 1 view)
     eval/re_pct_gt            the same on the ground-truth views: the metric's noise floor at this
                               resolution and on these cameras; re_pct is read against it
+    eval/re_pct_same_pairs, eval/re_pct_gt_same_pairs  both on the pairs measured in both
     eval/re_pairs(_gt)        pairs measured. A pair is measured only when its matches pass the
                               matcher's significance test, so views with no consistent
                               correspondence (an untrained model's noise) measure no pair: re_pct is
-                              then NaN ("not measurable"), never a number made of chance matches
+                              then NaN ("not measurable"), never a number made of chance matches.
+                              Views under `match_upscale_below` px are matched upscaled x2 (SIFT finds
+                              too few keypoints on small views; the GT floor at 96 px is measurable so)
     eval/fid                  only with >= fid_min_samples generated images (Fréchet distance of
                               features; the default extractor is a fixed random conv net: compare
                               runs of this pipeline with it, not published FIDs)
@@ -44,6 +55,9 @@ class EvalConfig:                 # typed: pipelines.config.load_config / from_d
     checkpoint: str               # a trained stage: run dir, its final/, or .safetensors (resolve_weights)
     dataset: str                  # URI@REF of the version the stage trained on
     holdout_fraction: float = 0.1  # must equal the training stage's data.holdout_fraction
+    holdout_cameras: float | None = None  # None: the training stage's data.holdout_cameras (run.json)
+    wrong_camera_deg: float = 90.0  # azimuth turn of the camera-conditioning control
+    match_upscale_below: int = 128  # views smaller than this are matched at 2x (RE)
     samples: int = 4              # held-out samples to generate
     views: int = 4                # target views per sample (mid, post; pretrain: 1)
     resolution: int = 64
@@ -63,6 +77,8 @@ class EvalConfig:                 # typed: pipelines.config.load_config / from_d
             self.dataset = f"{self.dataset}@latest"
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ValueError("holdout_fraction must lie in (0, 1): held-out samples are what is evaluated")
+        if self.holdout_cameras is not None and not 0.0 <= self.holdout_cameras < 1.0:
+            raise ValueError("holdout_cameras must lie in [0, 1)")
         if min(self.samples, self.views, self.steps, self.batch_size) < 1 or self.resolution < 8:
             raise ValueError("samples, views, steps and batch_size must be >= 1 and resolution >= 8")
         if self.guidance <= 0 or self.face_views < 0 or self.fid_min_samples < 2:
@@ -95,7 +111,7 @@ def run_eval(cfg: EvalConfig, parent_run_id: str | None = None) -> dict:
         raise ValueError(f"resolution {cfg.resolution} is not a multiple of {unit} (the model's VAE x patch)")
     with RunTracker(cfg.experiment, cfg.run_name or f"eval-{stage}", step_tag="eval", parent_run_id=parent_run_id,
                     system_metrics=False, tags={"pippo.checkpoint": checkpoint, "pippo.eval_stage": stage}) as run:
-        loader, pixel = _heldout(cfg, stage)
+        loader, pixel, seen = _heldout(cfg, stage)
         run.log_params({**flatten(to_dict(cfg)), "stage": stage, "checkpoint_url": checkpoint,
                         **{f"model.{k}": v for k, v in flatten(asdict(model_cfg)).items()}})
         version = loader.versions[0]["id"]
@@ -104,6 +120,13 @@ def run_eval(cfg: EvalConfig, parent_run_id: str | None = None) -> dict:
         run.log_dataset(cfg.dataset, version, name=cfg.dataset.rsplit("/", 1)[-1].split("@")[0], context="evaluation")
         generated = generate(model, model_cfg, pixel, cfg, device)
         metrics = evaluate(generated, pixel, cfg, stage)
+        if seen is not None:
+            seen_metrics = evaluate(generate(model, model_cfg, seen, cfg, device), seen, cfg, "pretrain")
+            metrics.update({f"{k}_seen": v for k, v in seen_metrics.items() if k in ("eval/psnr", "eval/ssim")})
+        if stage != "pretrain":
+            wrong = wrong_camera_batch(pixel, cfg.wrong_camera_deg,
+                                       [loader.anchor_axis_m(int(i)) for i in pixel["_source"]])
+            metrics["eval/psnr_wrong_camera"] = _psnr(generate(model, model_cfg, wrong, cfg, device), pixel)
         run.log_metrics(metrics, step=0)
         run.log_image(contact_sheet(pixel["reference"], pixel["views"], generated), "eval/contact_sheet.png")
         log.info("eval of %s (%s, %d held-out samples): %s", checkpoint, stage, len(pixel["keys"]),
@@ -134,29 +157,73 @@ def training_config(checkpoint: str) -> dict:
 
 
 def check_against_training(cfg: EvalConfig, trained: dict) -> EvalConfig:
-    """A holdout_fraction other than the stage's would evaluate on training samples (or skip some
-    it never saw): an error. A latent stage trained with the stand-in VAE is decoded by the same
+    """A holdout_fraction or holdout_cameras other than the stage's would evaluate on training
+    samples or cameras (or skip some it never saw): an error; holdout_cameras None takes the
+    stage's. A latent stage trained with the stand-in VAE is decoded by the same
     one unless told otherwise."""
-    fraction = trained.get("data", {}).get("holdout_fraction")
-    if fraction is not None and not math.isclose(float(fraction), cfg.holdout_fraction):
-        raise ValueError(f"holdout_fraction {cfg.holdout_fraction} differs from the training stage's "
-                         f"data.holdout_fraction {fraction}: the held-out set would not be the samples "
-                         f"that stage never saw")
+    if cfg.holdout_cameras is None:        # the stage's own cameras held out (0 when it held none)
+        cfg = dataclasses.replace(cfg, holdout_cameras=float(trained.get("data", {}).get("holdout_cameras") or 0.0))
+    for name in ("holdout_fraction", "holdout_cameras"):
+        value = trained.get("data", {}).get(name)
+        if value is not None and not math.isclose(float(value), getattr(cfg, name)):
+            raise ValueError(f"{name} {getattr(cfg, name)} differs from the training stage's data.{name} "
+                             f"{value}: the held-out set would not be what that stage never saw")
     if cfg.vae_standin_seed is None and trained.get("vae_standin_seed") is not None:
         return dataclasses.replace(cfg, vae_standin_seed=trained["vae_standin_seed"])
     return cfg
 
 
 def _heldout(cfg: EvalConfig, stage: str):
-    """(loader, pixel batch of the held-out samples: views at their true cameras, _K/_R/_t)."""
+    """(loader, pixel batch of the held-out frames, of seen frames or None): views at held-out
+    cameras (at their true cameras, _K/_R/_t/_head, when no camera is held out)."""
     from dataprep.loader import DataSource, LoaderConfig, TrainingLoader
 
     data = LoaderConfig(batch_size=cfg.batch_size, num_workers=0, resolution=cfg.resolution,
                         views=1 if stage == "pretrain" else cfg.views,
                         face_views=cfg.face_views if stage == "post" else 0,
-                        augment=False, holdout_fraction=cfg.holdout_fraction, seed=cfg.seed)
+                        augment=False, holdout_fraction=cfg.holdout_fraction,
+                        holdout_cameras=cfg.holdout_cameras, seed=cfg.seed)
     loader = TrainingLoader([DataSource(cfg.dataset)], stage, data)
-    return loader, loader.heldout_batch(cfg.samples)
+    seen = loader.heldout_batch(cfg.samples, frames="seen") if cfg.holdout_cameras and stage != "pretrain" else None
+    return loader, loader.heldout_batch(cfg.samples), seen
+
+
+def turn_camera(R: np.ndarray, t: np.ndarray, centre: np.ndarray, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+    """The camera (R, t) moved `degrees` in azimuth about the vertical (world z, SPEC §4) through
+    `centre`, still looking at what it looked at turned the same way: c' = centre + Rz (c - centre),
+    R' = R Rzᵀ, t' = -R' c'."""
+    a = math.radians(degrees)
+    Rz = np.array([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    c = -R.T @ t
+    c2 = centre + Rz @ (c - centre)
+    R2 = R @ Rz.T
+    return R2, -R2 @ c2
+
+
+def wrong_camera_batch(pixel: dict, degrees: float, axis_m: list[float]) -> dict:
+    """The batch with every target's conditioning (camera vector; Plücker map and anchor when
+    present) from its camera turned `degrees` about the head (`turn_camera`); views unchanged."""
+    from dataprep.anchors import draw_anchor
+    from dataprep.geometry import plucker, resize_intrinsics
+    from pippo_model.conditioning import camera_vectors
+
+    out = dict(pixel)
+    R, t = pixel["_R"].numpy().copy(), pixel["_t"].numpy().copy()
+    K, head = pixel["_K"].numpy(), pixel["_head"].numpy()
+    res = pixel["views"].shape[-1]
+    for b in range(R.shape[0]):
+        for v in range(R.shape[1]):
+            R[b, v], t[b, v] = turn_camera(R[b, v], t[b, v], head[b, :, 3], degrees)
+    out["cameras"] = camera_vectors(torch.from_numpy(R), torch.from_numpy(t)).float()
+    if "plucker" in pixel:
+        gh, gw = pixel["plucker"].shape[-2:]
+        out["plucker"] = torch.from_numpy(np.stack([np.stack([
+            plucker(resize_intrinsics(K[b, v], gw / res, gh / res), R[b, v], t[b, v], gh, gw)
+            for v in range(R.shape[1])]) for b in range(R.shape[0])])).to(pixel["plucker"].dtype)
+        anchors = np.stack([np.stack([draw_anchor(K[b, v], R[b, v], t[b, v], res, res, head[b], axis_m[b]).image
+                                      for v in range(R.shape[1])]) for b in range(R.shape[0])])
+        out["anchor"] = torch.from_numpy(anchors).float() / 127.5 - 1.0
+    return out
 
 
 # -- generation ----------------------------------------------------------------------------------------
@@ -189,18 +256,29 @@ def generate(model, model_cfg, pixel: dict, cfg: EvalConfig, device) -> torch.Te
 
 # -- metrics -------------------------------------------------------------------------------------------
 
+def _psnr(generated: torch.Tensor, pixel: dict) -> float:
+    from pippo_model.metrics.image import psnr
+
+    return psnr(generated.flatten(0, 1), pixel["views"].float().flatten(0, 1)).mean().item()
+
+
 def evaluate(generated: torch.Tensor, pixel: dict, cfg: EvalConfig, stage: str) -> dict:
     """eval/* metrics of generated views against the held-out batch (module docstring)."""
-    from pippo_model.metrics.image import psnr, ssim
+    from pippo_model.metrics.image import ssim
 
     gt = pixel["views"].float()
     flat_gen, flat_gt = generated.flatten(0, 1), gt.flatten(0, 1)
-    metrics = {"eval/psnr": psnr(flat_gen, flat_gt).mean().item(),
-               "eval/ssim": ssim(flat_gen, flat_gt).mean().item()}
+    metrics = {"eval/psnr": _psnr(generated, pixel), "eval/ssim": ssim(flat_gen, flat_gt).mean().item()}
     if stage != "pretrain":
+        upscale = 2 if gt.shape[-1] < cfg.match_upscale_below else 1
+        per_pair = {}
         for suffix, views in (("", generated), ("_gt", gt)):
-            re_pct, pairs = reprojection(views, pixel)
-            metrics[f"eval/re_pct{suffix}"], metrics[f"eval/re_pairs{suffix}"] = re_pct, float(pairs)
+            per_pair[suffix] = reprojection(views, pixel, upscale)
+            metrics[f"eval/re_pct{suffix}"] = _re_pct(per_pair[suffix].values(), gt)
+            metrics[f"eval/re_pairs{suffix}"] = float(len(per_pair[suffix]))
+        same = sorted(set(per_pair[""]) & set(per_pair["_gt"]))
+        for suffix in ("", "_gt"):
+            metrics[f"eval/re_pct{suffix}_same_pairs"] = _re_pct([per_pair[suffix][p] for p in same], gt)
     if len(flat_gen) >= cfg.fid_min_samples:
         metrics["eval/fid"] = fid_score(flat_gt, flat_gen, cfg.fid_extractor)
     return metrics
@@ -219,25 +297,30 @@ def sample_cameras(pixel: dict, s: int) -> tuple[list[int], list[dict]]:
     return slots, cams
 
 
-def reprojection(views: torch.Tensor, pixel: dict) -> tuple[float, int]:
-    """(RE in % of the image side, pairs measured) of views (B, V, 3, R, R) under the batch's true
-    cameras: every pair measured in any sample weighs the same (the mean of per-pair means, as
-    within one set of views); NaN and 0 when no pair is measurable."""
-    from pippo_model.metrics.reprojection import WideBaselineMatcher, reprojection_error
+def _re_pct(errors, views: torch.Tensor) -> float:
+    """Mean RE in % of the image side; NaN when no pair was measured."""
+    errors = list(errors)
+    return 100.0 * float(np.mean(errors)) / max(views.shape[-2:]) if errors else float("nan")
 
-    errors = []
+
+def reprojection(views: torch.Tensor, pixel: dict, upscale: int = 1) -> dict:
+    """{(sample, view i, view j): RE in pixels} of views (B, V, 3, R, R) under the batch's true
+    cameras, every pair measured in any sample (each weighs the same in a mean, as within one
+    set of views); empty when no pair is measurable."""
+    from pippo_model.metrics.reprojection import UpscaledMatcher, WideBaselineMatcher, reprojection_error
+
+    matcher = UpscaledMatcher(WideBaselineMatcher(), upscale) if upscale > 1 else WideBaselineMatcher()
+    errors = {}
     for s in range(views.shape[0]):
         slots, cams = sample_cameras(pixel, s)
         if len(slots) < 2:
             continue
         try:
-            result = reprojection_error([views[s, v] for v in slots], cams, WideBaselineMatcher())
+            result = reprojection_error([views[s, v] for v in slots], cams, matcher)
         except ValueError:                     # no pair of this sample measurable
             continue
-        errors += list(result.per_pair.values())
-    if not errors:
-        return float("nan"), 0
-    return 100.0 * float(np.mean(errors)) / max(views.shape[-2:]), len(errors)
+        errors.update({(s, slots[i], slots[j]): e for (i, j), e in result.per_pair.items()})
+    return errors
 
 
 def random_features(seed: int = 0, size: int = 64):
@@ -290,3 +373,65 @@ def contact_sheet(reference: torch.Tensor, gt: torch.Tensor, generated: torch.Te
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
+
+
+# -- the turnaround strip (the demo's last picture) ----------------------------------------------------
+
+def turnaround_strip(cfg: EvalConfig, out_path: str, views_per_pass: int = 4) -> dict:
+    """PNG strip of the first held-out FRAME seen from every camera of its rig in azimuth order:
+    the generated row over the ground-truth row at the same cameras, held-out cameras (never seen in
+    training) marked by a red bar over their tile. Generated `views_per_pass` views at a time (the
+    joint view count the stage trained near), each pass from the same reference and seed.
+    Returns {"path", "psnr" (all cameras), "psnr_heldout_cameras", "views"}."""
+    import os
+    import tempfile
+
+    from PIL import Image
+
+    from dataprep.loader import DataSource, LoaderConfig, TrainingLoader
+    from pipelines.training.worker import load_final_model
+    from dataprep.storage import absolute_url
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    checkpoint = absolute_url(cfg.checkpoint.rstrip("/"))
+    model, model_cfg = load_final_model(checkpoint, device)
+    stage = stage_of(model_cfg)
+    if stage == "pretrain":
+        raise ValueError("a turnaround needs a camera-conditioned stage (mid or post), not pretrain")
+    cfg = check_against_training(cfg, training_config(checkpoint))
+    data = LoaderConfig(batch_size=1, num_workers=0, resolution=cfg.resolution, views=cfg.views, augment=False,
+                        holdout_fraction=cfg.holdout_fraction, holdout_cameras=cfg.holdout_cameras, seed=cfg.seed)
+    loader = TrainingLoader([DataSource(cfg.dataset)], stage, data)
+    pixel = loader.heldout_batch(1, targets="orbit")
+    with_views = [k for k, v in pixel.items() if torch.is_tensor(v) and v.dim() >= 2 and v.shape[1] == cfg.views
+                  and k != "reference"]
+    chunks = []
+    for start in range(0, cfg.views, views_per_pass):
+        part = {k: (v[:, start:start + views_per_pass] if k in with_views else v) for k, v in pixel.items()}
+        chunks.append(generate(model, model_cfg, part, cfg, device))
+    generated = torch.cat(chunks, dim=1)
+    from pippo_model.metrics.image import psnr
+
+    per_view = psnr(generated[0], pixel["views"][0].float())
+    is_held = pixel["_heldout_camera"][0].bool()
+
+    def row(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(list(x), dim=-1)
+
+    top, bottom = row(generated[0]), row(pixel["views"][0].float())
+    bar = torch.full((3, max(2, cfg.resolution // 24), top.shape[-1]), -1.0)
+    for v in range(cfg.views):
+        if is_held[v]:
+            bar[:, :, v * cfg.resolution:(v + 1) * cfg.resolution] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]
+    image = torch.cat([bar, top, bottom], dim=-2)
+    pixels = ((image + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".png.tmp")      # atomic: never a half-written PNG
+    with os.fdopen(fd, "wb") as f:
+        Image.fromarray(pixels).save(f, format="PNG")
+    os.replace(tmp, out_path)
+    return {"path": out_path, "views": cfg.views, "key": pixel["keys"][0], "stage": stage,
+            "psnr": per_view.mean().item(),
+            "psnr_heldout_cameras": per_view[is_held].mean().item() if bool(is_held.any()) else float("nan")}
+

@@ -88,12 +88,16 @@ def trained(dataset, tracking, tmp_path_factory):
     for stage in ("pretrain", "mid", "post"):
         runs[stage] = train(stage, ref, root, parent.run_id, prev)
         prev = runs[stage]["run_uri"]
+    # eval runs of mid and post (pippo.eval_stage, as run_eval tags them): the stage table
+    with RunTracker(EXPERIMENT, "demo/eval_mid", step_tag="eval", parent_run_id=parent.run_id,
+                    system_metrics=False, tags={"pippo.eval_stage": "mid"}) as ev_mid:
+        ev_mid.log_metrics({"eval/re_pct": 2.5, "eval/psnr": 15.0, "eval/psnr_wrong_camera": 12.0}, step=0)
     with RunTracker(EXPERIMENT, "demo/eval", step_tag="eval", parent_run_id=parent.run_id,
-                    system_metrics=False) as ev:
+                    system_metrics=False, tags={"pippo.eval_stage": "post"}) as ev:
         ev.log_metrics({"eval/re_pct": 1.25, "eval/psnr": 17.5, "eval/ssim": 0.61}, step=0)
     parent.end("FINISHED")
     runs["pretrain_lr"] = train("pretrain", ref, root, None, None, **{"optim.lr": 5e-4})
-    return {"runs": runs, "parent": parent.run_id, "eval": ev.run_id, "version": vid}
+    return {"runs": runs, "parent": parent.run_id, "eval": ev.run_id, "eval_mid": ev_mid.run_id, "version": vid}
 
 
 # -- compare ----------------------------------------------------------------------------------------
@@ -104,12 +108,12 @@ def test_compare_json(trained, tmp_path):
     doc = json.loads(out)                                    # stdout is exactly one JSON document
     runs = {r["run_id"]: r for r in doc["runs"]}
     ids = {k: v["mlflow_run_id"] for k, v in trained["runs"].items()}
-    assert set(runs) == {*ids.values(), trained["parent"], trained["eval"]}
+    assert set(runs) == {*ids.values(), trained["parent"], trained["eval"], trained["eval_mid"]}
     assert [runs[ids[s]]["step"] for s in ("pretrain", "mid", "post")] == ["pretrain", "mid", "post"]
     assert runs[trained["parent"]]["step"] == "pipeline" and runs[trained["eval"]]["step"] == "eval"
     # parent/child structure: the four steps under the parent, the stand-alone run at the root
     parent = runs[trained["parent"]]
-    assert set(parent["children"]) == {ids["pretrain"], ids["mid"], ids["post"], trained["eval"]}
+    assert set(parent["children"]) == {ids["pretrain"], ids["mid"], ids["post"], trained["eval"], trained["eval_mid"]}
     assert parent["depth"] == 0 and runs[ids["post"]]["depth"] == 1 and runs[ids["pretrain_lr"]]["depth"] == 0
     assert runs[ids["mid"]]["parent_run_id"] == trained["parent"]
     # dataset version, final metrics, checkpoint tag
@@ -119,6 +123,11 @@ def test_compare_json(trained, tmp_path):
         assert np.isfinite(r["metrics"]["train/loss"])
         assert r["checkpoint"] == trained["runs"][key]["checkpoint"]
     assert runs[trained["eval"]]["metrics"] == {"eval/re_pct": 1.25, "eval/psnr": 17.5, "eval/ssim": 0.61}
+    # the stages' eval metrics side by side, in training order
+    assert list(doc["stage_evals"]) == ["mid", "post"]
+    assert doc["stage_evals"]["mid"] == {"run_id": trained["eval_mid"], "eval/re_pct": 2.5, "eval/psnr": 15.0,
+                                         "eval/psnr_wrong_camera": 12.0}
+    assert doc["stage_evals"]["post"]["eval/psnr"] == 17.5
     # only the params that differ between runs of the same kind of step: the two pretrain runs'
     # learning rate; not what differs by nature between stages (stage, init_from, views)
     diff = doc["differing_params"]
@@ -145,6 +154,10 @@ def test_compare_text_and_default_experiment(trained, tmp_path, monkeypatch):
     header = next(line for line in lines if line.startswith("run "))
     assert "train/loss" in header and "eval/psnr" in header and "checkpoint" in header
     assert "params that differ:" in out and "optim.lr" in out
+    table = lines[lines.index("eval metrics by stage (newest eval run of each):") + 1:]
+    assert table[0].split() == ["metric", "mid", "post"]
+    assert table[2].split() == ["eval/psnr", "15", "17.5"]
+    assert next(r for r in table if r.startswith("eval/psnr_wrong_camera")).split() == ["eval/psnr_wrong_camera", "12", "-"]
     assert (tmp_path / "out" / "compare" / "loss_curves.png").is_file()
     assert str(tmp_path / "out" / "compare" / "eval_metrics.png") in lines[-1]
 

@@ -21,8 +21,8 @@ SMALLEST = [
     *[f"steps.{s}.overrides.{k}" for s in ("pretrain", "mid", "post") for k in (
         "steps=2", f"model_overrides={SMALL_MODEL}", "data.resolution=32", "data.num_workers=0",
         "data.holdout_fraction=0.5", "workers=1", "tracking.sample_every=0", "tracking.system_metrics=false")],
-    "steps.eval.overrides.resolution=32", "steps.eval.overrides.samples=1", "steps.eval.overrides.steps=2",
-    "steps.eval.overrides.holdout_fraction=0.5",
+    *[f"steps.{e}.overrides.{k}" for e in ("eval_mid", "eval") for k in (
+        "resolution=32", "samples=1", "steps=2", "holdout_fraction=0.5")],
 ]
 
 
@@ -39,7 +39,7 @@ def test_demo_pipeline_smallest_then_compare(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.strip().splitlines()
     states = {ln.split()[0]: ln.split()[1] for ln in lines[:-1]}
-    assert states == {s: "ran" for s in ("data", "dataprep", "pretrain", "mid", "post", "eval")}
+    assert states == {s: "ran" for s in ("data", "dataprep", "pretrain", "mid", "post", "eval_mid", "eval")}
     proc = pippo(*args, env=env)
     assert {ln.split()[1] for ln in proc.stdout.strip().splitlines()[:-1]} == {"cached"}
 
@@ -48,3 +48,9 @@ def test_demo_pipeline_smallest_then_compare(tmp_path):
     doc = json.loads(proc.stdout)
     steps = {r["step"] for r in doc["runs"]} if isinstance(doc.get("runs"), list) else set()
     assert {"dataprep", "pretrain", "mid", "post", "eval"} <= steps, doc.keys()
+    # the stages' evals side by side (held-out cameras of held-out frames and of seen frames, the
+    # wrong-camera control); the RE needs real resolution (the demo's own scale, not this one)
+    assert list(doc["stage_evals"]) == ["mid", "post"]
+    for stage, metrics in doc["stage_evals"].items():
+        for key in ("eval/psnr", "eval/psnr_seen", "eval/psnr_wrong_camera"):
+            assert metrics[key] == metrics[key], (stage, key, metrics)

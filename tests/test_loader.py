@@ -360,3 +360,39 @@ def test_holdout_set_never_empty_nor_everything():
     assert holdout_set(keys, 0.5) == {k for k in keys if held_out(k, 0.5)} or \
         not 0 < sum(held_out(k, 0.5) for k in keys) < 8
     assert holdout_set(keys, 0.0) == set() and holdout_set(["only"], 0.5) <= {"only"}
+
+
+def test_heldout_cameras_never_train_and_are_the_targets_of_evaluation(data):
+    """holdout_cameras: the same cameras of every frame never appear in a training batch (neither
+    as target nor as reference); heldout_batch puts the targets there, for held-out frames and,
+    with frames="seen", for training frames."""
+    from dataprep.stage_samples import heldout_views
+
+    samples = data["mixed"]["samples"]
+
+    def held_ids(key):
+        meta = json.loads(samples[key]["json"])
+        return meta, {meta["views"][v]["camera_id"] for v in heldout_views(meta, 0.3)}
+
+    cfg = cfg_(holdout_fraction=0.3, holdout_cameras=0.3, views=2, num_workers=0)
+    for stage in ("mid", "post"):
+        loader = TrainingLoader([DataSource(data["mixed"]["ref"])], stage, cfg)
+        trained_keys = set()
+        for batch in take(loader, 6)[0]:
+            for i, key in enumerate(batch["keys"]):
+                meta, held = held_ids(key)
+                assert 0 < len(held) < len(meta["views"])
+                used = batch["_view_index"][i].tolist() + [int(batch["_reference_index"][i])]
+                assert not {meta["views"][v]["camera_id"] for v in used} & held
+                trained_keys.add(key)
+        heldout_frames = set(loader.heldout_batch(20)["keys"])
+        assert heldout_frames and not heldout_frames & trained_keys
+        for frames in ("heldout", "seen"):
+            batch = loader.heldout_batch(4, frames=frames)
+            assert (set(batch["keys"]) <= heldout_frames) is (frames == "heldout")
+            assert (not set(batch["keys"]) & heldout_frames) is (frames == "seen")
+            for i, key in enumerate(batch["keys"]):
+                meta, held = held_ids(key)
+                assert {meta["views"][v]["camera_id"] for v in batch["_view_index"][i].tolist()} <= held
+                assert meta["views"][int(batch["_reference_index"][i])]["camera_id"] not in held
+            assert batch["_head"].shape[1:] == (3, 4)
