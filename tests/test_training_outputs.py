@@ -2,7 +2,8 @@
 
 DeepSpeed's own tools read our checkpoints: `python -m deepspeed.utils.zero_to_fp32 <step dir> out`,
 exactly as a user types it (no --tag), works on a step directory a real training run saved, in the
-shipped environment (huggingface_hub installed)."""
+shipped environment (huggingface_hub installed). A Ray Train run with a remote store leaves nothing
+in the working directory (Ray Train's storage_path was ./.pippo/ray_results)."""
 import os
 import subprocess
 import sys
@@ -45,3 +46,21 @@ def test_zero_to_fp32_reads_a_saved_step_directory(dataset, tmp_path, mlflow_uri
     for name, value in trained.items():
         assert torch.equal(converted[name].to(value.dtype), value), name
 
+
+def test_ray_train_run_with_a_remote_store_leaves_nothing_in_the_cwd(dataset, tmp_path, mlflow_uri,  # noqa: F811
+                                                                     s3_server, monkeypatch):
+    import fsspec
+
+    fsspec.filesystem("s3").mkdirs("ckpt-cwd", exist_ok=True)
+    ref, _ = dataset
+    cfg = stage_cfg("pretrain", ref, "s3://ckpt-cwd/runs", steps=1, workers=1, **{"tracking.sample_every": 0},
+                    model=str(ROOT / "configs/models/test.yaml"), deepspeed=str(ROOT / "configs/deepspeed/zero2.json"))
+    monkeypatch.delenv("PIPPO_RAY_RESULTS", raising=False)
+    before = set(Path(tempfile.gettempdir()).glob("pippo-ray-train-*"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    summary = run_stage(cfg)
+    assert summary["step"] == 1 and summary["checkpoint"].startswith("s3://")
+    assert list(cwd.iterdir()) == []                            # no ./.pippo/ray_results
+    assert set(Path(tempfile.gettempdir()).glob("pippo-ray-train-*")) <= before   # its scratch is gone

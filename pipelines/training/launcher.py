@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 
 from pipelines.config import ConfigError, load_config, read_json_config, to_dict
 from pipelines.training.config import StageConfig
@@ -117,16 +119,31 @@ def _run_on_ray(cfg: StageConfig, job: dict) -> dict:
     if use_gpu:
         per_worker["GPU"] = r.gpus_per_worker
     job["launcher"] = "ray"
+    storage_path, remove_storage = ray_train_storage()
     trainer = TorchTrainer(
         ray_entry, train_loop_config=job,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(name=cfg.resolved_run_name(), failure_config=FailureConfig(max_failures=r.max_failures),
-                             storage_path=os.path.abspath(os.environ.get("PIPPO_RAY_RESULTS", ".pippo/ray_results"))))
-    result = trainer.fit()
+                             storage_path=storage_path))
+    try:
+        result = trainer.fit()
+    finally:
+        remove_storage()
     if result.error:
         raise result.error
     return _summary(job["run_uri"])
+
+
+def ray_train_storage():
+    """Ray Train's storage_path and how to remove it after the run: PIPPO_RAY_RESULTS when set
+    (kept), else a private temporary directory. Ray Train keeps only its own bookkeeping there
+    (checkpoints and results live in the CheckpointStore and MLflow): a default under the working
+    directory left `./.pippo/ray_results` behind each run, whatever the store."""
+    if os.environ.get("PIPPO_RAY_RESULTS"):
+        return os.path.abspath(os.environ["PIPPO_RAY_RESULTS"]), lambda: None
+    scratch = tempfile.mkdtemp(prefix="pippo-ray-train-")
+    return scratch, lambda: shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _summary(run_uri: str) -> dict:
