@@ -301,10 +301,15 @@ class DatasetStore:
         return vid
 
     # -- tables -----------------------------------------------------------------------------------
-    def read_table(self, url: str, **kw) -> pa.Table:
+    def read_table(self, url: str, columns: list[str] | None = None) -> pa.Table:
+        """One of the store's parquet files (parts lists, ledgers, shard indexes), read in this
+        thread. Not pq.read_table: it goes through Arrow's dataset scanner, which starts Arrow's
+        thread pools even with use_threads=False, and those pools race their static destructors at
+        interpreter exit (`terminate called without an active exception`, SIGABRT, about one run
+        of `pippo data show` in 12). ParquetFile.read without threads starts none."""
         fs, path = self._fs_path(url)
         with fs.open(path, "rb") as f:
-            return pq.read_table(f, **kw)
+            return pq.ParquetFile(f, pre_buffer=False).read(columns=columns, use_threads=False)
 
     def write_table(self, url: str, table: pa.Table, exclusive: bool = False) -> None:
         sink = pa.BufferOutputStream()

@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
              "  pippo compare --experiment test-post --json | jq '.runs[].metrics'")
     p.add_argument("--experiment", help="experiment name (default: configs/pipelines/demo.yaml's "
                                         "experiment, else the most recently active one)")
-    p.add_argument("--out", default="out/compare", help="directory for the PNG plots (default out/compare)")
+    p.add_argument("--out", default=None,
+                   help="directory for the PNG plots (default out/compare; with --json, no plots unless --out)")
     _json_flag(p)
 
     p = _add(top, "sample", "pipelines.sample:main", "one photo -> turnaround GIF/MP4",

@@ -275,8 +275,9 @@ def render_text(doc: dict) -> str:
 
 # -- the command ------------------------------------------------------------------------------------
 
-def compare(experiment: str | None, out_dir: str | Path) -> dict:
-    """The comparison as one JSON-able document (also what --json prints)."""
+def compare(experiment: str | None, out_dir: str | Path | None) -> dict:
+    """The comparison as one JSON-able document (also what --json prints); plots into `out_dir`
+    unless it is None."""
     from mlflow import MlflowClient
 
     from pipelines.training.tracking import _quiet_mlflow, tracking_uri
@@ -289,12 +290,14 @@ def compare(experiment: str | None, out_dir: str | Path) -> dict:
     keys = differing_params(runs)
     params = {r.info.run_id: {k: r.data.params.get(k) for k in keys} if r.data.params else {} for r in runs}
     rows = tree_order([{**run_row(r), "params": params[r.info.run_id]} for r in runs])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("loss_curves.png", "eval_metrics.png"):   # an earlier comparison's plot would mislead
-        (out / stale).unlink(missing_ok=True)
-    loss = plot_losses(rows, loss_histories(client, rows), out / "loss_curves.png")
-    evals = plot_evals(rows, out / "eval_metrics.png")
+    loss = evals = None
+    if out_dir is not None:               # None: the document only (`--json` without --out)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in ("loss_curves.png", "eval_metrics.png"):   # an earlier comparison's plot would mislead
+            (out / stale).unlink(missing_ok=True)
+        loss = plot_losses(rows, loss_histories(client, rows), out / "loss_curves.png")
+        evals = plot_evals(rows, out / "eval_metrics.png")
     # a server URI may carry user:password@
     return {"experiment": {"name": exp.name, "id": exp.experiment_id}, "tracking_uri": redact(uri), "runs": rows,
             "differing_params": keys, "stage_evals": stage_evals(rows),
@@ -305,7 +308,8 @@ def main(args) -> int:
     from pipelines.training.tracking import check_tracking_server
 
     check_tracking_server()        # before mlflow's import (seconds on a busy machine)
-    doc = compare(args.experiment, args.out or "out/compare")
+    # --json is for scripts: it prints the document and writes nothing unless asked (--out)
+    doc = compare(args.experiment, args.out or (None if args.json else "out/compare"))
     if args.json:
         print(json.dumps(doc, default=str))
     else:

@@ -234,11 +234,17 @@ def read_views(directory: str | Path):
 
 
 def eval_reprojection(args) -> int:
-    from pippo_model.metrics.reprojection import reprojection_error
+    from pippo_model.metrics.reprojection import NotMeasurable, reprojection_error
 
     images, cameras = read_views(args.dir)
     try:
         result = reprojection_error(images, cameras)
+    except NotMeasurable as exc:
+        # A measurement with no number is still an answer (e.g. generated views too inconsistent
+        # to match): the document with nulls and the reason, exit 0; scripts test re_pct for null.
+        doc = {"re_pct": None, "re_px": None, "pairs": 0, "reason": str(exc)}
+        print(json.dumps(doc) if args.json else f"reprojection error: not measurable: {exc}")
+        return 0
     except ValueError as exc:
         raise UserError(f"{args.dir}: {exc}") from None
     if args.json:

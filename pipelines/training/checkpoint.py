@@ -7,6 +7,7 @@ Layout under the run's URI (StageConfig.run_uri()):
     step_00000100/loader/rank00000.json   the loader's position of each rank
     step_00000100/ema/rank00000.safetensors   each rank's EMA slices (pipelines.training.ema)
     step_00000100/trainer.json      step, samples, world size, ZeRO stage, EMA updates
+    step_00000100/latest            "ds": DeepSpeed's tag file, so its tools (zero_to_fp32) need no --tag
     step_00000100/COMPLETE          the marker, written LAST (after a barrier behind every rank's upload)
     latest                          {"step", "dir"}: pointer to the newest complete step, after its marker
     final-step_00000100/model.safetensors   consolidated EMA weights (+ model_raw.safetensors: the
@@ -60,6 +61,7 @@ from pipelines.training.safe_load import UnsafeCheckpointError, unsafe_globals, 
 log = logging.getLogger("pippo.train.checkpoint")
 
 DS_TAG = "ds"
+DS_LATEST = "latest"        # in a step directory: DeepSpeed's tag file, holding DS_TAG
 UNIVERSAL_TAG = "universal"
 MARKER = "COMPLETE"
 # DeepSpeed's ds_to_universal needs this key in the client state of ZeRO-1/2 checkpoints.
@@ -167,6 +169,10 @@ class CheckpointStore:
         barrier()                                          # every rank's files are in place
         if rank == 0:
             self.write_json({**trainer_state, "step": step, "saved": time.time()}, name, "trainer.json")
+            # DeepSpeed's own tag file, so its tools read a step directory as they read any
+            # DeepSpeed save (`python -m deepspeed.utils.zero_to_fp32 step_00000100 out`, no --tag).
+            # Before the marker: a complete step always has it.
+            atomic_write_bytes(self.url(name, DS_LATEST), DS_TAG.encode())
             atomic_write_bytes(self.url(name, MARKER), b"ok\n")
             self.write_json({"step": step, "dir": name}, "latest")
             self._prune(keep_last)

@@ -11,6 +11,8 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import tempfile
 
 from pipelines.config import ConfigError, load_config, read_json_config, to_dict
 from pipelines.training.config import StageConfig
@@ -126,6 +128,7 @@ def _run_on_ray(cfg: StageConfig, job: dict) -> dict:
     if use_gpu:
         per_worker["GPU"] = r.gpus_per_worker
     job["launcher"] = "ray"
+    storage_path, remove_storage = ray_train_storage()
     trainer = TorchTrainer(
         ray_entry, train_loop_config=job,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -133,12 +136,14 @@ def _run_on_ray(cfg: StageConfig, job: dict) -> dict:
         run_config=RunConfig(name=job["stage"]["run_name"], failure_config=FailureConfig(max_failures=r.max_failures),
                              # an input error in a worker ends the run instead of being retried
                              callbacks=[end_on_input_error()],
-                             storage_path=os.path.abspath(os.environ.get("PIPPO_RAY_RESULTS", ".pippo/ray_results"))))
+                             storage_path=storage_path))
     try:
         result = _fit_interruptibly(trainer)  # Ray Train v2 raises TrainingFailedError ...
         error = result.error                  # ... v1 returned it
     except ray.train.TrainingFailedError as exc:
         error = exc
+    finally:
+        remove_storage()
     if error:
         input_error = find_input_error(error)
         if input_error is not None:
@@ -191,6 +196,17 @@ class StageFailed(RuntimeError):
         where = f"newest checkpoint: step {latest['step']}" if latest else "no checkpoint yet"
         super().__init__(f"training failed in the Ray workers ({type(error).__name__}: {last}); run {run_uri}, "
                          f"{where}; re-run the same command to continue")
+
+
+def ray_train_storage():
+    """Ray Train's storage_path and how to remove it after the run: PIPPO_RAY_RESULTS when set
+    (kept), else a private temporary directory. Ray Train keeps only its own bookkeeping there
+    (checkpoints and results live in the CheckpointStore and MLflow): a default under the working
+    directory left `./.pippo/ray_results` behind each run, whatever the store."""
+    if os.environ.get("PIPPO_RAY_RESULTS"):
+        return os.path.abspath(os.environ["PIPPO_RAY_RESULTS"]), lambda: None
+    scratch = tempfile.mkdtemp(prefix="pippo-ray-train-")
+    return scratch, lambda: shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _summary(run_uri: str, steps: int) -> dict:

@@ -41,6 +41,10 @@ class Matcher(Protocol):
         """Corresponding pixel positions (N, 2) [x, y] in views i and j."""
 
 
+class NotMeasurable(ValueError):
+    """No pair of views could be measured: a result about the views, not a broken input."""
+
+
 @dataclass
 class ReprojectionResult:
     re_px: float  # mean over pairs of the mean reprojection error (pixels)
@@ -182,7 +186,8 @@ def reprojection_error(images: Sequence, cameras: Sequence[Mapping], matcher: Ma
         if n >= min_matches:
             per_pair[(i, j)], counts[(i, j)] = err, n
     if not per_pair:
-        raise ValueError("no pair of views had enough matches to measure the reprojection error")
+        raise NotMeasurable(f"no pair of views had {min_matches} or more consistent matches "
+                            "(views that share too little, or images too inconsistent to match)")
     re_px = float(np.mean(list(per_pair.values())))
     return ReprojectionResult(re_px, 100.0 * re_px / size, len(per_pair), per_pair, counts)
 
