@@ -8,10 +8,15 @@ Q2: incremental +1 % on parents of 10^5 and 10^6 inputs: driver wall and CPU tim
     build / the fresh parent build (goal <= 0.1), and bytes the driver reads from the parent /
     the parent's ledger bytes (goal <= 1 %).
 
+Q3 (issue 17): a flat directory of N tiny files (60 k and more): driver peak RSS growth per input
+    of a fresh build (--dry-run: listing and planning) and of an incremental build over it
+    (+1 % new files, after a real parent build), goal <= 50 B/input; `--code DIR` runs another
+    checkout's build (the numbers before a change).
+
 Inputs are relative paths to files that do not exist (each is listed, partitioned, tried once and
 rejected as `fetch: file not found`), so the work measured is the build's bookkeeping, not image
 decoding. Each measurement runs in a fresh process (its own local Ray) so RSS is that driver's.
-Run: .venv/bin/python benches/build_scale.py [--big]
+Run: .venv/bin/python benches/build_scale.py [--big] [--flat [--code DIR]]
 """
 from __future__ import annotations
 
@@ -42,7 +47,8 @@ if args.get("audit"):
             except OSError:
                 pass
     sys.addaudithook(hook)
-cfg = BuildConfig(dataset=args["dataset"], sources=[Source("urls", u) for u in args["lists"]],
+cfg = BuildConfig(dataset=args["dataset"], sources=[Source("urls", u) for u in args["lists"]]
+                  + [Source("images", d) for d in args.get("dirs", [])],
                   partitions=args["partitions"], max_attempts=1, preview_samples=0,
                   inputs=InputPolicy(max_bytes=2**31))
 import ray
@@ -56,8 +62,11 @@ print(json.dumps({{"wall": wall, "cpu": cpu, "rss_kb": resource.getrusage(resour
 '''
 
 
+CODE = ROOT
+
+
 def drive(**args) -> dict:
-    script = DRIVER.format(root=str(ROOT))
+    script = DRIVER.format(root=str(CODE))
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], capture_output=True, text=True,
                           timeout=7200, env={**os.environ, "RAY_ADDRESS": ""})
     if proc.returncode:
@@ -110,8 +119,47 @@ def q2(sizes, tmp: Path) -> list[dict]:
     return rows
 
 
+def flat_dir(path: Path, n: int, start: int = 0) -> Path:
+    """n tiny files that look like photos by name (each is read once and rejected at decode)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        (path / f"IMG_{i:09d}.jpg").write_bytes(b"not a jpeg %d" % i)
+    return path
+
+
+def q3(sizes, tmp: Path) -> list[dict]:
+    rows = []
+    for n in sizes:
+        d = tmp / f"q3_{n}"
+        src = flat_dir(d / "src", n)
+        fresh = drive(dataset=str(d / "ds"), lists=[], dirs=[str(src)], partitions=64, dry_run=True)
+        parent = drive(dataset=str(d / "ds"), lists=[], dirs=[str(src)], partitions=64, dry_run=False)
+        flat_dir(src, n // 100, start=n)
+        child = drive(dataset=str(d / "ds"), lists=[], dirs=[str(src)], partitions=64, dry_run=False)
+        rows.append({"n": n, "fresh_rss_mb": fresh["rss_kb"] / 1024, "fresh_wall_s": fresh["wall"],
+                     "parent_wall_s": parent["wall"], "child_rss_mb": child["rss_kb"] / 1024,
+                     "child_wall_s": child["wall"]})
+        print(f"  flat dir {n:>9,}: dry-run {fresh['wall']:6.1f} s, driver peak RSS {fresh['rss_kb'] / 1024:7.1f} MB; "
+              f"parent build {parent['wall']:6.1f} s; +1 % build {child['wall']:6.1f} s, driver peak RSS "
+              f"{child['rss_kb'] / 1024:7.1f} MB", flush=True)
+    for a, b in zip(rows, rows[1:]):
+        for what in ("fresh", "child"):
+            growth = (b[f"{what}_rss_mb"] - a[f"{what}_rss_mb"]) * 2**20 / (b["n"] - a["n"])
+            b[f"{what}_rss_growth_b_per_input"] = growth
+            print(f"  {what} RSS growth {a['n']:,} -> {b['n']:,}: {growth:.1f} B/input (goal <= 50)")
+    return rows
+
+
 def main():
+    global CODE
     big = "--big" in sys.argv
+    if "--code" in sys.argv:
+        CODE = Path(sys.argv[sys.argv.index("--code") + 1]).resolve()
+    if "--flat" in sys.argv:          # Q3 only
+        with tempfile.TemporaryDirectory() as tmp:
+            print("Q3: flat directory, fresh (--dry-run) and +1 % incremental")
+            print(json.dumps({"q3": q3([10_000, 60_000] + ([200_000] if big else []), Path(tmp))}))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         print("Q1: listing + planning (--dry-run)")
         r1 = q1([10**5, 10**6] + ([10**7] if big else []), Path(tmp))
