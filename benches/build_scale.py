@@ -67,8 +67,11 @@ CODE = ROOT
 
 def drive(**args) -> dict:
     script = DRIVER.format(root=str(CODE))
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], capture_output=True, text=True,
-                          timeout=7200, env={**os.environ, "RAY_ADDRESS": ""})
+    for _ in range(3):    # a loaded machine can miss Ray's fixed 30 s raylet start-up wait: try again
+        proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], capture_output=True, text=True,
+                              timeout=7200, env={**os.environ, "RAY_ADDRESS": ""})
+        if "timed out during startup" not in proc.stderr:
+            break
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])

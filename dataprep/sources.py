@@ -158,17 +158,39 @@ def _split_of(url: str, n: int) -> int:
 
 
 def _top_entries(fs, root: str):
-    """(path, is_dir) of a directory's entries, streamed where the filesystem can (local:
-    scandir, a flat directory of 10^7 files never held); object stores: one paginated listing."""
+    """(path, is_dir, listing info or None) of a directory's entries, streamed: a flat directory
+    or prefix of 10^9 objects is never held. Local: scandir (info: one stat, by the caller, for
+    the entries it keeps); S3: ListObjectsV2 page by page (its info: size, ETag); other object
+    stores: fsspec's whole listing."""
     if is_local(fs):
         with os.scandir(root) as it:
             for e in it:
-                yield posixpath.join(root, e.name), e.is_dir()
+                yield posixpath.join(root, e.name), e.is_dir(), None
+    elif hasattr(fs, "_call_s3"):
+        yield from _s3_pages(fs, root)
     else:
-        # fsspec's object stores list a prefix whole (paged requests, one result): held by this
-        # task only, and only its names are kept past this loop
         for e in fs.ls(root, detail=True):
-            yield e["name"], e["type"] == "directory"
+            yield e["name"], e["type"] == "directory", e
+
+
+def _s3_pages(fs, root: str):
+    """Deliberately below s3fs's public API: its ls/find return a prefix whole (and cache it),
+    and its page iterator is async; this walks the pages of one delimited listing in order."""
+    from fsspec.asyn import sync
+    bucket, key, _ = fs.split_path(root)
+    prefix = key.strip("/") + "/" if key.strip("/") else ""
+    kwargs = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/"}
+    while True:
+        page = sync(fs.loop, fs._call_s3, "list_objects_v2", **kwargs)
+        for d in page.get("CommonPrefixes", []):
+            yield f"{bucket}/{d['Prefix'].rstrip('/')}", True, None
+        for c in page.get("Contents", []):
+            if not c["Key"].endswith("/"):          # a "directory marker" object
+                yield f"{bucket}/{c['Key']}", False, {"name": f"{bucket}/{c['Key']}", "size": c["Size"],
+                                                      "ETag": c.get("ETag", ""), "type": "file"}
+        if not page.get("IsTruncated"):
+            return
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def list_directory_split(url: str, policy: InputPolicy, split: tuple[int, int]) -> tuple[list[InputItem], list[dict]]:
@@ -179,7 +201,9 @@ def list_directory_split(url: str, policy: InputPolicy, split: tuple[int, int]) 
     fs, root = fs_and_path(url)
     roots, real_dirs = _local_roots(fs, root, policy), {}
     files, items, rejects = {}, [], []
-    for path, is_dir in _top_entries(fs, root):
+    # each split pages through the whole top level (n x the LIST requests of one listing) and
+    # keeps its hash share: memory O(share) without knowing the key distribution
+    for path, is_dir, info in _top_entries(fs, root):
         if _split_of(url_of(fs, path), n) != k:
             continue
         if is_dir:
@@ -188,7 +212,7 @@ def list_directory_split(url: str, policy: InputPolicy, split: tuple[int, int]) 
             rejects += sub[1]
         else:
             try:
-                files[path] = fs.info(path)
+                files[path] = info or fs.info(path)
             except FileNotFoundError:
                 continue                        # deleted while listed
     top = _image_items(fs, files, roots, url_of(fs, root), real_dirs)

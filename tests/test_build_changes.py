@@ -217,3 +217,25 @@ def test_directories_and_url_lists_are_listed_in_split_tasks_not_by_the_driver(t
     # the driver listed neither the source nor any directory under it
     assert not [p for p in driver.paths if p.startswith(str(src))], driver.paths
     assert len(set(keys_of(v))) == len(keys_of(v)) == v["counts"]["kept"] >= 18
+
+
+def test_an_s3_prefix_is_listed_page_by_page_in_hash_shares(s3_server):
+    """Past one ListObjectsV2 page (1000 keys): every object found by exactly one split, with its
+    size and ETag, and sub-prefixes walked by the split they hash to."""
+    import fsspec
+    from dataprep.build_config import InputPolicy
+    from dataprep.sources import list_directory_split
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("flat-prefix")
+    fs.pipe({f"flat-prefix/photos/p{i:05d}.jpg": b"x" * (i % 7 + 1) for i in range(1203)})
+    fs.pipe({"flat-prefix/photos/sub/deep/q.jpg": b"q", "flat-prefix/photos/notes.txt": b"n"})
+    found = []
+    for k in range(3):
+        items, rejects = list_directory_split("s3://flat-prefix/photos", InputPolicy(), (k, 3))
+        assert not rejects
+        found += items
+    names = [i.input_id for i in found]
+    assert len(names) == len(set(names)) == 1204
+    assert "s3://flat-prefix/photos/sub/deep/q.jpg" in names
+    p7 = next(i for i in found if i.input_id.endswith("p00007.jpg"))
+    assert p7.size == 1 and p7.tag.strip('"') == hashlib.md5(b"x").hexdigest()
