@@ -54,11 +54,23 @@ cfg = BuildConfig(dataset=args["dataset"], sources=[Source("urls", u) for u in a
 import ray
 ray.init(address="local", include_dashboard=False, logging_level="ERROR")
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# ru_maxrss is the process peak, which Ray's start-up may set: the build's own peak is sampled
+import threading
+def rss_now():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+before, peak, done = rss_now(), [0], threading.Event()
+def sample():
+    while not done.wait(0.01):
+        peak[0] = max(peak[0], rss_now())
+threading.Thread(target=sample, daemon=True).start()
 t0, c0 = time.time(), time.process_time()
 out = run_build(cfg, {{}}, dry_run=args["dry_run"])
 wall, cpu = time.time() - t0, time.process_time() - c0
+done.set()
 print(json.dumps({{"wall": wall, "cpu": cpu, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "rss0_kb": rss0, "out": out, "opened": opened}}))
+                  "rss0_kb": rss0, "build_rss_before_kb": before, "build_rss_peak_kb": max(peak[0], rss_now()),
+                  "out": out, "opened": opened}}))
 '''
 
 
@@ -69,7 +81,10 @@ def drive(**args) -> dict:
     script = DRIVER.format(root=str(CODE))
     for _ in range(3):    # a loaded machine can miss Ray's fixed 30 s raylet start-up wait: try again
         proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], capture_output=True, text=True,
-                              timeout=7200, env={**os.environ, "RAY_ADDRESS": ""})
+                              timeout=7200, cwd=str(CODE),
+                              # Ray's workers import the same checkout as the driver (Ray gives
+                              # them the driver's sys.path, its cwd included)
+                              env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(CODE)})
         if "timed out during startup" not in proc.stderr:
             break
     if proc.returncode:
@@ -139,12 +154,13 @@ def q3(sizes, tmp: Path) -> list[dict]:
         parent = drive(dataset=str(d / "ds"), lists=[], dirs=[str(src)], partitions=64, dry_run=False)
         flat_dir(src, n // 100, start=n)
         child = drive(dataset=str(d / "ds"), lists=[], dirs=[str(src)], partitions=64, dry_run=False)
-        rows.append({"n": n, "fresh_rss_mb": fresh["rss_kb"] / 1024, "fresh_wall_s": fresh["wall"],
-                     "parent_wall_s": parent["wall"], "child_rss_mb": child["rss_kb"] / 1024,
+        # the build's own sampled peak (ru_maxrss can be Ray's start-up, hiding the listing)
+        rows.append({"n": n, "fresh_rss_mb": fresh["build_rss_peak_kb"] / 1024, "fresh_wall_s": fresh["wall"],
+                     "parent_wall_s": parent["wall"], "child_rss_mb": child["build_rss_peak_kb"] / 1024,
                      "child_wall_s": child["wall"]})
-        print(f"  flat dir {n:>9,}: dry-run {fresh['wall']:6.1f} s, driver peak RSS {fresh['rss_kb'] / 1024:7.1f} MB; "
+        print(f"  flat dir {n:>9,}: dry-run {fresh['wall']:6.1f} s, driver peak RSS {rows[-1]['fresh_rss_mb']:7.1f} MB; "
               f"parent build {parent['wall']:6.1f} s; +1 % build {child['wall']:6.1f} s, driver peak RSS "
-              f"{child['rss_kb'] / 1024:7.1f} MB", flush=True)
+              f"{rows[-1]['child_rss_mb']:7.1f} MB", flush=True)
     for a, b in zip(rows, rows[1:]):
         for what in ("fresh", "child"):
             growth = (b[f"{what}_rss_mb"] - a[f"{what}_rss_mb"]) * 2**20 / (b["n"] - a["n"])
