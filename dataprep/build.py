@@ -1,6 +1,6 @@
 """`pippo data build`: the Ray job that turns sources into a new dataset version.
 
-    plan (driver): one `ls` per source -> listing units; the parent's parts list (one small file)
+    plan (driver): one `info` per source -> listing units (never a listing); the parent's parts list
       → list: a Ray task per unit lists its inputs and routes each to its partition (hash of the
         URL holding its bytes); tables stay in Ray's object store
       → process: a task per partition (dataprep/partition_job.py) skips what the parent decided,
@@ -123,7 +123,8 @@ def run_build(cfg: BuildConfig, config_dict: dict, dry_run: bool = False) -> str
         if parent and partitions != cfg.partitions:
             log.info("keeping the parent's %d partitions (config: %d)", partitions, cfg.partitions)
         parent_parts = store.version_parts(parent) if parent else []
-        units, signatures, skipped = plan_listing(cfg.sources, parent.get("listings", {}) if parent else {})
+        units, signatures, skipped = plan_listing(cfg.sources, parent.get("listings", {}) if parent else {},
+                                                  splits=min(partitions, MAX_DIRECTORY_SPLITS))
         log.debug("%d listing units (%d unchanged list files skipped), %d partitions, parent %s",
                  len(units), len(skipped), partitions, parent["id"] if parent else "-")
         ray = ensure_ray()
@@ -173,6 +174,7 @@ def run_build(cfg: BuildConfig, config_dict: dict, dry_run: bool = False) -> str
 
 
 MAX_LISTING_TASKS = 256
+MAX_DIRECTORY_SPLITS = 16   # tasks listing one photo directory (each streams its top level once)
 MAX_SHA_BUCKETS = 256
 
 

@@ -17,16 +17,22 @@ from dataprep.store import DatasetStore, canonical_digest
 # status: kept | rejected | removed. listing = the list file or source that listed the input
 # (how the next build tells "gone from its source" from "its list file was not re-read");
 # attempts = how often a passing failure (fetch, error) was tried; shard = where a kept sample is.
+# size + tag (ETag or mtime, as listed): a photo whose listing differs was changed in place and is
+# read again (its old sample removed under `{input}#replaced={sha256[:16]}`, see partition_job);
+# list_pos = the entry's place in its list file (`listing`): a retry re-reads its row there, as
+# the credentials it may hold are never stored.
 LEDGER_SCHEMA = pa.schema([("input", pa.string()), ("status", pa.string()), ("key", pa.string()),
                            ("sha256", pa.string()), ("kind", pa.string()), ("uri", pa.string()),
                            ("listing", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
-                           ("size", pa.int64()), ("attempts", pa.int32()), ("shard", pa.string())])
+                           ("size", pa.int64()), ("attempts", pa.int32()), ("shard", pa.string()),
+                           ("tag", pa.string()), ("list_pos", pa.int64())])
 SHA_SCHEMA = pa.schema([("sha256", pa.string()), ("input", pa.string())])
 
 
 def ledger_row(**kw) -> dict:
     row = {"input": "", "status": "", "key": "", "sha256": "", "kind": "", "uri": "", "listing": "",
-           "stage": "", "reason": "", "size": -1, "attempts": 0, "shard": ""}
+           "stage": "", "reason": "", "size": -1, "attempts": 0, "shard": "",
+           "tag": "", "list_pos": -1}
     row.update({k: v for k, v in kw.items() if k in row})
     return row
 

@@ -32,7 +32,7 @@ from dataprep.redact import redact_text, strip_credentials
 from dataprep.detect_stage import DetectionBatcher
 from dataprep.samples import finish_photo_sample, photo_sample, prepare_photo, studio_sample
 from dataprep.shards import ShardWriter
-from dataprep.sources import check_body, fetch, read_tar, sha256, wds_image
+from dataprep.sources import check_body, fetch, list_entry_at, read_tar, sha256, wds_image
 from dataprep.storage import atomic_write_bytes, read_bytes
 from dataprep.store import DatasetStore
 
@@ -100,6 +100,7 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
     todo: list[dict] = []             # inputs to read
     seen: set[str] = set()
     refused_here: set[str] = set()    # inputs whose first listing was refused at the source
+    replaced: list[dict] = []         # ledger rows of kept photos changed in place since
     listed_tars: set[str] = set()
     for r in sorted(rows, key=lambda r: (r["input_id"], r["stage"])):
         if r["kind"] == "wds":
@@ -118,10 +119,13 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
             if old is None or (old["status"], old["stage"], old["reason"]) != ("rejected", r["stage"], r["reason"]):
                 decided.append(ledger_row(input=r["input_id"], status="rejected", kind=r["kind"], uri=r["uri"],
                                           listing=r["listing"], stage=r["stage"], reason=r["reason"],
-                                          size=r["size"], attempts=1))
+                                          size=r["size"], attempts=1, **_whence(r)))
             continue
         attempts = 1
-        if old is not None:
+        if old is not None and changed_in_place(old, r):
+            if old["status"] == "kept":                # its old sample leaves its shard
+                replaced.append(old)
+        elif old is not None:
             retry = (old["status"] == "rejected" and old["stage"] in RETRY_STAGES
                      and old["attempts"] < cfg.max_attempts)
             back = old["status"] == "removed" and old["stage"] == "source"   # (a takedown stays removed)
@@ -139,9 +143,10 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
                 and old["stage"] in RETRY_STAGES and old["attempts"] < cfg.max_attempts
                 and old["kind"] in ("image", "studio")):
             frame = int(name.rsplit("#frame=", 1)[1]) if old["kind"] == "studio" else -1
-            todo.append({"input_id": name, "kind": old["kind"], "uri": old["uri"], "frame": frame, "member": "",
-                         "size": old["size"], "listing": old["listing"], "stage": "", "reason": "",
-                         "attempts": old["attempts"] + 1})
+            todo.append({"input_id": name, "kind": old["kind"], "uri": _retry_uri(name, old, cfg), "frame": frame,
+                         "member": "", "size": old["size"], "listing": old["listing"], "stage": "", "reason": "",
+                         "attempts": old["attempts"] + 1, "tag": old.get("tag") or "",
+                         "list_pos": _pos(old)})
             seen.add(name)
 
     # inputs gone from their source: their listing was read again and no longer has them. (A
@@ -155,9 +160,10 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
                 gone.append(old)
     part = part_id(recipe, p, partitions, *sorted(f"{t['input_id']}:{t['attempts']}" for t in todo),
                    *sorted(f"{d['input']}:{d['stage']}" for d in decided), *sorted(g["input"] for g in gone),
+                   *sorted(f"replaced:{o['input']}:{o['sha256']}" for o in replaced),
                    *sorted(pp["digest"] for pp in parent_parts))
     plan = {"partition": p, "part": None, "finished": None, "decided": decided, "samples": [],
-            "gone": gone, "previous": {}, "rewrites": {}, "seconds": 0.0, "todo": len(todo)}
+            "gone": gone, "replaced": replaced, "previous": {}, "rewrites": {}, "seconds": 0.0, "todo": len(todo)}
     empty = [CLAIM_SCHEMA.empty_table() for _ in range(buckets)]
     if dry_run or not (todo or decided or gone):
         plan["part"] = part if (todo or decided or gone) else None
@@ -190,10 +196,55 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
     plan["unknown_cameras"] = sorted(unknown)
     touched = {r["input"] for r in decided} | {s["row"]["input"] for s in samples} | {g["input"] for g in gone}
     plan.update(samples=samples, previous={k: previous[k] for k in touched if k in previous})
-    plan["rewrites"] = rewrite_jobs(gone, previous, parent_records, touched)
+    plan["rewrites"] = rewrite_jobs(gone + replaced, previous, parent_records, touched)
     plan["seconds"] = time.time() - started
     claims = [s["row"] for s in samples if s["row"]["sha256"] and s["kind"] != "studio"]
     return (plan, *_claims(claims, p, buckets))
+
+
+def changed_in_place(old: dict, listed: dict) -> bool:
+    """Whether a photo's listing differs from its ledger row: size or tag (ETag / mtime), each
+    compared only where both sides know it (URL-list entries and ledgers written before tags
+    have none, so an upgrade re-reads nothing)."""
+    if old["kind"] != "image" or listed["kind"] != "image" or old["status"] not in ("kept", "rejected"):
+        return False           # (a removed input, e.g. a takedown, stays removed)
+    if old["status"] == "rejected" and old["stage"] in ("source", "dedup"):
+        return False           # refused by name, or a duplicate: the parent's decision stands
+    sizes = (old.get("size"), listed.get("size"))
+    tags = (old.get("tag") or "", listed.get("tag") or "")
+    return (all(x is not None and x >= 0 for x in sizes) and sizes[0] != sizes[1]) or \
+        (all(tags) and tags[0] != tags[1])
+
+
+def replaced_id(old: dict) -> str:
+    """The ledger name of a kept sample whose input was changed in place: its input and the
+    hash of the bytes it was made from (the input's own row goes on with the new bytes)."""
+    return f"{old['input']}#replaced={old['sha256'][:16]}"
+
+
+def _whence(t: dict) -> dict:
+    """What a ledger row keeps of where an input was listed: its signature and list position."""
+    return {"tag": t.get("tag") or "", "list_pos": _pos(t)}
+
+
+def _pos(row: dict) -> int:
+    pos = row.get("list_pos")
+    return -1 if pos is None else int(pos)
+
+
+def _retry_uri(name: str, old: dict, cfg: BuildConfig) -> str:
+    """The URL to retry a failed download with: re-read from its row of the list file (the
+    ledger keeps no credential, so `old["uri"]` may lack the user:password or signature the
+    download needs). The row must still name the same input; otherwise the stored URI."""
+    if _pos(old) < 0 or not old["listing"]:
+        return old["uri"]
+    try:
+        target, refused = list_entry_at(old["listing"], _pos(old), cfg.inputs)
+    except (Rejected, OSError, ValueError) as exc:
+        log.info("cannot re-read row %d of %s (%s): retrying %s as stored", _pos(old),
+                 strip_credentials(old["listing"]), redact_text(str(exc)), name)
+        return old["uri"]
+    return target if not refused and strip_credentials(target) == name else old["uri"]
 
 
 def rewrite_jobs(gone: list[dict], previous: dict[str, dict], records: list[dict], touched: set[str]) -> dict:
@@ -223,7 +274,7 @@ def _reject(t: dict, stage: str, reason: str, sha: str = "", input_id: str | Non
     # ledgers never hold a credential: URL user:password and secret query values are masked
     return ledger_row(input=input_id or t["input_id"], status="rejected", kind=t["kind"],
                       uri=strip_credentials(t["uri"]), listing=t["listing"], stage=stage,
-                      reason=redact_text(reason), sha256=sha, size=t["size"], attempts=t["attempts"])
+                      reason=redact_text(reason), sha256=sha, size=t["size"], attempts=t["attempts"], **_whence(t))
 
 
 def _process_input(t: dict, cfg: BuildConfig, store_uri: str, captures: dict, tars: dict, batcher=None):
@@ -313,7 +364,7 @@ def _finish_photos(done: list, cfg: BuildConfig):
 def _sample(t: dict, key: str, members: dict, kind: str, sha: str, dropped_views: int = 0) -> dict:
     row = ledger_row(input=t["input_id"], status="kept", key=key, sha256=sha, kind=t["kind"],
                      uri=strip_credentials(t["uri"]),
-                     listing=t["listing"], size=t["size"], attempts=t["attempts"])
+                     listing=t["listing"], size=t["size"], attempts=t["attempts"], **_whence(t))
     return {"row": row, "key": key, "members": members, "kind": kind, "dropped_views": dropped_views}
 
 
@@ -406,6 +457,9 @@ def write_partition(plan: dict, cfg: BuildConfig, store_uri: str, recipe: str, *
     for g in plan["gone"]:
         stage, reason = plan.get("gone_reason", ("source", "gone from its source"))
         rows.append({**g, "status": "removed", "stage": stage, "reason": reason, "shard": ""})
+    for old in plan.get("replaced", []):     # the input's own row (above) holds its new bytes
+        rows.append({**old, "input": replaced_id(old), "status": "removed", "stage": "source",
+                     "reason": "changed in place: read again", "shard": ""})
     counts = ledger_counts(rows, plan["previous"] | {g["input"]: g for g in plan["gone"]}
                            | {m[0]["input"]: m[0] for m in moved})
     counts["dropped_views"] = dropped_views

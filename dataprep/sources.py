@@ -25,7 +25,7 @@ from dataprep.build_config import HttpConfig, InputPolicy, Source
 from dataprep.errors import DataError
 from dataprep.image_formats import PHOTO_FORMATS, FormatError, open_image
 from dataprep.photos import Rejected
-from dataprep.safe_fetch import http_get, read_local, read_object, realpath_inside
+from dataprep.safe_fetch import http_get, open_regular, read_local, read_object, realpath_inside
 from dataprep.storage import fs_and_path, is_local, join, url_of
 
 log = logging.getLogger("pippo.data.sources")
@@ -42,6 +42,9 @@ class InputItem:
     frame: int = -1           # studio frame
     member: str = ""          # wds: the sample key inside the tar
     size: int = -1            # bytes, when the listing tells (exact duplicates have equal sizes)
+    tag: str = ""             # ETag or mtime, when the listing tells: with `size`, what tells a
+                              # photo replaced under the same name (re-processed) from an unchanged one
+    list_pos: int = -1        # URL lists: where the entry is in its list file (`list_entry_at`)
 
     def to_row(self) -> dict:
         return asdict(self)
@@ -92,15 +95,23 @@ def empty_source_message(source: Source, rejects: list[dict]) -> str:
     return f"{source.kind} source {source.uri} yields no inputs to read{detail}"
 
 
-def list_file_inputs(url: str, policy: InputPolicy | None = None) -> tuple[list[InputItem], list[dict]]:
-    """Inputs of one URL list file (.txt/.csv/.parquet)."""
+def list_file_inputs(url: str, policy: InputPolicy | None = None,
+                     split: tuple[int, int] = (0, 1)) -> tuple[list[InputItem], list[dict]]:
+    """Inputs of one URL list file (.txt/.csv/.parquet), or of its split k of n (byte ranges of
+    a text list, row groups of a parquet list: a giant list is read by n tasks)."""
     fs, root = fs_and_path(url)
-    return _url_list(fs, root, policy or InputPolicy())
+    return _url_list(fs, root, policy or InputPolicy(), split)
 
 
 def _local_roots(fs, root: str, policy: InputPolicy) -> list[str]:
     base = root if fs.isdir(root) else posixpath.dirname(root)
     return [base] + [fs_and_path(r)[1] for r in policy.local_roots]
+
+
+def signature_tag(info: dict) -> str:
+    """An object's change tag from its listing entry: ETag on object stores, else the mtime."""
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return str(tag)
 
 
 def _listing(fs, root: str, depth: int | None = None) -> dict[str, dict]:
@@ -121,21 +132,91 @@ def _outside(fs, path: str, info: dict, roots: list[str], real_dirs: dict) -> bo
 
 
 def _images(fs, root: str, policy: InputPolicy, depth: int | None = None) -> tuple[list[InputItem], list[dict]]:
-    listing = _listing(fs, root, depth)
-    roots, real_dirs = _local_roots(fs, root, policy), {}
+    return _image_items(fs, _listing(fs, root, depth), _local_roots(fs, root, policy), url_of(fs, root))
+
+
+def _image_items(fs, listing: dict[str, dict], roots: list[str], label: str, real_dirs: dict | None = None):
+    real_dirs = {} if real_dirs is None else real_dirs
     items, rejects, ignored = [], [], 0
     for p in sorted(listing):
         if not p.lower().endswith(IMAGE_EXTENSIONS) or posixpath.basename(p).startswith("."):
             ignored += 1
             continue
-        item = InputItem(url_of(fs, p), "image", url_of(fs, p), size=int(listing[p].get("size", -1)))
+        item = InputItem(url_of(fs, p), "image", url_of(fs, p), size=int(listing[p].get("size", -1)),
+                         tag=signature_tag(listing[p]))
         if _outside(fs, p, listing[p], roots, real_dirs):
             rejects.append(_reject(item, "source", OUTSIDE))
         else:
             items.append(item)
     if ignored:
-        log.info("images source %s: %d non-image files ignored", url_of(fs, root), ignored)
+        log.info("images source %s: %d non-image files ignored", label, ignored)
     return items, rejects
+
+
+def _split_of(url: str, n: int) -> int:
+    return int.from_bytes(hashlib.sha1(url.encode()).digest()[:8], "big") % n
+
+
+def _top_entries(fs, root: str):
+    """(path, is_dir, listing info or None) of a directory's entries, streamed: a flat directory
+    or prefix of 10^9 objects is never held. Local: scandir (info: one stat, by the caller, for
+    the entries it keeps); S3: ListObjectsV2 page by page (its info: size, ETag); other object
+    stores: fsspec's whole listing."""
+    if is_local(fs):
+        with os.scandir(root) as it:
+            for e in it:
+                yield posixpath.join(root, e.name), e.is_dir(), None
+    elif hasattr(fs, "_call_s3"):
+        yield from _s3_pages(fs, root)
+    else:
+        for e in fs.ls(root, detail=True):
+            yield e["name"], e["type"] == "directory", e
+
+
+def _s3_pages(fs, root: str):
+    """Deliberately below s3fs's public API: its ls/find return a prefix whole (and cache it),
+    and its page iterator is async; this walks the pages of one delimited listing in order."""
+    from fsspec.asyn import sync
+    bucket, key, _ = fs.split_path(root)
+    prefix = key.strip("/") + "/" if key.strip("/") else ""
+    kwargs = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/"}
+    while True:
+        page = sync(fs.loop, fs._call_s3, "list_objects_v2", **kwargs)
+        for d in page.get("CommonPrefixes", []):
+            yield f"{bucket}/{d['Prefix'].rstrip('/')}", True, None
+        for c in page.get("Contents", []):
+            if not c["Key"].endswith("/"):          # a "directory marker" object
+                yield f"{bucket}/{c['Key']}", False, {"name": f"{bucket}/{c['Key']}", "size": c["Size"],
+                                                      "ETag": c.get("ETag", ""), "type": "file"}
+        if not page.get("IsTruncated"):
+            return
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def list_directory_split(url: str, policy: InputPolicy, split: tuple[int, int]) -> tuple[list[InputItem], list[dict]]:
+    """Split k of n of a photo directory: the top files and sub-trees whose URL hashes to k.
+    Each split streams the top level and keeps only its share, so neither the driver nor one
+    task holds a flat prefix whole."""
+    k, n = split
+    fs, root = fs_and_path(url)
+    roots, real_dirs = _local_roots(fs, root, policy), {}
+    files, items, rejects = {}, [], []
+    # each split pages through the whole top level (n x the LIST requests of one listing) and
+    # keeps its hash share: memory O(share) without knowing the key distribution
+    for path, is_dir, info in _top_entries(fs, root):
+        if _split_of(url_of(fs, path), n) != k:
+            continue
+        if is_dir:
+            sub = _image_items(fs, _listing(fs, path), roots, url_of(fs, path), real_dirs)
+            items += sub[0]
+            rejects += sub[1]
+        else:
+            try:
+                files[path] = info or fs.info(path)
+            except FileNotFoundError:
+                continue                        # deleted while listed
+    top = _image_items(fs, files, roots, url_of(fs, root), real_dirs)
+    return items + top[0], rejects + top[1]
 
 
 def _webdataset(fs, root: str, policy: InputPolicy) -> tuple[list[InputItem], list[dict]]:
@@ -230,29 +311,118 @@ def url_list_entry(entry: str, fs, list_path: str, policy: InputPolicy) -> tuple
     return target, None
 
 
-def _url_list(fs, root: str, policy: InputPolicy) -> tuple[list[InputItem], list[dict]]:
-    data = read_input(fs, root, policy.max_bytes)
+MAX_LIST_LINE = 64 * 1024      # bytes of one URL-list line (a longer one is refused, not read whole)
+
+
+def _open_list(fs, path: str):
+    """A list file opened for (range) reads: local ones must be regular files (never a FIFO)."""
+    try:
+        return open_regular(path) if is_local(fs) else fs.open(path, "rb")
+    except FileNotFoundError:
+        raise Rejected("fetch", "list file not found") from None
+    except (OSError, ValueError) as exc:
+        raise Rejected("fetch", f"cannot read the list file ({type(exc).__name__})") from None
+
+
+def _text_lines(f, start: int, end: int):
+    """(byte offset, line) of the lines of a text file that START in [start, end): a list split
+    in byte ranges across tasks reads each line exactly once (the line crossing `start` belongs
+    to the range before). Lines longer than MAX_LIST_LINE come back as None (skipped over)."""
+    pos = max(start - 1, 0)
+    f.seek(pos)
+    if start > 0:
+        while True:                                  # the rest of the line holding byte start-1
+            chunk = f.readline(MAX_LIST_LINE)
+            pos += len(chunk)
+            if not chunk or chunk.endswith(b"\n"):
+                break
+    while pos < end:
+        line = f.readline(MAX_LIST_LINE + 1)
+        if not line:
+            return
+        at, pos = pos, pos + len(line)
+        if len(line) > MAX_LIST_LINE and not line.endswith(b"\n"):
+            while True:
+                chunk = f.readline(MAX_LIST_LINE)
+                pos += len(chunk)
+                if not chunk or chunk.endswith(b"\n"):
+                    break
+            yield at, None
+            continue
+        yield at, line
+
+
+def _list_entries(fs, root: str, policy: InputPolicy, split: tuple[int, int] = (0, 1)):
+    """(position, entry or None) of a list file's entries in split k of n. Positions: the byte
+    offset of the line (.txt), the row index (.csv, .parquet); None: an unreadable entry."""
+    k, n = split
     if root.endswith(".parquet"):
-        table = pq.read_table(io.BytesIO(data))
-        column = "url" if "url" in table.column_names else table.column_names[0]
-        entries = [str(v) for v in table.column(column).to_pylist() if v]
+        with _open_list(fs, root) as f:
+            meta = pq.ParquetFile(f)
+            column = "url" if "url" in meta.schema_arrow.names else meta.schema_arrow.names[0]
+            first = 0
+            for g in range(meta.num_row_groups):     # row groups across tasks: k, k+n, ...
+                rows = meta.metadata.row_group(g).num_rows
+                if g % n == k:
+                    values = meta.read_row_group(g, columns=[column]).column(0).to_pylist()
+                    yield from ((first + i, str(v)) for i, v in enumerate(values) if v)
+                first += rows
     elif root.endswith(".csv"):
-        rows = list(csv.reader(io.StringIO(data.decode("utf-8"))))
-        col = rows[0].index("url") if rows and "url" in rows[0] else 0
-        start = 1 if rows and "url" in rows[0] else 0
-        entries = [r[col].strip() for r in rows[start:] if r and r[col].strip()]
+        if k:            # records may hold quoted newlines: a csv list is read whole, by split 0
+            return
+        data = read_input(fs, root, policy.max_bytes)
+        rows = list(csv.reader(io.StringIO(data.decode("utf-8", errors="replace"))))
+        header = bool(rows) and "url" in rows[0]
+        col = rows[0].index("url") if header else 0
+        for i, r in enumerate(rows[1:] if header else rows):
+            if len(r) > col and r[col].strip():
+                yield i, r[col].strip()
     else:
-        entries = [ln.strip() for ln in data.decode("utf-8").splitlines()
-                   if ln.strip() and not ln.lstrip().startswith("#")]
+        with _open_list(fs, root) as f:
+            size = f.seek(0, 2)
+            for at, line in _text_lines(f, size * k // n, size * (k + 1) // n):
+                if line is None:
+                    yield at, None
+                    continue
+                text = line.decode("utf-8", errors="replace").strip()
+                if text and not text.startswith("#"):
+                    yield at, text
+
+
+def _url_list(fs, root: str, policy: InputPolicy, split: tuple[int, int] = (0, 1)):
     items, rejects = [], []
-    for entry in entries:
+    for pos, entry in _list_entries(fs, root, policy, split):
+        if entry is None:
+            rejects.append(_reject(InputItem(f"{url_of(fs, root)}#byte={pos}", "image", "", list_pos=pos),
+                                   "source", f"list line longer than {MAX_LIST_LINE} bytes"))
+            continue
         target, refused = url_list_entry(entry, fs, root, policy)
-        item = InputItem(target, "image", target)
+        item = InputItem(target, "image", target, list_pos=pos)
         if refused:
             rejects.append(_reject(item, "source", refused))
         else:
             items.append(item)
     return items, rejects
+
+
+def list_entry_at(list_url: str, pos: int, policy: InputPolicy) -> tuple[str, str | None]:
+    """The entry at `pos` of a list file, judged again (url_list_entry): how a failed download
+    is retried with the credentials of its row, which no ledger stores."""
+    fs, root = fs_and_path(list_url)
+    if root.endswith((".parquet", ".csv")):
+        for at, entry in _list_entries(fs, root, policy):
+            if at == pos:
+                return url_list_entry(entry, fs, root, policy)
+            if at > pos:
+                break
+        raise Rejected("fetch", f"row {pos} is no longer in {url_of(fs, root)}")
+    with _open_list(fs, root) as f:
+        f.seek(pos)
+        line = f.readline(MAX_LIST_LINE + 1)
+    text = line.decode("utf-8", errors="replace").strip()
+    if not text or len(line) > MAX_LIST_LINE:
+        raise Rejected("fetch", f"byte {pos} of {url_of(fs, root)} holds no entry")
+    return url_list_entry(text, fs, root, policy)
 
 
 # ---- fetching ----------------------------------------------------------------------------------
