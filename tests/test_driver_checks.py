@@ -140,7 +140,7 @@ def dataset(tmp_path_factory, ray_local):
 
 
 def final_checkpoint(run_dir: Path, stage: str) -> Path:
-    """A run directory whose final/ holds `stage`'s model at MODEL's size (untrained weights)."""
+    """A run directory whose final (step 1) holds `stage`'s model at MODEL's size (untrained weights)."""
     import dataclasses
 
     from pipelines.model_commands import load_model_config
@@ -149,7 +149,7 @@ def final_checkpoint(run_dir: Path, stage: str) -> Path:
 
     cfg = load_model_config(REPO / "configs/models/test.yaml", [f"{k}={v}" for k, v in MODEL.items()]).for_stage(stage)
     CheckpointStore(str(run_dir)).write_final(build_model(cfg).state_dict(), None, dataclasses.asdict(cfg),
-                                              {"stage": stage, "step": 1})
+                                              {"stage": stage, "step": 1}, step=1)
     return run_dir
 
 
@@ -214,7 +214,7 @@ def test_train_on_ray_prints_only_the_result_and_ctrl_c_says_how_to_continue(dat
     code, out, err, seconds = pippo(*args, "--json", cwd=tmp_path)
     assert code == 0, err[-3000:]
     summary = json.loads(out)                       # stdout is one JSON document, nothing else
-    assert summary["step"] == 2 and summary["checkpoint"].endswith("/final")
+    assert summary["step"] == 2 and summary["checkpoint"].endswith("/final-step_00000002")
     print(f"train on Ray: {seconds:.1f} s")
 
     # Ctrl-C in the middle of a longer run: one line with the run, its newest step and what to do

@@ -112,6 +112,8 @@ def check_resume(store, resume: dict | None, stage: str, model: dict) -> None:
             f"from it with init_from={store.uri}, in a run of its own (another run_name)")
     old = (run or {}).get("model")
     if isinstance(old, dict):
+        # compare as stored: run.json holds JSON (a tuple field reads back as a list)
+        model = json.loads(json.dumps(model, default=str))
         changed = sorted(k for k in set(old) | set(model)
                          if k not in RESUME_FREE_MODEL_KEYS and old.get(k) != model.get(k))
         if changed:
