@@ -16,8 +16,9 @@ that maps every kind to the same columns (no holes, no nulls):
     plucker, anchor    `.npy` bytes of a studio sample (b"" for a photo, or when the anchors
                        are stored as per-view PNGs)
 
-Decode as needed, e.g. `np.asarray(PIL.Image.open(io.BytesIO(row["images"][0])))` and
-`np.load(io.BytesIO(row["plucker"]))`. Object-store shards are read through the store's own
+Decode as needed, naming the formats we mean, e.g.
+`np.asarray(PIL.Image.open(io.BytesIO(row["images"][0]), formats=["PNG", "JPEG", "WEBP", "AVIF"]))`
+and `np.load(io.BytesIO(row["plucker"]), allow_pickle=False)`. Object-store shards are read through the store's own
 fsspec filesystem (its endpoint and credentials), wrapped for Arrow.
 """
 from __future__ import annotations
