@@ -13,7 +13,7 @@ and the entrypoint lands in the job's logs. So:
   `key=value` override, `--password X`) are refused before anything is submitted.
 
 Keys, tokens and passwords reach the job from the cluster's own environment: instance roles /
-workload identity, or variables the nodes export before `ray start` (README: Run it on your cluster).
+workload identity, or variables the nodes export before `ray start` (docs/cluster.md).
 """
 from __future__ import annotations
 

@@ -35,6 +35,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """The same softmax(scale * q k^T) v with an explicit N x N matrix (reference for tests/benches)."""
+    """softmax(scale * q k^T) v with an explicit N x N matrix (the tests' and benches' reference)."""
     logits = torch.matmul(q, k.transpose(-2, -1)) * scale
     return torch.matmul(logits.softmax(dim=-1), v)

@@ -289,7 +289,7 @@ class RunTracker:
 
     def log_artifact_bytes(self, data: bytes, artifact_file: str) -> None:
         path = PurePosixPath(artifact_file)
-        if path.suffix.lower() in _TEXT_SUFFIXES:  # configs/logs may quote credentials
+        if path.suffix.lower() in _TEXT_SUFFIXES:  # configs and logs may quote credentials
             data = redact_text(data.decode("utf-8", "replace")).encode()
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / path.name
