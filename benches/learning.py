@@ -74,11 +74,11 @@ def workflow(s: dict, name: str) -> dict:
     return {"name": name, "experiment": name, "steps": {
         "data": {"kind": "synth", "params": {k: s[k] for k in ("captures", "cameras", "frames", "height", "width",
                                                                "photos")} | {"seed": 7}},
-        "dataprep": {"kind": "dataprep", "config": "configs/datasets/demo.yaml", "overrides": {
+        "dataprep": {"kind": "dataprep", "config": str(ROOT / "configs/datasets/demo.yaml"), "overrides": {
             "sources": [{"kind": "captures", "uri": "${steps.data.captures}"},
                         {"kind": "images", "uri": "${steps.data.photos}"}],
             "resolution": s["resolution"], "plucker_stride": 16, "face_crop": False, "tags": []}},
-        **{k: {"kind": "train", "config": f"configs/stages/{k}.yaml", "overrides": _nested(v)} for k, v in stage.items()},
+        **{k: {"kind": "train", "config": str(ROOT / f"configs/stages/{k}.yaml"), "overrides": _nested(v)} for k, v in stage.items()},
         **evals}}
 
 
