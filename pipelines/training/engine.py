@@ -10,7 +10,6 @@ import io
 import logging
 import math
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +33,6 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def setup_distributed(use_ray: bool) -> DistContext:
@@ -67,10 +60,12 @@ def setup_distributed(use_ray: bool) -> DistContext:
     backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
         if world == 1 and not use_ray and "TORCHELASTIC_RUN_ID" not in os.environ:
-            # a lone rank (not torchrun's): a fresh port, never an inherited MASTER_PORT — the
-            # parent that set it (a test process, an earlier run) may still hold that port
-            os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
-        dist.init_process_group(backend, rank=rank, world_size=world)
+            # a lone rank (not torchrun's) needs no rendezvous: an in-memory store, no socket. A
+            # "free" port picked here could be taken by another process (a Ray worker, a parallel
+            # run) before the TCPStore binds it — EADDRINUSE seen in CI
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world)
     deepspeed.init_distributed(dist_backend=backend)
     return DistContext(rank, world, local_rank, device)
 
