@@ -258,6 +258,10 @@ def test_learns_through_the_whole_stack(dataset, tmp_path, mlflow_uri):
         return psnr(out, batch["views"]).mean().item()
 
     trained, model_cfg = load_final_model(summary["run_uri"])
+    # attention biasing's N_train is the trained sequence (data.views + reference at data.resolution),
+    # not the size preset's `views`
+    assert model_cfg.attn_n_train == (cfg.data.views + 1) * (cfg.data.resolution // model_cfg.patch_size) ** 2
+    assert trained.generator.cfg.n_train_tokens == model_cfg.attn_n_train
     untrained = initial_model(model_cfg, seed=0, init_from=None).eval()
     with torch.no_grad():
         before, after = sample_psnr(untrained), sample_psnr(trained)
