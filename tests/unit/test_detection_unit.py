@@ -1,0 +1,28 @@
+"""The detection stage: OpenCV HOG/Haar and torch backends in Ray actors, person crops with exact K,
+rejections naming the stage and the score."""
+import os
+
+import cv2
+import pytest
+
+from dataprep.build_config import BuildConfig, DetectorConfig, Source
+
+
+def test_detector_settings_are_in_the_recipe_only_when_used():
+    plain = BuildConfig(dataset="/tmp/d", sources=[Source("images", "/tmp/p")])
+    assert "detector" not in plain.sample_settings() and "crop" not in plain.sample_settings()
+    a = BuildConfig(dataset="/tmp/d", sources=[Source("images", "/tmp/p")], crop="person")
+    b = BuildConfig(dataset="/tmp/d", sources=[Source("images", "/tmp/p")], crop="person",
+                    detector=DetectorConfig(batch_size=64, actors=3))
+    c = BuildConfig(dataset="/tmp/d", sources=[Source("images", "/tmp/p")], crop="person",
+                    detector=DetectorConfig(margin=0.3))
+    assert a.recipe_hash() == b.recipe_hash() != c.recipe_hash()
+    with pytest.raises(ValueError, match="module:callable"):
+        DetectorConfig(model="os.system")
+
+
+def test_pinned_opencv_ships_hog_haar_and_sift():
+    assert hasattr(cv2, "HOGDescriptor") and cv2.SIFT_create() is not None
+    assert not cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml").empty()
+    lock = open(os.path.join(os.path.dirname(__file__), "..", "..", "requirements.lock")).read()
+    assert f"opencv-python-headless=={cv2.__version__}." in lock
