@@ -66,6 +66,18 @@ def mlflow_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
 
 
+@pytest.fixture
+def fresh_mlflow(tmp_path, monkeypatch) -> str:
+    """A sqlite MLflow store of this test's own, exported (env and mlflow's default): for tests that
+    search an experiment's runs and must not see another test's."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 @pytest.fixture(scope="session")
 def small_version(tmp_path_factory, ray_local) -> Version:
     """One capture (6 cameras x 4 frames, 96x64) and 6 person photos, built once per session by

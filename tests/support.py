@@ -52,6 +52,22 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
             time.sleep(0.2)
 
 
+def stage_cfg(stage, dataset, root, **over):
+    """configs/stages/{stage}.yaml at test scale (SMALL_MODEL, 32 px, 4 steps, a checkpoint every 2)."""
+    from pipelines.training.launcher import load_stage_config
+
+    data = {"pretrain": {"views": 1, "batch_size": 4}, "mid": {"views": 2, "batch_size": 2},
+            "post": {"views": 2, "batch_size": 2, "face_views": 1}}[stage]
+    overrides = [f"dataset={dataset}", f"checkpoint.root={root}", "steps=4", "checkpoint.every_steps=2",
+                 "tracking.log_every=1", "tracking.sample_every=2", "tracking.sample_steps=2",
+                 "tracking.system_metrics=false", f"tracking.experiment=test-{stage}",
+                 f"model_overrides={json.dumps(SMALL_MODEL)}", "data.resolution=32", "data.num_workers=1",
+                 "data.holdout_fraction=0.3", "optim.warmup_steps=1",   # of 16 frames: none held out w.p. 0.3 %
+                 *[f"data.{k}={v}" for k, v in data.items()]]
+    overrides += [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in over.items()]
+    return load_stage_config(f"configs/stages/{stage}.yaml", overrides)
+
+
 # -- building and reading versions -----------------------------------------------------------------
 
 PARTITIONS = 4      # build_in / cfg_for: more partitions than the small inputs have shards

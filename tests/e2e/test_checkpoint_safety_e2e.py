@@ -31,34 +31,16 @@ def test_planted_pickles_are_refused_and_real_checkpoints_load(tmp_path, zero):
         assert "posix.system" in result and "_states.pt" in result, result
 
 
-@pytest.fixture(scope="module")
-def small_version(tmp_path_factory, ray_local):
-    from dataprep.build import run_build
-    from dataprep.build_config import BuildConfig, ShardLimits, Source
-    from dataprep.synth import synth_capture, synth_images
-
-    root = tmp_path_factory.mktemp("ckpt_data")
-    synth_capture(root / "captures" / "cap0", cameras=6, frames=4, height=96, width=64, seed=3)
-    synth_images(root / "photos", count=6, seed=3, person_fraction=1.0)
-    uri = str(root / "store" / "ds")
-    cfg = BuildConfig(dataset=uri, sources=[Source("captures", str(root / "captures")),
-                                            Source("images", str(root / "photos"))],
-                      resolution=64, plucker_stride=8, shard=ShardLimits(max_samples=8), partitions=1)
-    return f"{uri}@{run_build(cfg, {})}"
-
-
-def test_pippo_train_refuses_a_planted_checkpoint_file_in_one_line(small_version, tmp_path):
+def test_pippo_train_refuses_a_planted_checkpoint_file_in_one_line(small_version, tiny_model, tmp_path):
     """The attack through the real command: train 2 steps, plant a payload in the newest step's
     optimizer states, re-run asking for more steps (the run resumes automatically)."""
-    model = {"space": "pixel", "latent_channels": 3, "vae_downsample": 1, "patch_size": 4, "resolution": 32,
-             "dim": 32, "depth": 1, "heads": 2, "camera_hidden": 32}
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
 
     def train(steps: int) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "pipelines.cli", "train", "configs/stages/pretrain.yaml", f"dataset={small_version}",
+            [sys.executable, "-m", "pipelines.cli", "train", "configs/stages/pretrain.yaml", f"dataset={small_version.ref}",
              f"checkpoint.root={tmp_path}/ck", f"steps={steps}", "checkpoint.every_steps=1", "tracking.sample_every=0",
-             "tracking.system_metrics=false", f"model_overrides={json.dumps(model)}", "data.resolution=32",
+             "tracking.system_metrics=false", f"model_overrides={json.dumps(tiny_model)}", "data.resolution=32",
              "data.num_workers=1", "data.batch_size=2", "optim.warmup_steps=1", "--local"],
             capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import free_port, wait_http
+from support import SMALL_MODEL, free_port, wait_http
 
 REPO = Path(__file__).resolve().parents[2]
 PIPPO = [sys.executable, "-m", "pipelines.cli"]
@@ -83,8 +83,7 @@ def test_stopped_tracking_server_is_one_line_in_seconds(stopped_mlflow_server, t
 
 # -- items 3 and 4: stage/checkpoint compatibility on the driver, worker errors, stdout, Ctrl-C ------
 
-MODEL = {"space": "pixel", "latent_channels": 3, "vae_downsample": 1, "patch_size": 4, "resolution": 32,
-         "dim": 64, "depth": 2, "heads": 2, "camera_hidden": 64}
+MODEL = SMALL_MODEL
 
 
 def train_args(stage, dataset, root, *more):
@@ -96,24 +95,6 @@ def train_args(stage, dataset, root, *more):
             f"data.views={views}", "data.batch_size=2", "data.holdout_fraction=0", "tracking.sample_every=0",
             "tracking.system_metrics=false", "tracking.log_every=1", "optim.warmup_steps=1", "workers=1",
             *more]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, ray_local):
-    """A small version of studio captures and photos (built with Ray, as `pippo data build` does)."""
-    from dataprep.build import run_build
-    from dataprep.build_config import BuildConfig, ShardLimits, Source
-    from dataprep.synth import synth_capture, synth_images
-
-    root = tmp_path_factory.mktemp("driver_data")
-    synth_capture(root / "captures" / "cap0", cameras=4, frames=4, height=96, width=64, seed=1)
-    synth_images(root / "photos", count=6, seed=3, person_fraction=1.0)
-    uri = str(root / "store" / "ds")
-    cfg = BuildConfig(dataset=uri, sources=[Source("captures", str(root / "captures")),
-                                            Source("images", str(root / "photos"))],
-                      resolution=64, plucker_stride=8, face_crop=False, shard=ShardLimits(max_samples=8),
-                      partitions=1)
-    return f"{uri}@{run_build(cfg, {})}"
 
 
 def final_checkpoint(run_dir: Path, stage: str) -> Path:
@@ -139,7 +120,6 @@ def test_pretrain_from_a_mid_checkpoint_is_one_line_before_ray(tmp_path):
     assert str(mid) in line and "this pretrain model lacks" in line and "camera_mlp" in line
     # goal 20 s; importing torch alone takes 8 s when the 2 shared cores are 10x oversubscribed
     assert seconds < TORCH_CHECK_LIMIT_S, f"{seconds:.1f} s to the error line"
-    print(f"{seconds:.1f} s to the error line")
     # the other way round is what stages are for: mid starts from pretrain (this check passes, the
     # command goes on and fails only on the missing dataset)
     pretrain = final_checkpoint(tmp_path / "ckpt" / "pre-run", "pretrain")
@@ -148,26 +128,25 @@ def test_pretrain_from_a_mid_checkpoint_is_one_line_before_ray(tmp_path):
     assert code == 2 and "init_from" not in one_error_line(err) and "no-dataset" in err
 
 
-def test_resuming_a_pretrain_run_with_the_mid_config_is_one_line(dataset, tmp_path):
+def test_resuming_a_pretrain_run_with_the_mid_config_is_one_line(small_version, tmp_path):
     import json
     run = tmp_path / "ckpt" / "shared-name"
     run.mkdir(parents=True)
     (run / "run.json").write_text(json.dumps({"mlflow_run_id": "x", "stage": "pretrain", "config": {}}))
-    code, out, err, seconds = pippo(*train_args("mid", dataset, tmp_path / "ckpt", "run_name=shared-name"),
+    code, out, err, seconds = pippo(*train_args("mid", small_version.ref, tmp_path / "ckpt", "run_name=shared-name"),
                                     cwd=tmp_path)
     line = one_error_line(err)
     assert code == 2 and out == ""
     assert "was trained as pretrain; this config is mid" in line
     # goal 20 s; importing torch alone takes 8 s when the 2 shared cores are 10x oversubscribed
     assert seconds < TORCH_CHECK_LIMIT_S, f"{seconds:.1f} s to the error line"
-    print(f"{seconds:.1f} s to the error line")
 
 
-def test_input_error_in_a_ray_worker_ends_the_run_at_once(dataset, tmp_path):
+def test_input_error_in_a_ray_worker_ends_the_run_at_once(small_version, tmp_path):
     """Shards gone after the version was pinned (a gc, a takedown): every worker fails the same
     way; Ray Train must not restart the group (max_failures=2) and the command ends in one line."""
     import shutil
-    uri, vid = dataset.split("@")
+    uri, vid = small_version.uri, small_version.id
     copy = tmp_path / "ds"
     shutil.copytree(uri, copy)
     for shard in copy.rglob("*.tar"):
@@ -175,7 +154,6 @@ def test_input_error_in_a_ray_worker_ends_the_run_at_once(dataset, tmp_path):
     code, out, err, seconds = pippo(*train_args("pretrain", f"{copy}@{vid}", tmp_path / "ckpt",
                                                 "resources.max_failures=2", "steps=2"), cwd=tmp_path,
                                     env={"RAY_DEDUP_LOGS": "0"})     # every worker's lines, with its pid
-    print(f"worker input error: {seconds:.1f} s to the error line")
     last = err.strip().splitlines()[-1]
     assert code == 2 and out == "" and last.startswith("pippo: error: "), err[-3000:]
     assert "worker rank 0" in last and "No such file" in last
@@ -185,17 +163,16 @@ def test_input_error_in_a_ray_worker_ends_the_run_at_once(dataset, tmp_path):
     assert len(workers) <= 1, f"the worker group was restarted: {workers}"
 
 
-def test_train_on_ray_prints_only_the_result_and_ctrl_c_says_how_to_continue(dataset, tmp_path):
+def test_train_on_ray_prints_only_the_result_and_ctrl_c_says_how_to_continue(small_version, tmp_path):
     import json
-    args = train_args("pretrain", dataset, tmp_path / "ckpt", "steps=2", "checkpoint.every_steps=1")
+    args = train_args("pretrain", small_version.ref, tmp_path / "ckpt", "steps=2", "checkpoint.every_steps=1")
     code, out, err, seconds = pippo(*args, "--json", cwd=tmp_path)
     assert code == 0, err[-3000:]
     summary = json.loads(out)                       # stdout is one JSON document, nothing else
     assert summary["step"] == 2 and summary["checkpoint"].endswith("/final-step_00000002")
-    print(f"train on Ray: {seconds:.1f} s")
 
     # Ctrl-C in the middle of a longer run: one line with the run, its newest step and what to do
-    proc = subprocess.Popen([*PIPPO, *map(str, train_args("pretrain", dataset, tmp_path / "ckpt2", "steps=500",
+    proc = subprocess.Popen([*PIPPO, *map(str, train_args("pretrain", small_version.ref, tmp_path / "ckpt2", "steps=500",
                                                           "checkpoint.every_steps=1"))],
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -14,11 +14,10 @@ from dataprep.build import run_build
 from dataprep.build_config import BuildConfig, Source
 from dataprep.synth import synth_images
 from pipelines.training.checkpoint import CheckpointError, CheckpointStore, resolve_weights, weights_identity
+from support import TINY_MODEL
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-MODEL = {"space": "pixel", "latent_channels": 3, "vae_downsample": 1, "patch_size": 4, "resolution": 32,
-         "dim": 32, "depth": 1, "heads": 2, "camera_hidden": 32}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def photos_version(tmp_path_factory, ray_local):
 def train(tmp_path, dataset, steps: int):
     argv = [sys.executable, "-m", "pipelines.cli", "train", str(REPO / "configs/stages/pretrain.yaml"),
             f"dataset={dataset}", f"checkpoint.root={tmp_path / 'ckpt'}", f"steps={steps}",
-            "checkpoint.every_steps=2", f"model_overrides={json.dumps(MODEL)}", "data.resolution=32",
+            "checkpoint.every_steps=2", f"model_overrides={json.dumps(TINY_MODEL)}", "data.resolution=32",
             "data.batch_size=2", "data.num_workers=0", "data.holdout_fraction=0", "tracking.sample_every=0",
             "tracking.log_every=1", "tracking.system_metrics=false", "tracking.register_model=null",
             "optim.warmup_steps=1", "--local"]
@@ -75,7 +74,7 @@ def test_training_further_writes_a_new_final_and_fewer_steps_is_one_line(tmp_pat
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "already trained to step 4" in errors[0] and "steps=3" in errors[0]
     assert not (Path(run_dir.removeprefix("file://")) / "final-step_00000003").exists()
-    print(f"fewer steps -> error line in {took:.1f} s")
+    assert took < 60, f"fewer steps -> error line in {took:.1f} s"   # refused before any training
 
     with pytest.raises(CheckpointError, match="immutable"):   # a complete final is never rewritten
         CheckpointStore(run_dir).write_final({}, None, {}, {}, 4)

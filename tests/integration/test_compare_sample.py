@@ -15,12 +15,11 @@ import pytest
 from PIL import Image
 
 from pipelines import cli
+from support import SMALL_MODEL
 
 pytestmark = pytest.mark.slow
 
 EXPERIMENT = "cmp-test"
-MODEL = {"space": "pixel", "latent_channels": 3, "vae_downsample": 1, "patch_size": 4, "resolution": 32,
-         "dim": 64, "depth": 2, "heads": 2, "camera_hidden": 64}
 TRAIN_VIEWS = {"pretrain": 1, "mid": 2, "post": 2}
 
 
@@ -40,24 +39,6 @@ def tracking(tmp_path_factory):
         yield uri
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, ray_local):
-    """One capture with face crops (mid/post) and a few photos (pretrain)."""
-    from dataprep.build import run_build
-    from dataprep.build_config import BuildConfig, Source
-    from dataprep.synth import synth_capture, synth_images
-
-    root = tmp_path_factory.mktemp("cmp_data")
-    synth_capture(root / "captures" / "cap0", cameras=6, frames=3, height=96, width=64, seed=21)
-    synth_images(root / "photos", count=6, seed=4, person_fraction=1.0)
-    uri = str(root / "store" / "ds")
-    cfg = BuildConfig(dataset=uri, sources=[Source("captures", str(root / "captures")),
-                                            Source("images", str(root / "photos"))],
-                      resolution=64, plucker_stride=8, face_crop=True, face_resolution=32)
-    vid = run_build(cfg, {})
-    return f"{uri}@{vid}", vid
-
-
 def train(stage: str, dataset: str, root, parent: str | None, init_from: str | None, **extra) -> dict:
     data = {"views": TRAIN_VIEWS[stage], "batch_size": 2, "resolution": 32, "num_workers": 0}
     if stage == "post":
@@ -65,7 +46,7 @@ def train(stage: str, dataset: str, root, parent: str | None, init_from: str | N
     over = {"dataset": dataset, "checkpoint.root": str(root), "steps": 3, "checkpoint.every_steps": 3,
             "tracking.log_every": 1, "tracking.sample_every": 0, "tracking.system_metrics": False,
             "tracking.experiment": EXPERIMENT, "tracking.parent_run_id": parent, "tracking.register_model": None,
-            "init_from": init_from, "model_overrides": MODEL, "optim.warmup_steps": 1,
+            "init_from": init_from, "model_overrides": SMALL_MODEL, "optim.warmup_steps": 1,
             **{f"data.{k}": v for k, v in data.items()}, **extra}
     argv = ["train", f"configs/stages/{stage}.yaml", *(f"{k}={json.dumps(v)}" for k, v in over.items()),
             "--local", "--json"]
@@ -75,12 +56,12 @@ def train(stage: str, dataset: str, root, parent: str | None, init_from: str | N
 
 
 @pytest.fixture(scope="module")
-def trained(dataset, tracking, tmp_path_factory):
+def trained(small_version, tracking, tmp_path_factory):
     """pipeline parent -> pretrain, mid, post, eval children; and one more stand-alone pretrain run
     with another learning rate (two lines in the pretrain panel, a param that differs)."""
     from pipelines.training.tracking import RunTracker
 
-    ref, vid = dataset
+    ref, vid = small_version.ref, small_version.id
     root = tmp_path_factory.mktemp("cmp_ckpt")
     parent = RunTracker(EXPERIMENT, "demo", step_tag="pipeline", system_metrics=False,
                         tags={"pippo.pipeline": "demo"})

@@ -14,13 +14,13 @@ from dataprep.synth import synth_capture, synth_images
 from pipelines.config import ConfigError, from_dict
 from pipelines.evaluation import EvalConfig, run_eval
 from pipelines.training.launcher import load_stage_config, run_stage
+from support import SMALL_MODEL
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(2)
 
 # patch 8: 128 px eval views are 16x16 tokens, so 8 views + the reference stay cheap on a CPU
-MODEL = {"space": "pixel", "latent_channels": 3, "vae_downsample": 1, "patch_size": 8, "resolution": 64,
-         "dim": 64, "depth": 2, "heads": 2, "camera_hidden": 64}
+MODEL = {**SMALL_MODEL, "patch_size": 8, "resolution": 64}
 EVAL = dict(samples=3, views=8, resolution=128, steps=3, guidance=2.0)
 
 
@@ -57,13 +57,13 @@ def holdout_fraction(uri, vid):
     pytest.fail("no holdout fraction holds out enough samples")
 
 
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+@pytest.fixture(scope="module", autouse=True)
+def _tracking(mlflow_uri):
+    """The session's MLflow store, exported for this module's runs (in-process and Ray workers)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        yield uri
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+        mlflow.set_tracking_uri(mlflow_uri)
+        yield
 
 
 @pytest.fixture(scope="module")

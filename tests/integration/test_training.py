@@ -16,12 +16,10 @@ from dataprep.build import run_build
 from dataprep.build_config import BuildConfig, ShardLimits, Source
 from dataprep.synth import synth_capture, synth_images
 from pipelines.training.checkpoint import CheckpointStore, resolve_weights
-from pipelines.training.launcher import load_stage_config, pin_datasets, run_stage
+from pipelines.training.launcher import pin_datasets, run_stage
+from support import SMALL_MODEL, stage_cfg
 
 pytestmark = pytest.mark.slow
-
-MODEL = {"space": "pixel", "latent_channels": 3, "vae_downsample": 1, "patch_size": 4, "resolution": 32,
-         "dim": 64, "depth": 2, "heads": 2, "camera_hidden": 64}
 
 
 @pytest.fixture(scope="module")
@@ -40,34 +38,12 @@ def dataset(tmp_path_factory, ray_local):
     return f"{uri}@{vid}", vid
 
 
-@pytest.fixture()
-def mlflow_uri(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    return uri
-
-
-def stage_cfg(stage, dataset, root, **over):
-    """configs/stages/{stage}.yaml at test scale."""
-    data = {"pretrain": {"views": 1, "batch_size": 4}, "mid": {"views": 2, "batch_size": 2},
-            "post": {"views": 2, "batch_size": 2, "face_views": 1}}[stage]
-    overrides = [f"dataset={dataset}", f"checkpoint.root={root}", "steps=4", "checkpoint.every_steps=2",
-                 "tracking.log_every=1", "tracking.sample_every=2", "tracking.sample_steps=2",
-                 "tracking.system_metrics=false", f"tracking.experiment=test-{stage}",
-                 f"model_overrides={json.dumps(MODEL)}", "data.resolution=32", "data.num_workers=1",
-                 "data.holdout_fraction=0.3", "optim.warmup_steps=1",   # of 16 frames: none held out w.p. 0.3 %
-                 *[f"data.{k}={v}" for k, v in data.items()]]
-    overrides += [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in over.items()]
-    return load_stage_config(f"configs/stages/{stage}.yaml", overrides)
-
-
 def metric_steps(run_id, key="train/loss"):
     return [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key)]
 
 
 @pytest.mark.parametrize("zero", [(1, 2, 3), (3, 1, 2)], ids=["z1-z2-z3", "z3-z1-z2"])
-def test_three_stages_on_two_ray_workers(dataset, tmp_path, mlflow_uri, s3_server, zero):
+def test_three_stages_on_two_ray_workers(dataset, tmp_path, fresh_mlflow, s3_server, zero):
     """pretrain -> mid -> post, 2 Ray Train workers each, every stage under another ZeRO stage;
     mid's checkpoints on s3://, the others on a local path; each stage starts from the previous
     stage's consolidated weights."""
@@ -94,7 +70,7 @@ def test_three_stages_on_two_ray_workers(dataset, tmp_path, mlflow_uri, s3_serve
             "'metrics': sorted(r.data.metrics), 'params': r.data.params.get('stage'), "
             "'digest': [d.dataset.digest for d in r.inputs.dataset_inputs]} for r in rs]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri})
+                         env={**os.environ, "MLFLOW_TRACKING_URI": fresh_mlflow})
     runs = {r["step"]: r for r in json.loads(out.stdout.strip().splitlines()[-1])}
     assert set(runs) == {"pretrain", "mid", "post"}
     for stage, r in runs.items():
@@ -110,7 +86,7 @@ def test_three_stages_on_two_ray_workers(dataset, tmp_path, mlflow_uri, s3_serve
     assert "samples/step_00000002.png" in arts
 
 
-def test_handoff_output_equals_previous_stage_at_step_0(dataset, tmp_path, mlflow_uri):
+def test_handoff_output_equals_previous_stage_at_step_0(dataset, tmp_path, fresh_mlflow):
     """mid from pretrain's consolidated weights, post from mid's: new modules at zero init, so the
     handed-off model's prediction equals the previous stage's on the same input."""
     from pipelines.training.launcher import resolve_job
@@ -154,7 +130,7 @@ def _kill_a_worker_when(store: CheckpointStore, step: int, done: threading.Event
         time.sleep(0.2)
 
 
-def test_killed_worker_resumes_with_one_continuous_curve(dataset, tmp_path, mlflow_uri):
+def test_killed_worker_resumes_with_one_continuous_curve(dataset, tmp_path, fresh_mlflow):
     ref, _ = dataset
     cfg = stage_cfg("pretrain", ref, tmp_path / "ck", workers=2, steps=10, **{
         "checkpoint.every_steps": 3, "tracking.sample_every": 0, "resources.max_failures": 2})
@@ -173,7 +149,7 @@ def test_killed_worker_resumes_with_one_continuous_curve(dataset, tmp_path, mlfl
     assert len(mlflow.search_runs(experiment_names=["test-pretrain"], output_format="list")) == 1
 
 
-def test_rerun_continues_on_another_world_size(dataset, tmp_path, mlflow_uri):
+def test_rerun_continues_on_another_world_size(dataset, tmp_path, fresh_mlflow):
     """2 workers to step 4; the same command with steps=8 on 1 worker resumes at step 4 (universal
     checkpoint): same run, same MLflow run, the curve continues."""
     ref, _ = dataset
@@ -190,7 +166,7 @@ def test_rerun_continues_on_another_world_size(dataset, tmp_path, mlflow_uri):
     assert metric_steps(second["mlflow_run_id"]) == list(range(1, 9))
 
 
-def test_latent_config_without_vae_path_is_one_line(dataset, tmp_path, mlflow_uri):
+def test_latent_config_without_vae_path_is_one_line(dataset, tmp_path, fresh_mlflow):
     ref, _ = dataset
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "configs/stages/pretrain.yaml",
                            f"dataset={ref}", "model_overrides.space=latent", "model_overrides.latent_channels=4",
@@ -203,10 +179,10 @@ def test_latent_config_without_vae_path_is_one_line(dataset, tmp_path, mlflow_ur
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no versions" in proc.stderr
 
 
-def test_latent_space_with_seeded_standin_vae(dataset, tmp_path, mlflow_uri, caplog):
+def test_latent_space_with_seeded_standin_vae(dataset, tmp_path, fresh_mlflow, caplog):
     """A latent config trains with the random stand-in VAE only when asked, and says so."""
     ref, _ = dataset
-    latent = {**MODEL, "space": "latent", "latent_channels": 4, "vae_downsample": 8, "patch_size": 2}
+    latent = {**SMALL_MODEL, "space": "latent", "latent_channels": 4, "vae_downsample": 8, "patch_size": 2}
     cfg = stage_cfg("pretrain", ref, tmp_path / "ck", steps=2, vae_standin_seed=7,
                     **{"resources.ray": False, "model_overrides": latent, "tracking.sample_every": 1})
     with caplog.at_level("WARNING", logger="pippo.train"):
@@ -215,7 +191,7 @@ def test_latent_space_with_seeded_standin_vae(dataset, tmp_path, mlflow_uri, cap
     assert any("STAND-IN VAE" in r.message for r in caplog.records)
 
 
-def test_learns_through_the_whole_stack(dataset, tmp_path, mlflow_uri):
+def test_learns_through_the_whole_stack(dataset, tmp_path, fresh_mlflow):
     """loader -> DeepSpeed -> checkpoint -> consolidated safetensors: the training loss falls >= 5x
     and DDIM samples of the consolidated weights match held-out views better than at init."""
     from dataprep.loader import TrainingLoader
@@ -232,7 +208,7 @@ def test_learns_through_the_whole_stack(dataset, tmp_path, mlflow_uri):
         "checkpoint.every_steps": LEARN_STEPS, "optim.lr": 1e-3, "optim.warmup_steps": 10, "ema.decay": 0.99,
         "data.batch_size": 4, "data.holdout_fraction": 0.3,
         # the trainer learning its training cameras; novel cameras are benches/learning.py's question
-        "data.holdout_cameras": 0.0, "model_overrides": {**MODEL, "dim": 128, "depth": 4}})
+        "data.holdout_cameras": 0.0, "model_overrides": {**SMALL_MODEL, "dim": 128, "depth": 4}})
     summary = run_stage(cfg)
     losses = [m.value for m in mlflow.MlflowClient().get_metric_history(summary["mlflow_run_id"], "train/loss")]
     assert losses[-1] < losses[0] / 5, losses

@@ -15,15 +15,15 @@ import torch
 
 from pipelines.training.checkpoint import DS_LATEST, DS_TAG, CheckpointStore, load_safetensors
 from pipelines.training.launcher import run_stage
-from test_training import dataset, stage_cfg
+from support import stage_cfg
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-def test_zero_to_fp32_reads_a_saved_step_directory(dataset, tmp_path, mlflow_uri, zero):  # noqa: F811
-    ref, _ = dataset
+def test_zero_to_fp32_reads_a_saved_step_directory(small_version, tmp_path, fresh_mlflow, zero):
+    ref = small_version.ref
     cfg = stage_cfg("pretrain", ref, tmp_path / "ck", steps=2, deepspeed=f"configs/deepspeed/zero{zero}.json",
                     **{"resources.ray": False, "tracking.sample_every": 0})
     summary = run_stage(cfg)
@@ -47,12 +47,12 @@ def test_zero_to_fp32_reads_a_saved_step_directory(dataset, tmp_path, mlflow_uri
         assert torch.equal(converted[name].to(value.dtype), value), name
 
 
-def test_ray_train_run_with_a_remote_store_leaves_nothing_in_the_cwd(dataset, tmp_path, mlflow_uri,  # noqa: F811
+def test_ray_train_run_with_a_remote_store_leaves_nothing_in_the_cwd(small_version, tmp_path, fresh_mlflow,
                                                                      s3_server, monkeypatch):
     import fsspec
 
     fsspec.filesystem("s3").mkdirs("ckpt-cwd", exist_ok=True)
-    ref, _ = dataset
+    ref = small_version.ref
     cfg = stage_cfg("pretrain", ref, "s3://ckpt-cwd/runs", steps=1, workers=1, **{"tracking.sample_every": 0},
                     model=str(ROOT / "configs/models/test.yaml"), deepspeed=str(ROOT / "configs/deepspeed/zero2.json"))
     monkeypatch.delenv("PIPPO_RAY_RESULTS", raising=False)

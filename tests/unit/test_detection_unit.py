@@ -3,6 +3,7 @@ rejections naming the stage and the score."""
 import os
 
 import cv2
+import numpy as np
 import pytest
 
 from dataprep.build_config import BuildConfig, DetectorConfig, Source
@@ -22,7 +23,11 @@ def test_detector_settings_are_in_the_recipe_only_when_used():
 
 
 def test_pinned_opencv_ships_hog_haar_and_sift():
-    assert hasattr(cv2, "HOGDescriptor") and cv2.SIFT_create() is not None
+    # each one works, not just exists: HOG describes a window, SIFT finds the corners of a checkerboard
+    assert cv2.HOGDescriptor().compute(np.zeros((128, 64), np.uint8)).size == 3780
+    i, j = np.indices((96, 96))
+    board = (((i // 16 + j // 16) % 2) * 255).astype(np.uint8)
+    assert len(cv2.SIFT_create().detect(board)) > 0
     assert not cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml").empty()
     lock = open(os.path.join(os.path.dirname(__file__), "..", "..", "requirements.lock")).read()
     assert f"opencv-python-headless=={cv2.__version__}." in lock
