@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def pippo(*args, cwd=None, env=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], capture_output=True,

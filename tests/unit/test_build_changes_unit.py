@@ -1,6 +1,5 @@
-"""Inputs that change under the build (issue 17): photos replaced in place are read again and
-untouched ones are not; failed downloads of credentialed URLs are retried from their list row;
-directories and URL lists are listed in split tasks, never by the driver."""
+"""Text URL lists split in byte ranges: every line is read exactly once, whatever the split
+(the builds of issue 17 themselves: tests/integration/test_build_changes.py)."""
 import io
 import random
 

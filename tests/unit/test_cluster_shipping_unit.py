@@ -1,10 +1,7 @@
-"""`pippo submit` ships only what the project needs and no credential leaves with a job: the file
-selection and its staging copy (checked against Ray's own packager), `--dry-run` through the real
-command, credential ARGS refused before anything is submitted, the env allow-list, the torch build.
-No Ray head needed (the real submission check is in test_cluster.py)."""
+"""`pippo submit` argument and environment rules in-process: secret flags refused, ordinary ones
+passed, only allow-listed variables forwarded, the torch build rule (the file selection and
+`--dry-run` through git and the real command: tests/e2e/test_cluster_shipping.py)."""
 import os
-import subprocess
-import sys
 from argparse import Namespace
 
 import pytest
@@ -12,11 +9,6 @@ import pytest
 from cluster import job_env, submit
 
 # credential-shaped files a careless tree holds; each is planted tracked AND untracked
-
-
-def pippo(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=cwd)
 
 
 @pytest.mark.parametrize("args", [["train", "c.yaml", "--password", "pw123456"],

@@ -1,9 +1,8 @@
-"""cluster/: `pippo submit` / `pippo jobs` against a real token-auth Ray head, and the cluster
-manifests (Ray cluster launcher, KubeRay) against their schemas, with no literal secrets."""
+"""cluster/ without a cluster: the manifests (Ray cluster launcher, KubeRay) against their schemas
+with no literal secrets, and submissions refused before any network (the real token-auth Ray
+head: tests/e2e/test_cluster.py)."""
 import json
 import re
-import subprocess
-import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -144,11 +143,6 @@ def test_tracking_uri_with_credentials_is_refused(monkeypatch, uri):
     with pytest.raises(submit.SubmitError, match="MLFLOW_TRACKING_URI .*credentials") as err:
         submit.build_job(job_args("compare"), ROOT)
     assert "pw" not in str(err.value) and "TOKEN123" not in str(err.value) and "abc123" not in str(err.value)
-
-
-def pippo(*args, env=None, cwd=None, timeout=180):
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 # ---- a real token-auth Ray head ---------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The detection stage: OpenCV HOG/Haar and torch backends in Ray actors, person crops with exact K,
-rejections naming the stage and the score."""
+"""Detector settings enter the recipe only when used; the pinned OpenCV ships working HOG, Haar
+and SIFT (the detection stage in Ray: tests/integration/test_detection.py)."""
 import os
 
 import cv2

@@ -1,4 +1,5 @@
-"""RunTracker against real MLflow: the embedded sqlite store and `mlflow server` over HTTP."""
+"""The default tracking URI and the redaction RunTracker applies, without an MLflow store
+(the sqlite store and `mlflow server`: tests/integration/test_tracking.py)."""
 
 
 from pipelines.training.tracking import redact, tracking_uri

@@ -1,6 +1,5 @@
-"""Training stages end to end: loader -> DeepSpeed ZeRO under Ray Train -> checkpoints (local and
-s3://) -> consolidated safetensors -> MLflow; resume after a killed worker, after a re-run and on
-another number of workers; stage handoff; learning through the whole stack."""
+"""A step directory without its completion marker is never loaded
+(training runs: tests/integration/test_training.py)."""
 
 
 from pipelines.training.checkpoint import CheckpointStore
