@@ -14,7 +14,9 @@ face crops), then:
    this machine's CPU cores one after the other; on a training node the loader has its own cores.
    Wall-clock rates suffer from other jobs on a shared machine, so CPU milliseconds per sample
    are printed too (loader: in one process, no workers; training: both torch threads), and their
-   ratio ("per CPU second": samples the loader prepares for the CPU one training sample costs).
+   ratio ("per CPU second": samples the loader prepares for the CPU one training sample costs),
+   and the CPU µs per sample of reading the shards alone (ShardReader, best of 5: the part that
+   range reads change).
 """
 import argparse
 import os
@@ -22,11 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import torch
 
 from dataprep.build import run_build
 from dataprep.build_config import BuildConfig, ShardLimits, Source
-from dataprep.loader import DataSource, LoaderConfig, TrainingLoader
+from dataprep.loader import STAGE_KIND, DataSource, LoaderConfig, TrainingLoader
+from dataprep.shard_reader import ShardReader
+from dataprep.store import DatasetStore
 from dataprep.synth import synth_capture
 from pippo_model import config as C
 from pippo_model.diffusion import CosineSchedule, training_loss
@@ -66,8 +71,32 @@ def loader_rate(dataset: str, stage: str, batches: int, range_reads: bool = True
     pipeline (read, decode, collate) measured with no workers: DataLoader workers start from a
     forkserver, so their CPU time is not this process's children's and could not be counted."""
     rate = max(loader_run(dataset, stage, batches, range_reads)[0] for _ in range(2))
-    _, cpu = loader_run(dataset, stage, batches, range_reads, workers=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                 # as in a DataLoader worker (and cv2: one thread)
+    cv2.setNumThreads(1)
+    try:
+        _, cpu = loader_run(dataset, stage, batches, range_reads, workers=0)
+    finally:
+        torch.set_num_threads(threads)
     return rate, cpu / (batches * BATCH) * 1e3
+
+
+def read_cost(dataset: str, stage: str, range_reads: bool, repeats: int = 5) -> float:
+    """CPU µs per sample of reading alone (no decoding): every sample of the stage's kind from
+    every shard through the loader's ShardReader, best of `repeats` (the least disturbed)."""
+    uri, vid = dataset.rsplit("@", 1)
+    store = DatasetStore(uri)
+    shards = store.version_shards(store.resolve(vid))
+    wanted = [[k for k, kind in zip(*store.shard_index(s).to_pydict().values()) if kind == STAGE_KIND[stage]]
+              for s in shards]
+    best = float("inf")
+    for _ in range(repeats):
+        reader = ShardReader(stage, range_reads)     # a fresh index cache: its reads count once
+        cpu0, n = time.process_time(), 0
+        for shard, keys in zip(shards, wanted):
+            n += sum(1 for _ in reader.samples(store, shard, set(keys)))
+        best = min(best, (time.process_time() - cpu0) / n * 1e6)
+    return best
 
 
 def training_rate(stage: str, steps: int) -> float:
@@ -117,7 +146,8 @@ def main():
                 load, load_cpu = loader_rate(dataset, stage, args.batches, range_reads)
                 how = "range reads" if range_reads else "streaming"
                 print(f"{stage:>4} ({how}): batch {BATCH}, {RES} px, {VIEWS} views: loader {load:.0f} samples/s "
-                      f"({load_cpu:.2f} CPU ms/sample), training step {train:.1f} samples/s ({train_cpu:.1f} "
+                      f"({load_cpu:.2f} CPU ms/sample, of which reading {read_cost(dataset, stage, range_reads):.0f} "
+                      f"µs), training step {train:.1f} samples/s ({train_cpu:.1f} "
                       f"CPU ms/sample); ratio {load / train:.1f} (goal >= 10), per CPU second "
                       f"{train_cpu / load_cpu:.1f}", flush=True)
 
