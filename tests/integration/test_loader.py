@@ -8,6 +8,8 @@ import time
 
 import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +18,7 @@ from dataprep.build_config import PhotoFilters, ShardLimits
 from dataprep.errors import DataError
 from dataprep.geometry import camera_center, plucker, project, resize_intrinsics
 from dataprep.loader import DataSource, LoaderConfig, TrainingLoader, held_out
+from dataprep.shards import INDEX_SCHEMA
 from dataprep.store import DatasetStore
 from dataprep.synth import HEAD_RADII, synth_capture, synth_images
 from pippo_model.conditioning import camera_vectors
@@ -328,6 +331,10 @@ def test_s3_version_with_more_ranks_than_shards(data, s3_server):
         assert loader.versions[0]["uri"] == dataset
         served += rows(take(loader, 4)[0])
     assert_epochs_exact(served, data["photos"]["image"], epochs=(0, 1))
+    # range requests on the object store serve what streaming serves
+    ranged, held_r = batches_of(f"{dataset}@{vid}", "pretrain", 3)
+    streamed, held_s = batches_of(f"{dataset}@{vid}", "pretrain", 3, range_reads=False)
+    assert_same_batches(ranged + [held_r], streamed + [held_s])
 
 
 def test_incremental_version_reads_carried_over_shards(data, tmp_path):
@@ -383,3 +390,98 @@ def test_heldout_cameras_never_train_and_are_the_targets_of_evaluation(data):
                 assert {meta["views"][v]["camera_id"] for v in batch["_view_index"][i].tolist()} <= held
                 assert meta["views"][int(batch["_reference_index"][i])]["camera_id"] not in held
             assert batch["_head"].shape[1:] == (3, 4)
+
+
+# ---- byte offsets in the shard index: range reads vs streaming -------------------------------------
+
+def copy_version(data, dst):
+    """A copy of the mixed version (records store relative URLs: a copied dataset still works)."""
+    import shutil
+    src = data["mixed"]["ref"].rsplit("@", 1)
+    shutil.copytree(src[0], dst)
+    store = DatasetStore(dst)
+    return store, store.version_shards(store.resolve(src[1])), f"{dst}@{src[1]}"
+
+
+def local(url: str) -> str:
+    return url.removeprefix("file://")
+
+
+def test_build_records_member_offsets_that_tarfile_agrees_with(data, tmp_path):
+    import tarfile
+    store, shards, _ = copy_version(data, tmp_path / "ds")
+    assert len(shards) > 2
+    for shard in shards:
+        index = pq.read_table(local(shard["index_url"])).to_pylist()
+        with tarfile.open(local(shard["url"])) as tar:
+            expected = [(m.name, m.offset_data, m.size) for m in tar]
+        assert [(f"{r['key']}.{m['ext']}", m["offset"], m["size"]) for r in index for m in r["members"]] == expected
+        assert {"key", "source", "kind", "status", "bytes", "sha256"} <= set(index[0])   # old columns kept
+
+
+def batches_of(ref, stage, n, **kw):
+    loader = TrainingLoader([DataSource(ref)], stage, cfg_(batch_size=3, face_views=1, **kw))
+    it = iter(loader)
+    out = [next(it) for _ in range(n)]
+    it.close()
+    return out, loader.heldout_batch(3, frames="seen")
+
+
+def assert_same_batches(a, b):
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and x["keys"] == y["keys"]
+        for name, value in x.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, y[name]), name
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "mid", "post"])
+def test_range_reads_serve_exactly_what_streaming_serves(data, stage):
+    # 6 batches of 3 over 8 studio frames: more than an epoch, both workers, several shards
+    ranged, held_r = batches_of(data["mixed"]["ref"], stage, 6)
+    streamed, held_s = batches_of(data["mixed"]["ref"], stage, 6, range_reads=False)
+    assert_same_batches(ranged + [held_r], streamed + [held_s])
+
+
+def test_index_without_offsets_streams_the_tar(data, tmp_path):
+    """An index written before the members column (older builds) still loads, the same samples."""
+    store, shards, ref = copy_version(data, tmp_path / "ds")
+    for shard in shards:
+        path = local(shard["index_url"])
+        pq.write_table(pq.read_table(path).drop_columns(["members"]), path)
+        assert store.shard_members(shard) is None
+    old, _ = batches_of(ref, "post", 4)
+    new, _ = batches_of(data["mixed"]["ref"], "post", 4)
+    assert_same_batches(old, new)
+
+
+def tamper_index(shard, change):
+    path = local(shard["index_url"])
+    rows = pq.read_table(path).to_pylist()
+    for r in rows:
+        r["members"] = [{**m, **change(m)} for m in r["members"]]
+    pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "ends before byte .* the shard is truncated"),
+    ("offset_beyond_end", "outside the .*-byte tar"),
+    ("huge_size", "outside the .*-byte tar"),
+    ("shifted", "the shard index does not match the tar"),
+])
+def test_damaged_shard_or_index_is_one_data_error_line(data, tmp_path, damage, message):
+    store, shards, ref = copy_version(data, tmp_path / "ds")
+    for shard in shards:
+        if damage == "truncate":
+            with open(local(shard["url"]), "r+b") as f:
+                f.truncate(shard["bytes"] // 2)
+        elif damage == "offset_beyond_end":
+            tamper_index(shard, lambda m: {"offset": m["offset"] + shard["bytes"]})
+        elif damage == "huge_size":
+            tamper_index(shard, lambda m: {"size": 1 << 50})
+        else:
+            tamper_index(shard, lambda m: {"offset": m["offset"] + 512})
+    start = time.time()
+    with pytest.raises(DataError, match=message) as err:
+        next(iter(TrainingLoader([DataSource(ref)], "post", cfg_(num_workers=0))))
+    assert "\n" not in str(err.value) and time.time() - start < 30
