@@ -28,7 +28,7 @@ import pyarrow as pa
 from dataprep.build_config import BuildConfig
 from dataprep.commit import commit_version
 from dataprep.detect_stage import start_detectors, stop_detectors
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.listing import list_unit, plan_listing
 from dataprep.logs import quiet_ray, ray_output_to_stderr
 from dataprep.partition_job import dedup_bucket, process_partition, write_partition

@@ -13,7 +13,7 @@ import pyarrow as pa
 from dataprep.build_config import BuildConfig
 from dataprep.preview import contact_sheet, overlay_anchor, png_bytes
 from dataprep.ledger import PARTS_SCHEMA, part_row
-from dataprep.redact import redact_config
+from pippo_common.redact import redact_config
 from dataprep.store import FORMAT, DatasetStore, _now, version_id
 
 log = logging.getLogger("pippo.data.commit")

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from dataprep.build_config import DetectorConfig
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.photos import Rejected
 
 log = logging.getLogger("pippo.data.detect")

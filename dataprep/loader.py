@@ -72,7 +72,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.stage_samples import decode_sample
 from dataprep.store import DatasetStore, split_ref
 

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from dataprep.redact import redact_text, redacting
+from pippo_common.redact import redact_text, redacting
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Routine INFO chatter of libraries: "Found credentials in environment variables.", connection

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from dataprep.build_config import ShardLimits
 from dataprep.commit import commit_version
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.ledger import SHA_SCHEMA, ledger_counts, part_id, write_part
 from dataprep.listing import partition_of
 from dataprep.partition_job import rewrite_jobs, write_partition

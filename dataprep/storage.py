@@ -13,8 +13,8 @@ import uuid
 
 import fsspec
 
-from dataprep.errors import DataError
-from dataprep.redact import has_credentials, redact_text
+from pippo_common.errors import DataError
+from pippo_common.redact import has_credentials, redact_text
 
 # Object stores whose URL authority is a bucket name: an "@" there can only be credentials.
 _BUCKET_SCHEMES = re.compile(r"(?:s3a?|gs|gcs)://", re.IGNORECASE)

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipelines.cli import UserError
+from pippo_common.errors import UserError
 from pipelines.config import load_config
 
 log = logging.getLogger("pippo.weights")
@@ -153,7 +153,7 @@ def _fetch_http_directory(uri: str, into: Path, http) -> None:
 
 
 def _shown(uri: str, limit: int = 120) -> str:
-    from dataprep.redact import redact_text
+    from pippo_common.redact import redact_text
 
     text = redact_text(str(uri))
     return text if len(text) <= limit else text[: limit - 3] + "..."

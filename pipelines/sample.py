@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.cli import UserError
+from pippo_common.errors import UserError
 
 log = logging.getLogger("pippo.sample")
 
@@ -317,7 +317,7 @@ def main(args) -> int:
 
     from pipelines.model_commands import load_autoencoder_for
     from pipelines.training.engine import to_model_space
-    from pipelines.training.tracking import redact
+    from pippo_common.redact import redact
     from pipelines.training.worker import load_final_model
     from pippo_model.diffusion import conditions
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import free_port
-from dataprep.redact import redact_config, redact_text, register_secret, strip_credentials
+from pippo_common.redact import redact_config, redact_text, register_secret, strip_credentials
 from pipelines.cli import build_parser, main
 
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
@@ -149,7 +149,7 @@ def test_unexpected_errors_keep_their_traceback_but_lose_credentials(capsys, mon
 
 
 def test_errors_inside_ray_tasks_are_judged_by_their_cause():
-    from pipelines.cli import user_error_message
+    from pippo_common.errors import user_error_message
 
     class RayTaskError(Exception):          # the shape of ray.exceptions.RayTaskError
         def __init__(self, cause):

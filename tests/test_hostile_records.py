@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dataprep.build_config import BuildConfig, HttpConfig, InputPolicy, Source
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.ledger import PARTS_SCHEMA
 from dataprep.listing import LISTING_SCHEMA
 from dataprep.loader import DataSource, LoaderConfig, TrainingLoader

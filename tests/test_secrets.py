@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dataprep import redact as redactor
-from dataprep.names import printable
-from dataprep.redact import (RedactingStream, check_not_secret, is_secret_env_name, is_secret_name, redact,
+from pippo_common import redact as redactor
+from pippo_common.text import printable
+from pippo_common.redact import (RedactingStream, check_not_secret, is_secret_env_name, is_secret_name, redact,
                              redact_text, register_secret, strip_credentials)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,8 @@ import pytest
 from conftest import free_port, wait_http
 from PIL import Image
 
-from pipelines.training.tracking import RunTracker, redact, tracking_uri
+from pipelines.training.tracking import RunTracker, tracking_uri
+from pippo_common.redact import redact
 
 SECRETS = ["AKIAIOSFODNN7EXAMPLE", "s3cr3t/Val+ue", "pw123zz", "abcTOK987", "xyzSECRET42",
            "hunter2qq"]

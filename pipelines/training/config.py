@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from dataprep.loader import DataSource, LoaderConfig
 from dataprep.names import validate_name
-from dataprep.redact import check_not_secret
+from pippo_common.redact import check_not_secret
 from pipelines.config import FILE_PATH, to_dict
 
 

@@ -147,7 +147,7 @@ def _run_on_ray(cfg: StageConfig, job: dict) -> dict:
     if error:
         input_error = find_input_error(error)
         if input_error is not None:
-            from pipelines.cli import UserError
+            from pippo_common.errors import UserError
 
             raise UserError(str(input_error)) from None
         raise StageFailed(job["run_uri"], error) from None

@@ -195,7 +195,7 @@ def initial_model(model_cfg, seed: int, init_from: str | None):
 
 
 def _start_tracking(cfg, job, store, loader, model_cfg, ctx, fresh: bool):
-    from dataprep.redact import redact
+    from pippo_common.redact import redact
     from pipelines.config import flatten, to_dict
     from pipelines.training.tracking import RunTracker
 

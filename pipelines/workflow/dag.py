@@ -33,7 +33,7 @@ import os
 import time
 from pathlib import Path
 
-from dataprep.redact import redact
+from pippo_common.redact import redact
 from dataprep.storage import absolute_url, atomic_write_bytes, fs_and_path, join
 from pipelines.workflow.config import STEP_REF, PipelineConfig
 from pipelines.workflow.lineage import Lineage

@@ -1,0 +1,111 @@
+"""pippo_common: the shared leaf package (issue 18 step 1). One redactor masks every credential
+shape; the package imports none of the project's other packages."""
+import ast
+from pathlib import Path
+
+import pytest
+
+from pippo_common.redact import has_credentials, redact, redact_text, strip_credentials
+
+REPO = Path(__file__).resolve().parents[2]
+SECRET = "s3cr3tPassw0rdXYZ"
+
+# Every shape a credential reaches us in, and what must survive next to it.
+CREDENTIAL_SHAPES = [
+    f"https://user:{SECRET}@host.example/path",               # userinfo user:password
+    f"s3://AKIAIDENTIFIER:{SECRET}@bucket/key",                # s3fs-style KEY:SECRET@bucket
+    f"https://{SECRET}@github.com/org/repo.git",               # a lone token as user
+    f"https://host:8080/x?token={SECRET}&page=2",              # secret query parameter
+    f"https://b.s3.amazonaws.com/o?X-Amz-Signature={SECRET}",  # presigned URL
+    f"password={SECRET}",                                       # key=value in a message
+    f"api_key: {SECRET}",                                       # key: value in YAML text
+    f'{{"secret": "{SECRET}"}}',                                # JSON pair
+    f"mlflow at http://u:{SECRET}@10.0.0.1:5000 is down",      # URL inside a sentence
+    f"postgresql://user:{SECRET}@db:5432/mlflow",               # a database URI
+    f"RuntimeError: password={SECRET}",                         # a pair as the value of a pair
+    f"error: token={SECRET} refused",                           # (a traceback's last line)
+]
+
+
+@pytest.mark.parametrize("text", CREDENTIAL_SHAPES)
+def test_the_one_redactor_masks_every_credential_shape(text):
+    assert SECRET not in redact_text(text)
+    assert SECRET not in str(redact({"value": text}))
+
+
+@pytest.mark.parametrize("url", ["https://host:8080/a@b", "https://host/a@b/c", "s3://bucket/a@b",
+                                 "https://host:8080/p?q=a@b", "http://[::1]:8080/x@y"])
+def test_an_at_sign_after_the_authority_is_not_userinfo(url):
+    """The drift of issue 18: `https://host:8080/a@b` has a port and a path holding "@"; a copy of
+    the redactor that read `host:8080/a` as user:password mangled it."""
+    assert not has_credentials(url)
+    assert strip_credentials(url) == url
+    assert redact_text(url) == url
+
+
+def test_identifiers_are_kept():
+    assert redact({"aws_access_key_id": "AKIAIDENTIFIER", "bucket": "s3://my-bucket/ds"}) == \
+        {"aws_access_key_id": "AKIAIDENTIFIER", "bucket": "s3://my-bucket/ds"}
+
+
+def _project_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_pippo_common_is_a_leaf():
+    """Every import, top-level or inside a function, of every module: none of the project's other
+    packages, so importing pippo_common can never close a cycle."""
+    files = sorted((REPO / "pippo_common").glob("*.py"))
+    assert len(files) >= 2
+    for path in files:
+        bad = _project_imports(path) & {"dataprep", "pipelines", "pippo_model", "cluster", "benches"}
+        assert not bad, f"{path.name} imports {bad}"
+
+
+def test_every_project_error_is_one_user_error_family():
+    from cluster.job_env import CredentialError
+    from cluster.shipping import ShippingError
+    from cluster.submit import SubmitError
+    from dataprep.errors import CalibrationError, CaptureError
+    from dataprep.storage import StorageError
+    from pipelines.training.compat import IncompatibleCheckpoint, StageInputError
+    from pippo_common.errors import ConfigError, DataError, UserError
+
+    for cls in (ConfigError, DataError, CalibrationError, CaptureError, StorageError, SubmitError,
+                ShippingError, CredentialError, StageInputError, IncompatibleCheckpoint):
+        assert issubclass(cls, UserError), cls
+    assert issubclass(ConfigError, ValueError) and issubclass(DataError, ValueError)   # callers catch these
+
+
+def test_report_is_one_redacted_line_exit_2_for_a_user_error_and_a_traceback_exit_1_for_a_bug():
+    import io
+
+    from pippo_common.errors import UserError, report
+
+    out = io.StringIO()
+    assert report(UserError(f"cannot reach https://u:{SECRET}@h/x\nsecond line"), stream=out) == 2
+    assert out.getvalue() == "pippo: error: cannot reach https://***@h/x second line\n"
+    out = io.StringIO()
+    try:
+        raise RuntimeError(f"password={SECRET}")
+    except RuntimeError as exc:
+        assert report(exc, stream=out) == 1
+    assert "Traceback" in out.getvalue() and SECRET not in out.getvalue()
+
+
+def test_the_cluster_commands_report_through_the_cli_convention(capsys, monkeypatch):
+    """`pippo jobs list` without a cluster address: the SubmitError reaches the CLI's one report,
+    not a printer of the cluster's own."""
+    from pipelines.cli import main
+
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    assert main(["jobs", "list"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("pippo: error: no cluster address"), err
