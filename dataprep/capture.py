@@ -36,7 +36,7 @@ from dataprep.geometry import validate_camera, validate_rotation
 from dataprep.image_formats import FRAME_FORMATS, MASK_FORMATS, FormatError, open_image
 from dataprep.photos import Rejected
 from dataprep.safe_fetch import NotRegularFile, open_regular, read_capped, realpath_inside
-from dataprep.storage import is_local
+from pippo_common.storage import is_local
 
 MM_PER_M = 1000.0
 MAX_POSE_MM = 1e9           # a head pose further than 1000 km is a corrupt file (and overflows later)

@@ -26,7 +26,7 @@ from dataprep.build_config import InputPolicy, Source
 from pippo_common.errors import DataError
 from dataprep.sources import enumerate_source, list_directory_split, list_file_inputs, signature_tag
 from pippo_common.redact import strip_credentials
-from dataprep.storage import fs_and_path, url_of
+from pippo_common.storage import fs_and_path, url_of
 
 LISTING_SCHEMA = pa.schema([("input_id", pa.string()), ("kind", pa.string()), ("uri", pa.string()),
                             ("frame", pa.int64()), ("member", pa.string()), ("size", pa.int64()),

@@ -33,7 +33,7 @@ from dataprep.detect_stage import DetectionBatcher
 from dataprep.samples import finish_photo_sample, photo_sample, prepare_photo, studio_sample
 from dataprep.shards import ShardWriter
 from dataprep.sources import check_body, fetch, list_entry_at, read_tar, sha256, wds_image
-from dataprep.storage import atomic_write_bytes, read_bytes
+from pippo_common.storage import atomic_write_bytes, read_bytes
 from dataprep.store import DatasetStore
 
 log = logging.getLogger("pippo.data.build")

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from dataprep.build_config import ShardLimits
-from dataprep.storage import absolute_url, fs_and_path, is_local, join
+from pippo_common.storage import absolute_url, fs_and_path, is_local, join
 
 TAR_BLOCK = 512
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("kind", pa.string()),

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from pippo_common.errors import DataError
 from dataprep.names import validate_tag
-from dataprep.storage import absolute_url, atomic_write_bytes, fs_and_path, is_local, join
+from pippo_common.storage import absolute_url, atomic_write_bytes, fs_and_path, is_local, join
 
 log = logging.getLogger("pippo.data.store")
 

@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from dataprep.logs import configure
+    from pippo_common.logs import configure
     from pippo_common.errors import report
     from pippo_common.text import one_line
 

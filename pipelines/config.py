@@ -107,7 +107,7 @@ def read_config_bytes(path: str | Path, what: str = "config") -> bytes:
     URL, of at most MAX_CONFIG_BYTES; anything else is one ConfigError line. Local files are
     stat'ed first and opened non-blocking: opening a FIFO blocks, reading /dev/zero never ends."""
     from dataprep.safe_fetch import NotRegularFile, open_regular
-    from dataprep.storage import fs_and_path, is_local
+    from pippo_common.storage import fs_and_path, is_local
 
     shown = str(path)
     if "::" in shown:

@@ -48,7 +48,7 @@ def inspect(args) -> int:
     from dataprep.capture import Capture
     from dataprep.preview import frame_contact_sheet, png_bytes
     from pippo_common.redact import strip_credentials
-    from dataprep.storage import atomic_write_bytes, check_store
+    from pippo_common.storage import atomic_write_bytes, check_store
 
     check_store(args.capture)       # a dead endpoint: one line now, not after s3fs's retries
     with Capture(args.capture, strict=False) as cap:
@@ -77,7 +77,7 @@ def inspect(args) -> int:
 def build(args) -> int:
     from dataprep.build_config import BuildConfig
     from pippo_common.redact import redact_config
-    from dataprep.storage import check_store
+    from pippo_common.storage import check_store
     from pipelines.config import load_config, to_dict
 
     cfg = load_config(BuildConfig, args.config, args.overrides)
@@ -119,7 +119,7 @@ def _warn_if_empty(dataset: str, vid: str) -> None:
 
 def _open_store(uri: str):
     """The dataset store at `uri`, its object store checked first (fails fast, one line)."""
-    from dataprep.storage import check_store
+    from pippo_common.storage import check_store
     from dataprep.store import DatasetStore
 
     check_store(uri)

@@ -95,7 +95,7 @@ def stage_of(model_cfg) -> str:
 def run_eval(cfg: EvalConfig, parent_run_id: str | None = None) -> dict:
     """Evaluate `cfg.checkpoint`; one MLflow run tagged pippo.step=eval (a child of
     `parent_run_id` when given). Returns the eval/* metrics, "run_id", "stage", "samples"."""
-    from dataprep.storage import absolute_url
+    from pippo_common.storage import absolute_url
     from pipelines.config import flatten, to_dict
     from pipelines.training.tracking import RunTracker
     from pipelines.training.worker import load_final_model
@@ -140,7 +140,7 @@ def run_eval(cfg: EvalConfig, parent_run_id: str | None = None) -> dict:
 def training_config(checkpoint: str) -> dict:
     """The training stage's config from its run's run.json (the checkpoint's run directory: the
     run itself, or <run>/final, or <run>/final/model.safetensors); {} when there is none."""
-    from dataprep.storage import fs_and_path
+    from pippo_common.storage import fs_and_path
     from pipelines.config import ConfigError, read_json_config
     from pipelines.training.checkpoint import resolve_weights
 
@@ -390,7 +390,7 @@ def turnaround_strip(cfg: EvalConfig, out_path: str, views_per_pass: int = 4) ->
 
     from dataprep.loader import DataSource, LoaderConfig, TrainingLoader
     from pipelines.training.worker import load_final_model
-    from dataprep.storage import absolute_url
+    from pippo_common.storage import absolute_url
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = absolute_url(cfg.checkpoint.rstrip("/"))

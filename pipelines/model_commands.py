@@ -52,7 +52,7 @@ def fetch_directory(uri: str, cache: str | Path | None = None, http=None) -> Pat
     import hashlib
 
     from dataprep.sources import is_chained
-    from dataprep.storage import fs_and_path, is_local
+    from pippo_common.storage import fs_and_path, is_local
 
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else "file"
     if is_chained(uri) or "\0" in uri or scheme not in ("file", "http", "https", *WEIGHT_STORES):

@@ -42,7 +42,7 @@ FRAME_MS = 100             # GIF frame time; the MP4 runs at the same rate
 def read_photo(uri: str) -> np.ndarray:
     """Upright 8-bit RGB of a local path or fsspec URL, decoded like the build decodes photos."""
     from dataprep.photos import Rejected, decode_photo
-    from dataprep.storage import read_bytes
+    from pippo_common.storage import read_bytes
 
     try:
         return decode_photo(read_bytes(uri), MAX_PIXELS).rgb
@@ -139,7 +139,7 @@ def training_run(uri: str) -> dict:
     .safetensors has none): the resolution and the views the model was really trained with.
     run.json is input (whoever writes the run directory writes it): read like a config file,
     and the fields used here checked (`trained_shape`)."""
-    from dataprep.storage import fs_and_path
+    from pippo_common.storage import fs_and_path
     from pipelines.config import read_json_config
     from pipelines.training.checkpoint import is_final_dir, resolve_weights
 

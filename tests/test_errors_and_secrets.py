@@ -55,7 +55,7 @@ def fake_version(root, vid, created="2026-01-01T00:00:00+00:00"):
 @pytest.fixture(autouse=True)
 def _restore_logging(monkeypatch):
     """main() configures logging for the process: undo it, so no handler outlives its stderr."""
-    from dataprep.logs import unconfigure
+    from pippo_common.logs import unconfigure
 
     monkeypatch.delenv("PIPPO_VERBOSITY", raising=False)
     level = logging.getLogger().level
@@ -414,7 +414,7 @@ def test_verbosity_flags_work_before_and_after_the_subcommand(argv, verbose, qui
 
 
 def test_log_levels_and_redaction(capsys, tmp_path):
-    from dataprep.logs import configure
+    from pippo_common.logs import configure
 
     fake_version(tmp_path / "ds", "c" * 20)
     try:

@@ -140,7 +140,7 @@ def test_pipeline_step_records_and_mlflow_hold_no_secret(tmp_path, capsys, monke
     """`pippo pipeline run` (steps in-process, no Ray: cheap) whose synth step has a param
     ${AWS_SECRET_ACCESS_KEY}: the step record, MLflow (params, tags, names; the sqlite file and the
     artifacts) and the output hold `${AWS_SECRET_ACCESS_KEY}`, never the value."""
-    from dataprep.logs import unconfigure
+    from pippo_common.logs import unconfigure
     from pipelines.cli import main
     for k, v in {"AWS_SECRET_ACCESS_KEY": SECRET_KEY, "HF_TOKEN": TOKEN, "PIPPO_WORKFLOW_INPROCESS": "1",
                  "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}.items():
@@ -228,7 +228,7 @@ def test_a_tag_from_a_variable_is_checked_after_substitution(tag, var, fragment,
     try:
         assert main(["data", "build", str(tmp_path / "b.yaml")]) == 2
     finally:
-        from dataprep.logs import unconfigure
+        from pippo_common.logs import unconfigure
         unconfigure()
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1 and fragment in err, err
@@ -247,7 +247,7 @@ def test_compare_prints_no_terminal_escapes(tmp_path, monkeypatch):
     from contextlib import redirect_stderr, redirect_stdout
     with redirect_stdout(out), redirect_stderr(err):
         code = main(["compare", "--experiment", "esc-test", "--out", str(tmp_path / "cmp")])
-    from dataprep.logs import unconfigure
+    from pippo_common.logs import unconfigure
     unconfigure()
     assert code == 0, err.getvalue()
     text = out.getvalue()

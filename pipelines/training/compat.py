@@ -43,7 +43,7 @@ def safetensors_shapes(url: str) -> dict[str, tuple[int, ...]]:
     """{tensor name: shape} from a .safetensors file's header alone. Read by hand (8-byte length +
     JSON, the documented format) because safetensors.safe_open needs a local file, and a
     multi-GB checkpoint on s3:// should not be downloaded to compare names and shapes."""
-    from dataprep.storage import fs_and_path
+    from pippo_common.storage import fs_and_path
 
     fs, path = fs_and_path(url)
     try:

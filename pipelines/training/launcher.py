@@ -23,7 +23,7 @@ log = logging.getLogger("pippo.train")
 def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     """The JSON-able job every worker receives."""
     from dataprep.commit import code_version
-    from dataprep.storage import absolute_url
+    from pippo_common.storage import absolute_url
     from pipelines.model_commands import load_model_config
     from pipelines.training.tracking import check_tracking_server, tracking_uri
     from pippo_model.config import ModelConfig
@@ -81,7 +81,7 @@ def pin_datasets(cfg: StageConfig) -> StageConfig:
     """URI@REF -> absolute URI@version-id, in place (idempotent): every worker and every resume of
     the run reads the same version even when `latest` or a tag moves, and the run's name (a hash
     of the config) names the version — a new version is a new run."""
-    from dataprep.storage import absolute_url
+    from pippo_common.storage import absolute_url
     from dataprep.store import DatasetStore, split_ref
 
     def pinned(ref: str) -> str:
@@ -117,7 +117,7 @@ def _run_on_ray(cfg: StageConfig, job: dict) -> dict:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dataprep.build import ensure_ray
+    from pippo_common.ray_start import ensure_ray
     from pipelines.training.compat import end_on_input_error, find_input_error
     from pipelines.training.worker import ray_entry
 

@@ -32,27 +32,13 @@ from pipelines.training.engine import (DiffusionObjective, deepspeed_config, lr_
 log = logging.getLogger("pippo.train")
 
 
-def quiet_logs(verbose: bool = False, own_stderr: bool = False) -> None:
-    import sys
+def quiet_logs(verbose: bool = False) -> None:
+    """The one logging set-up (pippo_common.logs: redacted, on stderr, the CLI's levels); in a Ray
+    worker ray_entry has set it up already and sent stdout to stderr. DeepSpeed's logger reset
+    itself on import: its level is applied again."""
+    from pippo_common.logs import configure_once
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    pippo = logging.getLogger("pippo")
-    pippo.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if own_stderr and not any(getattr(h, "_pippo", False) for h in pippo.handlers):
-        # our own stderr handler: Ray Train's workers route the root logger to stdout, which a
-        # command's caller reads for its result (SPEC §2: the result is the last stdout line)
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler._pippo = True
-        pippo.addHandler(handler)
-        pippo.propagate = False
-    try:
-        from deepspeed.utils import logger as ds_logger
-
-        ds_logger.setLevel(logging.INFO if verbose else logging.WARNING)
-    except ImportError:
-        pass
+    configure_once(1 if verbose else None)
     import warnings
 
     warnings.filterwarnings("ignore", message=".*torch.distributed.*is deprecated.*")
@@ -72,7 +58,7 @@ def train_worker(job: dict) -> dict:
     from pippo_model.diffusion import CosineSchedule
 
     use_ray = job.get("launcher") == "ray"
-    quiet_logs(job.get("verbose", False), own_stderr=use_ray)
+    quiet_logs(job.get("verbose", False))
     ctx = setup_distributed(use_ray)
     cfg: StageConfig = from_dict(StageConfig, job["stage"], source="<job>")
     model_cfg = ModelConfig(**job["model"]).for_stage(cfg.stage)
@@ -339,7 +325,7 @@ def ray_entry(job: dict) -> None:
     # The driver's stdout carries the command's result (SPEC §2: the last line); Ray forwards a
     # worker's stdout there, so the worker's prints (DeepSpeed's among them) go to stderr instead.
     os.dup2(2, 1)
-    from dataprep.logs import setup_worker
+    from pippo_common.logs import setup_worker
 
     setup_worker()        # redacted logs and prints even where the runtime_env hook did not run
     if job.get("tracking_uri"):

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from pippo_common.redact import redact
-from dataprep.storage import absolute_url, atomic_write_bytes, fs_and_path, join
+from pippo_common.storage import absolute_url, atomic_write_bytes, fs_and_path, join
 from pipelines.workflow.config import STEP_REF, PipelineConfig
 from pipelines.workflow.lineage import Lineage
 from pipelines.workflow.steps import normalised, run_step, step_config
@@ -256,7 +256,7 @@ def _execute(kind: str, name: str, cfg, ctx: dict):
     Train's workers ask for the resources), on the cluster of RAY_ADDRESS or a local Ray."""
     if os.environ.get("PIPPO_WORKFLOW_INPROCESS") == "1":
         return run_step(kind, name, cfg, ctx)
-    from dataprep.build import ensure_ray
+    from pippo_common.ray_start import ensure_ray
 
     ray = ensure_ray(dashboard=True)
     task = ray.remote(num_cpus=0, max_retries=0)(_step_task)
@@ -264,7 +264,7 @@ def _execute(kind: str, name: str, cfg, ctx: dict):
 
 
 def _step_task(kind, name, cfg, ctx):
-    from dataprep.logs import setup_worker
+    from pippo_common.logs import setup_worker
 
     os.dup2(2, 1)      # the driver's stdout carries the command's result; step output goes to stderr
     setup_worker()     # the CLI's format, levels and redaction (Ray keeps worker logs on the cluster)

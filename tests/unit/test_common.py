@@ -74,7 +74,7 @@ def test_every_project_error_is_one_user_error_family():
     from cluster.shipping import ShippingError
     from cluster.submit import SubmitError
     from dataprep.errors import CalibrationError, CaptureError
-    from dataprep.storage import StorageError
+    from pippo_common.storage import StorageError
     from pipelines.training.compat import IncompatibleCheckpoint, StageInputError
     from pippo_common.errors import ConfigError, DataError, UserError
 
