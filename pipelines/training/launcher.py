@@ -22,7 +22,7 @@ log = logging.getLogger("pippo.train")
 
 def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     """The JSON-able job every worker receives."""
-    from dataprep.commit import code_version
+    from pippo_common.versions import code_version
     from pippo_common.storage import absolute_url
     from pipelines.model_commands import load_model_config
     from pipelines.training.tracking import check_tracking_server, tracking_uri

@@ -34,27 +34,13 @@ import time
 from pathlib import Path
 
 from pippo_common.redact import redact
+from pippo_common.versions import code_version, source_digest
 from pippo_common.storage import absolute_url, atomic_write_bytes, fs_and_path, join
 from pipelines.workflow.config import STEP_REF, PipelineConfig
 from pipelines.workflow.lineage import Lineage
 from pipelines.workflow.steps import normalised, run_step, step_config
 
 log = logging.getLogger("pippo.workflow")
-CODE_DIRS = ("dataprep", "pippo_model", "pipelines", "cluster")
-
-
-def code_version() -> str:
-    """Digest of the project's source and pinned requirements: a code change invalidates caches."""
-    root = Path(__file__).resolve().parents[2]
-    h = hashlib.sha256()
-    for d in CODE_DIRS:
-        for path in sorted((root / d).rglob("*.py")):
-            h.update(str(path.relative_to(root)).encode())
-            h.update(path.read_bytes())
-    lock = root / "requirements.lock"
-    if lock.exists():
-        h.update(lock.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def substitute(value, outputs: dict):
@@ -94,7 +80,8 @@ class Workflow:
 
         # defaults are not YAML, so ${PIPPO_STORE} in a default is expanded here
         self.root = join(absolute_url(expand_env(cfg.store, source)), "pipelines", cfg.name)
-        self.code = code_version()
+        self.code = source_digest()          # the cache keys' code part
+        self.code_version = code_version()    # what records and tags say
         self.workdir = str(Path(cfg.workdir, cfg.name).resolve())
         self._identities: dict[str, str] = {}
         self._stages: dict[str, str] = {}          # train step -> its stage (for the pippo.step tag)
@@ -153,7 +140,7 @@ class Workflow:
         check_tracking_server()          # before any step: a stopped server is one line, not a hang
         parent = RunTracker(self.cfg.experiment_name, f"{self.cfg.name}", step_tag="pipeline",
                             resume_run_id=resume, system_metrics=False,
-                            tags={"pippo.pipeline": self.cfg.name, "pippo.code_version": self.code,
+                            tags={"pippo.pipeline": self.cfg.name, "pippo.code_version": self.code_version,
                                   "pippo.config_source": self.source})
         log.info("pipeline %s: MLflow run %s (experiment %s); %d steps", self.cfg.name, parent.run_id,
                  self.cfg.experiment_name, len(order))
@@ -221,7 +208,7 @@ class Workflow:
         # The config as written (secret ${VAR}s back to ${VAR}, URL credentials masked); the
         # output is an identifier read back by later runs, so it is stored as it is.
         record = {"step": name, "kind": kind, "key": key, "output": output, "mlflow_run_id": run_id,
-                  "code_version": self.code, "config": redact(config), "seconds": round(time.time() - start, 1),
+                  "code_version": self.code_version, "config": redact(config), "seconds": round(time.time() - start, 1),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if kind == "train":
             record["output_identity"] = self.identity(name, output)

@@ -109,3 +109,21 @@ def test_the_cluster_commands_report_through_the_cli_convention(capsys, monkeypa
     assert main(["jobs", "list"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("pippo: error: no cluster address"), err
+
+
+def test_one_code_version_follows_the_source(tmp_path):
+    """The digest is the workflow cache keys' code part: same tree, same digest; an edited file or
+    a new pin, a new one. code_version() says both the package and the digest."""
+    from pippo_common.versions import CODE_DIRS, code_version, package_version, source_digest
+
+    assert "pippo_common" in CODE_DIRS
+    for d in ("dataprep", "pipelines"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "m.py").write_text("x = 1\n")
+    first = source_digest(tmp_path, ("dataprep", "pipelines"))
+    assert source_digest(tmp_path, ("dataprep", "pipelines")) == first and len(first) == 16
+    (tmp_path / "pipelines" / "m.py").write_text("x = 2\n")
+    second = source_digest(tmp_path, ("dataprep", "pipelines"))
+    (tmp_path / "requirements.lock").write_text("numpy==2.0\n")
+    assert len({first, second, source_digest(tmp_path, ("dataprep", "pipelines"))}) == 3
+    assert code_version() == f"{package_version()}+{source_digest()}"
