@@ -91,7 +91,7 @@ class DataSource:
 
 
 @dataclass
-class LoaderConfig:         # loaded from YAML by pipelines.config.load_config (plain types only)
+class LoaderConfig:         # loaded from YAML by pippo_common.config.load_config (plain types only)
     batch_size: int = 4          # per rank
     num_workers: int = 2         # DataLoader workers per rank (0 allowed)
     shuffle_buffer: int = 64     # per-worker shuffle buffer, samples

@@ -78,7 +78,7 @@ def build(args) -> int:
     from dataprep.build_config import BuildConfig
     from pippo_common.redact import redact_config
     from pippo_common.storage import check_store
-    from pipelines.config import load_config, to_dict
+    from pippo_common.config import load_config, to_dict
 
     cfg = load_config(BuildConfig, args.config, args.overrides)
     # A dead endpoint or wrong credentials: one line in seconds, before Ray starts.

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from pippo_common.errors import UserError
-from pipelines.config import load_config
+from pippo_common.config import load_config
 
 log = logging.getLogger("pippo.weights")
 
@@ -35,7 +35,7 @@ WEIGHTS_TIMEOUT_S = 600.0          # http_get's deadline is per whole body, not 
 def read_model_json(url: str):
     """A checkpoint's model.json -> ModelConfig, checked like a config file (regular file, size
     cap, every key and type, the sizes' bounds of ModelConfig): one ConfigError line otherwise."""
-    from pipelines.config import ConfigError, from_dict, read_json_config
+    from pippo_common.config import ConfigError, from_dict, read_json_config
     from pippo_model.config import ModelConfig
 
     raw = read_json_config(url, "model.json")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pippo_common.checks import check_resolution
 from pippo_common.errors import UserError
 
 log = logging.getLogger("pippo.sample")
@@ -140,7 +141,7 @@ def training_run(uri: str) -> dict:
     run.json is input (whoever writes the run directory writes it): read like a config file,
     and the fields used here checked (`trained_shape`)."""
     from pippo_common.storage import fs_and_path
-    from pipelines.config import read_json_config
+    from pippo_common.config import read_json_config
     from pipelines.training.checkpoint import is_final_dir, resolve_weights
 
     weights, _ = resolve_weights(uri)
@@ -301,9 +302,7 @@ def _check_args(args, model_cfg, side: int) -> None:
     from pippo_model.config import MAX_TOKENS_PER_VIEW
 
     unit = model_cfg.vae_downsample * model_cfg.patch_size
-    if side < unit or side % unit or (side // unit) ** 2 > MAX_TOKENS_PER_VIEW:
-        raise UserError(f"--resolution {side} must be a positive multiple of {unit} (VAE x patch), "
-                        f"at most {unit * int(MAX_TOKENS_PER_VIEW ** 0.5)}")
+    check_resolution(side, unit, "--resolution", at_most=unit * math.isqrt(MAX_TOKENS_PER_VIEW))
     if args.views < 1:
         raise UserError(f"--views {args.views}: at least 1 view")
     if not 1 <= args.steps <= model_cfg.timesteps:

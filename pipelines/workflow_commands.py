@@ -9,7 +9,7 @@ def run(args) -> int:
     from pipelines.training.tracking import check_tracking_server
 
     check_tracking_server()      # first: seconds and one line, before configs, Ray or any step
-    from pipelines.config import load_config
+    from pippo_common.config import load_config
     from pipelines.workflow.config import PipelineConfig
     from pipelines.workflow.dag import Workflow
 

@@ -16,7 +16,7 @@ id (AWS_ACCESS_KEY_ID, an s3 `access_key`), a bucket, a user name alone — so a
     redact(tree)             a config / record / MLflow payload fit to store: strings redacted
                              (expanded secret `${VAR}` values back to `${VAR}`), secret-named keys
                              masked; redact_config is the same function
-    register_secret(value)   a value never to print (pipelines.config registers what a secret-named
+    register_secret(value)   a value never to print (pippo_common.config registers what a secret-named
                              `${VAR}` expanded to; the CLI registers URL userinfo of its arguments)
     check_not_secret(v, w)   names and paths (tags, run names, run dirs) never derive from a secret
     RedactingStream          sys.stdout/sys.stderr of the CLI and of Ray workers (print() output)

@@ -284,7 +284,7 @@ def test_yaml_aliases_of_shared_objects_still_load(tmp_path):
     import yaml
 
     from dataprep.build_config import BuildConfig
-    from pipelines.config import load_config
+    from pippo_common.config import load_config
 
     source = {"kind": "images", "uri": str(tmp_path)}
     text = yaml.safe_dump({"dataset": str(tmp_path / "ds"), "sources": [source, source],

@@ -90,7 +90,7 @@ def test_env_secrets_are_redacted_and_identifiers_kept(monkeypatch):
 
 
 def test_config_loader_registers_secret_named_variables_only(monkeypatch):
-    from pipelines.config import expand_env
+    from pippo_common.config import expand_env
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "bucket-as-key-id-1")
     monkeypatch.setenv("T15_DATASET_BUCKET", "plain-bucket-name")
     monkeypatch.setenv("T15_DB_PASSWORD", "pw-short")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import struct
 
-from pipelines.config import ConfigError
+from pippo_common.config import ConfigError
 from pippo_common.errors import UserError
 
 # keys of model.json/run.json's model that may differ on resume without changing any tensor

@@ -14,8 +14,9 @@ import os
 import shutil
 import tempfile
 
-from pipelines.config import ConfigError, load_config, read_json_config, to_dict
+from pippo_common.config import ConfigError, load_config, read_json_config, to_dict
 from pipelines.training.config import StageConfig
+from pippo_common.checks import check_resolution
 
 log = logging.getLogger("pippo.train")
 
@@ -38,10 +39,7 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     if model_cfg.space == "latent" and not model_cfg.vae_path and cfg.vae_standin_seed is None:
         raise ConfigError(f"{cfg.model}: the model is latent-space but has no vae_path: set "
                           f"model_overrides.vae_path to a diffusers AutoencoderKL directory or URI")
-    unit = model_cfg.vae_downsample * model_cfg.patch_size
-    if cfg.data.resolution % unit:
-        raise ConfigError(f"data.resolution {cfg.data.resolution} is not a multiple of {unit} "
-                          f"(the model's VAE downsampling x patch size)")
+    check_resolution(cfg.data.resolution, model_cfg.vae_downsample * model_cfg.patch_size, "data.resolution")
     ds = read_json_config(cfg.deepspeed, "deepspeed config")     # a regular file, size-capped
     if not isinstance(ds, dict):
         raise ConfigError(f"{cfg.deepspeed}: a DeepSpeed config is a JSON object, got {type(ds).__name__}")
@@ -56,7 +54,7 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     if cfg.init_from:
         stage["init_from"] = absolute_url(cfg.init_from)
     stage["run_name"] = cfg.resolved_run_name()    # computed here, where the config files are
-    from pipelines.config import expand_env
+    from pippo_common.config import expand_env
 
     stage["checkpoint"]["root"] = absolute_url(expand_env(cfg.checkpoint.root))
     run_uri = absolute_url(cfg.run_uri())

@@ -28,6 +28,7 @@ from pipelines.training.ema import ShardedEMA
 from pipelines.training.engine import (DiffusionObjective, deepspeed_config, lr_at, make_autoencoder,
                                        resolve_precision, sample_grid, setup_distributed,
                                        step_generator, to_model_space)
+from pippo_common.checks import check_resolution
 
 log = logging.getLogger("pippo.train")
 
@@ -53,7 +54,7 @@ def train_worker(job: dict) -> dict:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")   # no "unable to detect" warning on CPU hosts
     import deepspeed
 
-    from pipelines.config import from_dict
+    from pippo_common.config import from_dict
     from pippo_model.config import ModelConfig
     from pippo_model.diffusion import CosineSchedule
 
@@ -106,9 +107,7 @@ def train_worker(job: dict) -> dict:
 
     # data.resolution may differ from the model's table size (post trains at a higher resolution:
     # the position tables are interpolated), but must fall on whole tokens
-    unit = model_cfg.vae_downsample * model_cfg.patch_size
-    if cfg.data.resolution % unit:
-        raise ValueError(f"data.resolution {cfg.data.resolution} is not a multiple of {unit} (VAE x patch)")
+    check_resolution(cfg.data.resolution, model_cfg.vae_downsample * model_cfg.patch_size, "data.resolution")
     loader = TrainingLoader(cfg.sources, cfg.stage, cfg.data, rank=ctx.rank, world_size=ctx.world,
                             state=loader_state)
     autoencoder = make_autoencoder(model_cfg, cfg.vae_standin_seed, ctx.device)
@@ -182,7 +181,7 @@ def initial_model(model_cfg, seed: int, init_from: str | None):
 
 def _start_tracking(cfg, job, store, loader, model_cfg, ctx, fresh: bool):
     from pippo_common.redact import redact
-    from pipelines.config import flatten, to_dict
+    from pippo_common.config import flatten, to_dict
     from pipelines.training.tracking import RunTracker
 
     run = store.read_json("run.json") if store.exists("run.json") else None

@@ -76,7 +76,7 @@ class StepFailed(RuntimeError):
 class Workflow:
     def __init__(self, cfg: PipelineConfig, source: str = "<pipeline>"):
         self.cfg, self.source = cfg, source
-        from pipelines.config import expand_env
+        from pippo_common.config import expand_env
 
         # defaults are not YAML, so ${PIPPO_STORE} in a default is expanded here
         self.root = join(absolute_url(expand_env(cfg.store, source)), "pipelines", cfg.name)
@@ -172,7 +172,7 @@ class Workflow:
     def validate(self, order: list[str]) -> None:
         """Load every step's typed config with placeholders for upstream outputs, so a bad config
         fails in one line before the first step runs (not hours later, at its step)."""
-        from pipelines.config import ConfigError
+        from pippo_common.config import ConfigError
 
         class Pending(dict):
             def __missing__(self, name):

@@ -127,3 +127,25 @@ def test_one_code_version_follows_the_source(tmp_path):
     (tmp_path / "requirements.lock").write_text("numpy==2.0\n")
     assert len({first, second, source_digest(tmp_path, ("dataprep", "pipelines"))}) == 3
     assert code_version() == f"{package_version()}+{source_digest()}"
+
+
+@pytest.mark.parametrize("side,ok", [(64, True), (48, True), (40, False), (0, False), (-16, False), (272, False)])
+def test_one_resolution_check(side, ok):
+    """Training, sampling, evaluation and the model config share it: one message, one type, a
+    ValueError (model config callers) and a UserError (one line, exit 2)."""
+    from pippo_common.checks import check_resolution
+    from pippo_common.errors import ConfigError, UserError
+
+    if ok:
+        assert check_resolution(side, 16, at_most=256) == side
+        return
+    with pytest.raises(ConfigError, match=rf"^--resolution {side} is not a positive multiple of 16 .*at most 256$") as err:
+        check_resolution(side, 16, "--resolution", at_most=256)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, UserError)
+
+
+def test_the_model_config_refuses_a_resolution_off_the_token_grid():
+    from pippo_model.config import ModelConfig
+
+    with pytest.raises(ValueError, match="resolution 100 is not a positive multiple of"):
+        ModelConfig(resolution=100)

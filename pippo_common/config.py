@@ -106,8 +106,7 @@ def read_config_bytes(path: str | Path, what: str = "config") -> bytes:
     model.json or run.json): a local path or file:// that is a regular file, or an object-store
     URL, of at most MAX_CONFIG_BYTES; anything else is one ConfigError line. Local files are
     stat'ed first and opened non-blocking: opening a FIFO blocks, reading /dev/zero never ends."""
-    from dataprep.safe_fetch import NotRegularFile, open_regular
-    from pippo_common.storage import fs_and_path, is_local
+    from pippo_common.storage import NotRegularFile, fs_and_path, is_local, open_regular
 
     shown = str(path)
     if "::" in shown:
