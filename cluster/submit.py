@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 
 from cluster import shipping
 from cluster.job_env import CredentialError, job_env, refuse_credential_args
-from pippo_common.errors import UserError
+from pippo_common.errors import Failed, UserError
 
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -64,7 +64,7 @@ def cli(func):
     def run(args) -> int:
         try:
             return func(args)
-        except UserError:
+        except (UserError, Failed):
             raise
         except Exception as exc:  # noqa: BLE001 - Ray's client raises bare RuntimeError/ConnectionError
             msg = _describe(exc)

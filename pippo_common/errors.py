@@ -35,6 +35,12 @@ class DataError(UserError, ValueError):
     """Bad input data: the message is one line saying what is wrong and where."""
 
 
+class Failed(RuntimeError):
+    """A failure that is neither the input's fault nor a bug (a job that failed or would not stop,
+    training that failed beyond its retries): one line, exit `exit_code` (1)."""
+    exit_code = EXIT_BUG
+
+
 def is_user_error(exc: BaseException) -> bool:
     """Caused by input, not by a bug: the family, and a file that is not there."""
     return isinstance(exc, (UserError, FileNotFoundError))

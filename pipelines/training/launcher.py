@@ -17,6 +17,7 @@ import tempfile
 from pippo_common.config import ConfigError, load_config, read_json_config, to_dict
 from pipelines.training.config import StageConfig
 from pippo_common.checks import check_resolution
+from pippo_common.errors import Failed
 
 log = logging.getLogger("pippo.train")
 
@@ -177,10 +178,9 @@ def _fit_interruptibly(trainer):
     return outcome["result"]
 
 
-class StageFailed(RuntimeError):
+class StageFailed(Failed):
     """Training failed in the workers beyond the retries (not an input error): one line naming the
     last error and how to continue; Ray Train's log above holds the tracebacks."""
-    exit_code = 1
 
     def __init__(self, run_uri: str, error: BaseException):
         from pipelines.training.checkpoint import CheckpointStore

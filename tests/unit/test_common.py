@@ -171,3 +171,13 @@ def test_the_model_config_refuses_a_resolution_off_the_token_grid():
 
     with pytest.raises(ValueError, match="resolution 100 is not a positive multiple of"):
         ModelConfig(resolution=100)
+
+
+def test_a_failure_that_explains_itself_is_one_line_with_its_exit_code():
+    import io
+
+    from pippo_common.errors import Failed, report
+
+    out = io.StringIO()
+    assert report(Failed("job raysubmit_1 is still PENDING after 5 s"), stream=out) == 1
+    assert out.getvalue() == "pippo: error: job raysubmit_1 is still PENDING after 5 s\n"
