@@ -55,6 +55,8 @@ def configure(level: int = 0) -> None:
     root = logging.getLogger()
     if _handler is not None:
         root.removeHandler(_handler)
+        logging.getLogger("pippo").removeHandler(_handler)
+    logging.getLogger("pippo").propagate = True     # configure_once(own_records) may have cut it
     _handler = logging.StreamHandler(sys.stderr)
     _handler.setFormatter(RedactingFormatter(FORMAT))
     root.addHandler(_handler)
@@ -71,14 +73,23 @@ def _library_levels(level: int) -> None:
     quiet_ray()
 
 
-def configure_once(level: int | None = None) -> None:
+def configure_once(level: int | None = None, own_records: bool = False) -> None:
     """configure(level, default: the inherited PIPPO_VERBOSITY) unless this process is set up
     already (the CLI, a Ray worker's hook), whose levels then stand; either way the levels of
-    libraries that reset their logger on import (DeepSpeed) are applied again."""
+    libraries that reset their logger on import (DeepSpeed) are applied again.
+
+    `own_records`: pippo's records go to our handler alone, not up to the root. Ray Train's
+    workers put a handler of their own on the root logger (plain format, stdout): without this
+    every pippo line would print twice, once unredacted."""
     if _handler is None:
         configure(verbosity() if level is None else level)
     else:
         _library_levels(verbosity())
+    if own_records:
+        pippo = logging.getLogger("pippo")
+        if _handler not in pippo.handlers:
+            pippo.addHandler(_handler)
+        pippo.propagate = False
 
 
 def setup_worker() -> None:
@@ -115,6 +126,8 @@ def unconfigure() -> None:
     global _handler
     if _handler is not None:
         logging.getLogger().removeHandler(_handler)
+        logging.getLogger("pippo").removeHandler(_handler)
+        logging.getLogger("pippo").propagate = True
         _handler = None
 
 

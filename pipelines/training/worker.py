@@ -33,13 +33,14 @@ from pippo_common.checks import check_resolution
 log = logging.getLogger("pippo.train")
 
 
-def quiet_logs(verbose: bool = False) -> None:
+def quiet_logs(verbose: bool = False, ray_worker: bool = False) -> None:
     """The one logging set-up (pippo_common.logs: redacted, on stderr, the CLI's levels); in a Ray
-    worker ray_entry has set it up already and sent stdout to stderr. DeepSpeed's logger reset
-    itself on import: its level is applied again."""
+    worker ray_entry has set it up already and sent stdout to stderr, and pippo's records must not
+    also reach Ray Train's root handler. DeepSpeed's logger reset itself on import: its level is
+    applied again."""
     from pippo_common.logs import configure_once
 
-    configure_once(1 if verbose else None)
+    configure_once(1 if verbose else None, own_records=ray_worker)
     import warnings
 
     warnings.filterwarnings("ignore", message=".*torch.distributed.*is deprecated.*")
@@ -59,7 +60,7 @@ def train_worker(job: dict) -> dict:
     from pippo_model.diffusion import CosineSchedule
 
     use_ray = job.get("launcher") == "ray"
-    quiet_logs(job.get("verbose", False))
+    quiet_logs(job.get("verbose", False), ray_worker=use_ray)
     ctx = setup_distributed(use_ray)
     cfg: StageConfig = from_dict(StageConfig, job["stage"], source="<job>")
     model_cfg = ModelConfig(**job["model"]).for_stage(cfg.stage)

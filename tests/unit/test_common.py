@@ -181,3 +181,31 @@ def test_a_failure_that_explains_itself_is_one_line_with_its_exit_code():
     out = io.StringIO()
     assert report(Failed("job raysubmit_1 is still PENDING after 5 s"), stream=out) == 1
     assert out.getvalue() == "pippo: error: job raysubmit_1 is still PENDING after 5 s\n"
+
+
+def test_own_records_print_pippo_lines_once_through_our_handler():
+    """A Ray Train worker: another handler on the root (Ray Train's, plain, stdout) must not print
+    pippo's records a second time, unredacted."""
+    import io
+    import logging
+
+    from pippo_common import logs
+
+    ours, theirs = io.StringIO(), io.StringIO()
+    other = logging.StreamHandler(theirs)
+    root = logging.getLogger()
+    root.addHandler(other)
+    import sys
+    saved = sys.stderr
+    try:
+        sys.stderr = ours
+        logs.configure(0)
+        logs.configure_once(own_records=True)
+        logging.getLogger("pippo.train").info("step 1 password=%s", SECRET)
+    finally:
+        sys.stderr = saved
+        root.removeHandler(other)
+        logs.unconfigure()
+    assert "step 1 password=***" in ours.getvalue() and SECRET not in ours.getvalue()
+    assert theirs.getvalue() == ""
+    assert logging.getLogger("pippo").propagate
