@@ -38,11 +38,11 @@ SCALES = {
     "cpu": dict(captures=3, cameras=16, frames=6, height=192, width=128, photos=48, resolution=64,
                 patch=4, pretrain_res=64, pretrain_steps=200, mid_steps=1200, post_steps=400, workers=2,
                 batch=2, views=2, eval_samples=8, eval_views=2, eval_steps=20, model="configs/models/test.yaml",
-                prediction="v", lr=1e-3),
+                prediction="v", lr=1e-3, guidance=2.0),
     "gpu": dict(captures=32, cameras=32, frames=16, height=768, width=512, photos=2000, resolution=256,
                 patch=8, pretrain_res=128, pretrain_steps=5000, mid_steps=20000, post_steps=10000, workers=0,
                 batch=8, views=4, eval_samples=32, eval_views=4, eval_steps=50, model="configs/models/test.yaml",
-                prediction="v", lr=5e-4),
+                prediction="v", lr=5e-4, guidance=2.0),
 }
 
 
@@ -69,7 +69,7 @@ def workflow(s: dict, name: str) -> dict:
     evals = {f"eval_{k}": {"kind": "eval", "overrides": {
         "checkpoint": f"${{steps.{k}}}", "dataset": "${steps.dataprep}", "holdout_fraction": 0.25,
         "holdout_cameras": 0.25, "samples": s["eval_samples"], "views": s["eval_views"],
-        "resolution": s["resolution"], "steps": s["eval_steps"], "guidance": 2.0, "run_name": f"eval-{k}"}}
+        "resolution": s["resolution"], "steps": s["eval_steps"], "guidance": s["guidance"], "run_name": f"eval-{k}"}}
         for k in ("mid", "post")}
     return {"name": name, "experiment": name, "steps": {
         "data": {"kind": "synth", "params": {k: s[k] for k in ("captures", "cameras", "frames", "height", "width",
@@ -243,7 +243,8 @@ def main() -> int:
         strip = json.loads(pippo_python(
             "import json, sys; from pipelines.evaluation import EvalConfig, turnaround_strip; "
             "r = turnaround_strip(EvalConfig(checkpoint=sys.argv[1], dataset=sys.argv[2], holdout_fraction=0.25, "
-            f"views={s['cameras']}, resolution={s['resolution']}, steps={s['eval_steps']}), sys.argv[3]); "
+            f"views={s['cameras']}, resolution={s['resolution']}, steps={s['eval_steps']}, guidance={s['guidance']}), "
+            "sys.argv[3]); "
             "print(json.dumps(r))", [post, version, str(out / "heldout_turnaround.png")], env, log))
         seconds["strip"] = time.perf_counter() - started
         evals["post"] = {**evals["post"], "strip": strip}

@@ -1,7 +1,7 @@
 """`pippo data gc`: delete what no listed version references — and nothing else, ever.
 
-Safety rules (covered by the gc tests of tests/test_build_versions.py and
-tests/test_build_resilience.py):
+Safety rules (covered by the gc tests of tests/integration/test_build_versions.py and
+tests/integration/test_build_resilience.py):
   * only a dataset (its root carries the `.pippo-dataset` marker) is collected;
   * only files of the store's own naming are candidates (shards and their indexes, part files,
     files of un-listed versions, expired leases, URL cache entries, temporary files of killed

@@ -44,9 +44,10 @@ Positions and splitting. Per source and epoch e, the usable samples (stage kind,
 numbered 0..N-1 along the shards in an order seeded by (seed, e, version), tar order within a
 shard. The positions not consumed yet are cut into world_size contiguous ranges (sizes differ by
 at most one), each into num_workers sub-ranges; a worker reads only the shards its sub-range
-touches, skipping other samples' members unread (webdataset `select_files`), through a shuffle
-buffer seeded by (seed, e, rank, worker, version) and flushed at the end of the epoch, then goes on
-with e+1. Sources mix per sample: a seeded choice per (rank, worker), probability ∝ weight.
+touches, reading only its samples' members the stage needs (by byte offsets from the shard
+index, dataprep/shard_reader.py; older indexes: streaming the tar), through a shuffle buffer
+seeded by (seed, e, rank, worker, version) and flushed at the end of the epoch, then goes on with
+e+1. Sources mix per sample: a seeded choice per (rank, worker), probability ∝ weight.
 
 State: the main process records (source, epoch, position) of every sample it yields.
 `state_dict()` is that set plus the state the loader started from, per version, as run-length
@@ -70,11 +71,11 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from pippo_common.errors import DataError
+from dataprep.shard_reader import ShardReader
 from dataprep.stage_samples import decode_sample
 from dataprep.store import DatasetStore, split_ref
+from pippo_common.errors import DataError
 
 log = logging.getLogger("pippo.data.loader")
 
@@ -104,6 +105,8 @@ class LoaderConfig:         # loaded from YAML by pippo_common.config.load_confi
     holdout_cameras: float = 0.0   # mid/post: fraction of each studio sample's cameras (by camera id hash)
                                    # never used in training, the targets of heldout_batch
     prefetch_factor: int = 2
+    range_reads: bool = True     # read only the members a stage needs, by the shard index's byte
+                                 # offsets (indexes without them stream the tar); False: always stream
 
     def __post_init__(self):
         if self.batch_size < 1 or self.views < 1 or self.resolution < 8 or self.prefetch_factor < 1:
@@ -305,32 +308,6 @@ def _epoch_order(plan: _Source, seed: int, epoch: int) -> tuple[np.ndarray, np.n
     return order, np.cumsum(sizes) - sizes
 
 
-def stage_member(stage: str, name: str) -> bool:
-    """Whether a member (`{key}.{suffix}`) is needed by the stage: masks never, and mid needs no
-    anchors, face crops or Plücker maps. The others are skipped unread."""
-    suffix = name.split(".", 1)[-1]
-    if suffix.endswith("mask.png"):
-        return False
-    return stage != "mid" or not (suffix.startswith(("face", "plucker", "anchor")) or ".anchor." in suffix)
-
-
-def _read_shard(store: DatasetStore, shard: dict, wanted, stage: str) -> Iterator[dict]:
-    """The wanted samples of a shard, in tar order, read with stock webdataset; other samples'
-    members are skipped unread, and reading stops after the last wanted sample."""
-    left = set(wanted)
-    with store.open_shard(shard) as stream:
-        files = tar_file_expander([{"url": shard["url"], "stream": stream}],
-                                  select_files=lambda name: name.split(".", 1)[0] in left and stage_member(stage, name))
-        for sample in group_by_keys(files):
-            if sample["__key__"] in left:
-                left.discard(sample["__key__"])
-                yield sample
-                if not left:
-                    return
-    if left:
-        raise DataError(f"{shard['url']}: {len(left)} samples of its index are not in the tar (e.g. {min(left)})")
-
-
 def _shuffled(items, size: int, rng: np.random.Generator):
     """Shuffle buffer: emit a random buffered item for each new one, the rest shuffled at the end."""
     buf = []
@@ -399,6 +376,7 @@ class _Stream(IterableDataset):
         self.sources, self.stage, self.cfg = sources, stage, cfg
         self.rank, self.world, self.storage_options = rank, world, storage_options
         self._stores: dict[str, DatasetStore] = {}
+        self._reader = ShardReader(stage, cfg.range_reads)
 
     def _store(self, uri: str) -> DatasetStore:
         # created in the worker: no filesystem handle crosses the fork
@@ -454,7 +432,7 @@ class _Stream(IterableDataset):
             wanted = {keys[p - start].decode(): p
                       for a, b in mine for p in range(max(a, start), min(b, start + len(keys)))}
             if wanted:
-                for raw in _read_shard(self._store(src.uri), src.shards[j], wanted, self.stage):
+                for raw in self._reader.samples(self._store(src.uri), src.shards[j], wanted):
                     yield wanted[raw["__key__"]], raw
 
 
@@ -585,11 +563,12 @@ class TrainingLoader:
             raise DataError(f"no {'held-out' if frames == 'heldout' else 'training'} samples for stage "
                             f"'{self.stage}' (holdout_fraction={self.cfg.holdout_fraction})")
         raws: dict[tuple[int, str], dict] = {}
+        reader = ShardReader(self.stage, self.cfg.range_reads)
         for i, j in dict.fromkeys((src.index, j) for src, j, _ in items):
             src = self._sources[i]
             wanted = {key for t, jj, key in items if t.index == i and jj == j}
             store = DatasetStore(src.uri, **self._storage_options)
-            raws.update({(i, raw["__key__"]): raw for raw in _read_shard(store, src.shards[j], wanted, self.stage)})
+            raws.update({(i, raw["__key__"]): raw for raw in reader.samples(store, src.shards[j], wanted)})
         samples = []
         for position, (src, _, key) in enumerate(items):
             rng = np.random.default_rng([self.cfg.seed, HELDOUT_SALT, _key_hash(key)])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tarfile
 import tempfile
 from dataclasses import asdict, dataclass
 
@@ -22,8 +23,14 @@ from dataprep.build_config import ShardLimits
 from pippo_common.storage import absolute_url, fs_and_path, is_local, join
 
 TAR_BLOCK = 512
+# Per sample, where each member's data lies in the tar: `ext` is the member name after "{key}.",
+# `offset` the byte offset of its data (its ustar header is the block before), `size` its length.
+# Lets the loader read only the members a stage needs (dataprep/shard_reader.py). Indexes written
+# before this column existed lack it; readers then stream the tar.
+MEMBER_TYPE = pa.struct([("ext", pa.string()), ("offset", pa.int64()), ("size", pa.int64())])
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("kind", pa.string()),
-                          ("status", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string())])
+                          ("status", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string()),
+                          ("members", pa.list_(MEMBER_TYPE))])
 
 
 @dataclass
@@ -44,6 +51,17 @@ def _tar_size(key: str, members: dict[str, bytes]) -> int:
         long_name = len(key) + 1 + len(ext) > 100
         total += TAR_BLOCK * (3 if long_name else 1) + -(-len(data) // TAR_BLOCK) * TAR_BLOCK
     return total
+
+
+def member_offsets(tar_path: str) -> dict[str, list[dict]]:
+    """key -> [{ext, offset, size}] of a finished local tar, read back with tarfile: exact whatever
+    headers (PAX for long names) tarfile chose, where computing them would have to mirror it."""
+    out: dict[str, list[dict]] = {}
+    with tarfile.open(tar_path, "r:") as tar:
+        for info in tar:
+            key, _, ext = info.name.partition(".")
+            out.setdefault(key, []).append({"ext": ext, "offset": info.offset_data, "size": info.size})
+    return out
 
 
 def temp_file_for(url: str, suffix: str) -> str:
@@ -116,6 +134,9 @@ class ShardWriter:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         nbytes = os.path.getsize(self._tmp)
+        offsets = member_offsets(self._tmp)
+        for row in self._rows:
+            row["members"] = offsets[row["key"]]
         url = join(self.shards_url, f"{self._name()}.tar")
         index_url = join(self.shards_url, f"{self._name()}.index.parquet")
         index_tmp = temp_file_for(index_url, ".parquet")

@@ -407,6 +407,30 @@ class DatasetStore:
         """The samples of a shard in tar order: a table with columns key, kind."""
         return self.read_table(shard["index_url"], columns=["key", "kind"])
 
+    def shard_members(self, shard: dict) -> pa.Table | None:
+        """Columns key, members (byte offsets of each member's data, dataprep.shards.MEMBER_TYPE)
+        of a shard's index; None for an index written before offsets were recorded."""
+        fs, path = self._fs_path(shard["index_url"])
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f, pre_buffer=False)
+            if "members" not in pf.schema_arrow.names:
+                return None
+            return pf.read(columns=["key", "members"], use_threads=False)
+
+    def shard_ranges(self, shard: dict, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """The bytes [a, b) of a shard's tar for each range: one open and seeks on a local file,
+        exact concurrent range requests on an object store (a buffered remote file would read
+        whole blocks of many MB around each range)."""
+        fs, path = self._fs_path(shard["url"])
+        if is_local(fs):
+            out = []
+            with fs.open(path, "rb") as f:
+                for a, b in ranges:
+                    f.seek(a)
+                    out.append(f.read(b - a))
+            return out
+        return fs.cat_ranges([path] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges])
+
     def open_shard(self, shard: dict):
         """A binary read stream of a shard's tar (sequential reads; the caller closes it)."""
         fs, path = self._fs_path(shard["url"])

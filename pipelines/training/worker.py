@@ -309,8 +309,17 @@ def load_final_model(uri: str, device="cpu"):
     from pipelines.model_commands import read_model_json
     from pippo_model.model import build_model
 
+    import dataclasses
+
+    from pipelines.sample import train_tokens, training_run
+
     weights_url, config_url = resolve_weights(uri)
     cfg = read_model_json(config_url)
+    if cfg.attn_n_train is None:
+        # N_train of attention biasing is the sequence the stage really trained (its data.views
+        # and data.resolution, from run.json), not the size preset's default `views`: with the
+        # preset's 4 views a post model trained on 2 was biased only beyond 4 views, and too weakly
+        cfg = dataclasses.replace(cfg, attn_n_train=train_tokens(cfg, training_run(uri)))
     model = build_model(cfg)
     model.load_state_dict(load_safetensors(weights_url), strict=True)
     return model.to(device).eval(), cfg
