@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from dataprep.build import ensure_ray, run_build
+from dataprep.build import run_build
+from pippo_common.ray_start import ensure_ray
 from dataprep.build_config import BuildConfig, ShardLimits, Source
 from dataprep.store import DatasetStore
 from dataprep.synth import synth_image

@@ -82,7 +82,7 @@ def main():
                      + ", ".join(rates) + " photos/s")
 
     # 3. the Ray stage: actors vs in-process
-    from dataprep.build import ensure_ray
+    from pippo_common.ray_start import ensure_ray
     from dataprep.detect_stage import start_detectors, stop_detectors
     ray = ensure_ray()
     cfg = BuildConfig(dataset=str(tmp / "ds"), sources=[Source("images", str(tmp))], crop="person",

@@ -21,7 +21,8 @@ import os
 import re
 import sys
 
-from dataprep.redact import has_credentials, is_secret_name, strip_credentials
+from pippo_common.errors import UserError
+from pippo_common.redact import has_credentials, is_secret_name, strip_credentials
 
 # Settings a job needs that are never secret. Deliberately absent: RAY_* (the job's driver gets
 # its address and token from the cluster; forwarding RAY_ADDRESS/RAY_AUTH_TOKEN would be wrong or
@@ -29,7 +30,7 @@ from dataprep.redact import has_credentials, is_secret_name, strip_credentials
 FORWARD_ENV = ("PIPPO_STORE", "PIPPO_VERBOSITY", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL",
                "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# For `--env` names only, stricter than the project's config-key rule (dataprep.redact, where a
+# For `--env` names only, stricter than the project's config-key rule (pippo_common.redact, where a
 # bare "key" or "auth" suffix is ambiguous): an environment variable ending in KEY, PAT, PWD,
 # PASS, AUTH or CERT is a credential far more often than not.
 SECRET_ENV_NAME = re.compile(
@@ -42,7 +43,7 @@ URL_IN_TEXT = re.compile(r"[A-Za-z][\w+.\-]*://[^\s'\"]+")
 ENV_REF = re.compile(r"^\$\{\w+\}$")                     # a reference the cluster resolves
 
 
-class CredentialError(Exception):
+class CredentialError(UserError):
     """A credential would leave this machine with the job (one line; the value never in it)."""
 
 

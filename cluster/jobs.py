@@ -11,6 +11,7 @@ import time
 from datetime import datetime, timezone
 
 from cluster.submit import TERMINAL, SubmitError, cli, connect, exit_code, follow, job_info, status_of
+from pippo_common.errors import Failed
 
 
 def _when(ms) -> str:
@@ -79,9 +80,7 @@ def stop(args) -> int:
                    ": Ray cannot stop a job whose driver has not started (ray-project/ray#56102); "
                    "it waits for entrypoint resources or its runtime env and fails after "
                    "RAY_JOB_START_TIMEOUT_SECONDS (900 s by default)")
-            print(f"pippo: error: job {args.id} is still {status} after {args.timeout:g} s{why}",
-                  file=sys.stderr)
-            return 1
+            raise Failed(f"job {args.id} is still {status} after {args.timeout:g} s{why}")
         time.sleep(0.5)
     print(status)
     return 0

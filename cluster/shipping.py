@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
 
+from pippo_common.errors import UserError
+
 # Never shipped, whatever git says: build outputs, caches, environments.
 SKIP_DIRS = {".venv", ".git", ".pippo", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
 ROOT_ONLY = {"out", "build"}
@@ -53,7 +55,7 @@ SNIFF_BYTES = 64 * 1024
 TOP_LEVEL = ("pyproject.toml", "requirements.lock", "README.md", "Makefile")   # no-git fallback
 
 
-class ShippingError(Exception):
+class ShippingError(UserError):
     """A named file cannot be shipped (one line for the user)."""
 
 

@@ -30,6 +30,7 @@ header; it is never printed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import importlib.metadata as md
 import json
@@ -44,31 +45,32 @@ from urllib.parse import urlsplit
 
 from cluster import shipping
 from cluster.job_env import CredentialError, job_env, refuse_credential_args
+from pippo_common.errors import Failed, UserError
 
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 NEVER_PIP = {"ray", "torch"}   # ray: the cluster's; torch: pinned on its own (build choice)
 
 
-class SubmitError(Exception):
+class SubmitError(UserError):
     """Bad input, an unreachable or refusing cluster: one line on stderr, exit 2."""
 
 
 def cli(func):
-    """Wrap a command handler: every failure a user can cause or meet ends as one line, exit 2."""
+    """Wrap a command handler: the errors Ray's job client raises (bare RuntimeError,
+    ConnectionError) become SubmitErrors, which the CLI reports like every other UserError
+    (pippo_common.errors.report: one redacted line, exit 2); real bugs stay tracebacks."""
+    @functools.wraps(func)
     def run(args) -> int:
         try:
             return func(args)
-        except SubmitError as exc:
-            msg = str(exc)
+        except (UserError, Failed):
+            raise
         except Exception as exc:  # noqa: BLE001 - Ray's client raises bare RuntimeError/ConnectionError
             msg = _describe(exc)
             if msg is None:
                 raise
-        print(f"pippo: error: {msg}", file=sys.stderr)
-        return 2
-    run.__name__ = func.__name__
-    run.__doc__ = func.__doc__
+            raise SubmitError(msg) from exc
     return run
 
 

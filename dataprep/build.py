@@ -19,7 +19,6 @@ exactly the samples of an uninterrupted build. Counts conserve: inputs = kept + 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 
@@ -28,31 +27,13 @@ import pyarrow as pa
 from dataprep.build_config import BuildConfig
 from dataprep.commit import commit_version
 from dataprep.detect_stage import start_detectors, stop_detectors
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.listing import list_unit, plan_listing
-from dataprep.logs import quiet_ray, ray_output_to_stderr
 from dataprep.partition_job import dedup_bucket, process_partition, write_partition
 from dataprep.store import BuildLease, DatasetStore, VersionNotFound
+from pippo_common.ray_start import ensure_ray
 
 log = logging.getLogger("pippo.data.build")
-
-
-def ensure_ray(dashboard: bool = False):
-    """Local Ray in-process unless RAY_ADDRESS names a cluster (never attach to a stray one).
-    `dashboard`: also start the dashboard, whose state API Ray Train's controller polls."""
-    import ray
-
-    if not ray.is_initialized():
-        # workers get the driver's log levels and redaction (their lines are forwarded to stderr)
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=dashboard,
-                 logging_level=logging.WARNING, configure_logging=False,
-                 runtime_env={"worker_process_setup_hook": "dataprep.logs.setup_worker"})
-        quiet_ray()
-        ray_output_to_stderr()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    return ray
 
 
 class Progress:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from dataprep.names import check_text, validate_camera_id, validate_tag
-from dataprep.redact import check_not_secret
+from pippo_common.redact import check_not_secret
 
 MAX_RESOLUTION = 16384      # output side; larger would allocate gigabytes per view
 

@@ -35,8 +35,8 @@ from dataprep.errors import CalibrationError, CaptureError
 from dataprep.geometry import validate_camera, validate_rotation
 from dataprep.image_formats import FRAME_FORMATS, MASK_FORMATS, FormatError, open_image
 from dataprep.photos import Rejected
-from dataprep.safe_fetch import NotRegularFile, open_regular, read_capped, realpath_inside
-from dataprep.storage import is_local
+from dataprep.safe_fetch import read_capped, realpath_inside
+from pippo_common.storage import NotRegularFile, is_local, open_regular
 
 MM_PER_M = 1000.0
 MAX_POSE_MM = 1e9           # a head pose further than 1000 km is a corrupt file (and overflows later)

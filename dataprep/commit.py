@@ -13,7 +13,8 @@ import pyarrow as pa
 from dataprep.build_config import BuildConfig
 from dataprep.preview import contact_sheet, overlay_anchor, png_bytes
 from dataprep.ledger import PARTS_SCHEMA, part_row
-from dataprep.redact import redact_config
+from pippo_common.redact import redact_config
+from pippo_common.versions import code_version
 from dataprep.store import FORMAT, DatasetStore, _now, version_id
 
 log = logging.getLogger("pippo.data.commit")
@@ -21,14 +22,6 @@ log = logging.getLogger("pippo.data.commit")
 
 class ConservationError(RuntimeError):
     """inputs != kept + rejected + removed, or kept != samples in shards: a bug, never committed."""
-
-
-def code_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return f"pippo-pipeline {version('pippo-pipeline')}"
-    except PackageNotFoundError:
-        return "pippo-pipeline (not installed)"
 
 
 COUNT_KEYS = ("inputs", "kept", "rejected", "removed")

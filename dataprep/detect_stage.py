@@ -17,7 +17,7 @@ import logging
 
 from dataprep.build_config import BuildConfig
 from dataprep.detection import build_detector, detection_input
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.photos import Rejected
 
 log = logging.getLogger("pippo.data.detect")

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from dataprep.build_config import DetectorConfig
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.photos import Rejected
 
 log = logging.getLogger("pippo.data.detect")
@@ -227,7 +227,7 @@ def build_torch_model(cfg: DetectorConfig):
 
 
 def read_capped(uri: str, limit: int) -> bytes:
-    from dataprep.storage import fs_and_path
+    from pippo_common.storage import fs_and_path
     fs, path = fs_and_path(uri)
     if not fs.isfile(path):
         raise FileNotFoundError(uri)

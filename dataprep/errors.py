@@ -1,8 +1,6 @@
-"""Errors raised on bad input data. Each message names what and where (capture, camera, frame)."""
-
-
-class DataError(ValueError):
-    """Bad input data: the message is one line saying what is wrong and where."""
+"""Errors raised on bad input captures. Each message names what and where (capture, camera,
+frame); DataError, their base, is pippo_common.errors' (raised by every package)."""
+from pippo_common.errors import DataError
 
 
 class CalibrationError(DataError):

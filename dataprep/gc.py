@@ -20,7 +20,7 @@ import posixpath
 import re
 import time
 
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.store import LEASE_TTL_S, MARKER, DatasetStore
 
 log = logging.getLogger("pippo.data.gc")

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from dataprep.build_config import InputPolicy, Source
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.sources import enumerate_source, list_directory_split, list_file_inputs, signature_tag
-from dataprep.redact import strip_credentials
-from dataprep.storage import fs_and_path, url_of
+from pippo_common.redact import strip_credentials
+from pippo_common.storage import fs_and_path, url_of
 
 LISTING_SCHEMA = pa.schema([("input_id", pa.string()), ("kind", pa.string()), ("uri", pa.string()),
                             ("frame", pa.int64()), ("member", pa.string()), ("size", pa.int64()),

@@ -71,10 +71,11 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from dataprep.errors import DataError
+
 from dataprep.shard_reader import ShardReader
 from dataprep.stage_samples import decode_sample
 from dataprep.store import DatasetStore, split_ref
+from pippo_common.errors import DataError
 
 log = logging.getLogger("pippo.data.loader")
 
@@ -91,7 +92,7 @@ class DataSource:
 
 
 @dataclass
-class LoaderConfig:         # loaded from YAML by pipelines.config.load_config (plain types only)
+class LoaderConfig:         # loaded from YAML by pippo_common.config.load_config (plain types only)
     batch_size: int = 4          # per rank
     num_workers: int = 2         # DataLoader workers per rank (0 allowed)
     shuffle_buffer: int = 64     # per-worker shuffle buffer, samples

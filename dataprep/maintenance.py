@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from dataprep.build_config import ShardLimits
 from dataprep.commit import commit_version
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.ledger import SHA_SCHEMA, ledger_counts, part_id, write_part
 from dataprep.listing import partition_of
 from dataprep.partition_job import rewrite_jobs, write_partition
@@ -41,7 +41,7 @@ def _holder(input_id: str) -> str:
 def remove_inputs(store: DatasetStore, ref: str, inputs_file: str) -> tuple[str, dict]:
     """A new version of `ref` without the listed inputs (one input id per line; a takedown):
     their ledger rows become `removed`, and each shard holding one is rewritten without it."""
-    from dataprep.storage import fs_and_path
+    from pippo_common.storage import fs_and_path
     fs, path = fs_and_path(inputs_file)
     if not fs.isfile(path) or fs.info(path)["size"] > MAX_LIST_BYTES:
         raise DataError(f"{inputs_file}: not a regular file of at most {MAX_LIST_BYTES >> 20} MiB")

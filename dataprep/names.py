@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 
 MAX_TAG_LEN = 100
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -53,16 +53,3 @@ def check_text(value: str, what: str) -> str:
         raise DataError(f"{what} {_shown(value)} contains control characters")
     return value
 
-
-# Terminal escape sequences (CSI "ESC [ ... final", OSC "ESC ] ... BEL|ESC \", two-byte ESC x),
-# then any other C0/C1 control and the bidi overrides that reorder what a terminal shows.
-_ESCAPE_SEQUENCE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x9b[0-?]*[ -/]*[@-~]"
-                              r"|[\x1b\x9d]\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -~]?")
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def printable(text) -> str:
-    """`text` fit for one terminal line: escape sequences removed, other control characters
-    (newlines too) shown as spaces. For names and tags read back from a store or MLflow, which
-    anyone who could write a run can set."""
-    return _UNPRINTABLE.sub(" ", _ESCAPE_SEQUENCE.sub("", str(text)))

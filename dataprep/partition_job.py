@@ -25,15 +25,15 @@ import pyarrow as pa
 
 from dataprep.build_config import BuildConfig
 from dataprep.capture import Capture
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.ledger import SHA_SCHEMA, ledger_counts, ledger_row, part_id, write_part
 from dataprep.photos import Rejected
-from dataprep.redact import redact_text, strip_credentials
+from pippo_common.redact import redact_text, strip_credentials
 from dataprep.detect_stage import DetectionBatcher
 from dataprep.samples import finish_photo_sample, photo_sample, prepare_photo, studio_sample
 from dataprep.shards import ShardWriter
 from dataprep.sources import check_body, fetch, list_entry_at, read_tar, sha256, wds_image
-from dataprep.storage import atomic_write_bytes, read_bytes
+from pippo_common.storage import atomic_write_bytes, read_bytes
 from dataprep.store import DatasetStore
 
 log = logging.getLogger("pippo.data.build")

@@ -50,7 +50,7 @@ def read_version(ref: str, **read_args):
     import ray
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    from dataprep.storage import fs_and_path, is_local
+    from pippo_common.storage import fs_and_path, is_local
     from dataprep.store import DatasetStore, split_ref
 
     uri, name = split_ref(ref)

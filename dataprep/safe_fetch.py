@@ -16,9 +16,9 @@ HTTP (`http_get`):
   * no proxy or netrc from the environment (requests' trust_env): a URL list must not send
     credentials of the build machine to hosts it names.
 
-Local files (`open_regular`, `read_local`): stat first, so a FIFO, a socket or a device (also
-behind a symlink) is refused without being opened; then opened with O_NONBLOCK and checked again
-(a swap between stat and open cannot make the read block).
+Local files (`read_local`, through pippo_common.storage.open_regular): stat first, so a FIFO, a
+socket or a device (also behind a symlink) is refused without being opened; then opened with
+O_NONBLOCK and checked again (a swap between stat and open cannot make the read block).
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ import email.utils
 import ipaddress
 import os
 import socket
-import stat
 import sys
 import threading
 import time
@@ -40,6 +39,7 @@ from urllib3.exceptions import (ConnectTimeoutError, HTTPError, NameResolutionEr
 
 from dataprep.build_config import HttpConfig
 from dataprep.photos import Rejected
+from pippo_common.storage import NotRegularFile, open_regular
 
 RETRY_STATUS = (429, 500, 502, 503, 504)
 REDIRECT_STATUS = (301, 302, 303, 307, 308)
@@ -330,25 +330,6 @@ def http_get(url: str, http: HttpConfig, max_bytes: int) -> bytes:
 
 
 # ---- local files and objects -------------------------------------------------------------------
-
-class NotRegularFile(OSError):
-    pass
-
-
-def open_regular(path: str):
-    """A binary file object of a regular file; NotRegularFile for FIFOs, devices, sockets, dirs
-    (checked by stat before any open, and again on the descriptor), FileNotFoundError if missing."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise NotRegularFile(f"{path} is not a regular file")
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegularFile(f"{path} is not a regular file")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
 
 def read_capped(f, max_bytes: int, size: int | None = None) -> bytes:
     """Read a whole file object, refusing more than max_bytes (by its size first when known)."""

@@ -16,7 +16,7 @@ import numpy as np
 from dataprep.anchors import anchor_png, draw_anchor
 from dataprep.build_config import BuildConfig
 from dataprep.capture import Capture
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.geometry import (crop_intrinsics, plucker, project_with_depth, resize_intrinsics,
                                undistort_image)
 from dataprep.photos import Photo, Rejected, apply_filters, decode_photo, encode, png, resize

@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.store import DatasetStore
 
 TAR_BLOCK = 512

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from dataprep.build_config import ShardLimits
-from dataprep.storage import absolute_url, fs_and_path, is_local, join
+from pippo_common.storage import absolute_url, fs_and_path, is_local, join
 
 TAR_BLOCK = 512
 # Per sample, where each member's data lies in the tar: `ext` is the member name after "{key}.",

@@ -22,11 +22,11 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from dataprep.build_config import HttpConfig, InputPolicy, Source
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.image_formats import PHOTO_FORMATS, FormatError, open_image
 from dataprep.photos import Rejected
-from dataprep.safe_fetch import http_get, open_regular, read_local, read_object, realpath_inside
-from dataprep.storage import fs_and_path, is_local, join, url_of
+from dataprep.safe_fetch import http_get, read_local, read_object, realpath_inside
+from pippo_common.storage import fs_and_path, is_local, join, open_regular, url_of
 
 log = logging.getLogger("pippo.data.sources")
 

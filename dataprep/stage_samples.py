@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from dataprep.anchors import draw_anchor
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.geometry import camera_center, plucker, resize_intrinsics
 from dataprep.image_formats import sniff
 from pippo_model.conditioning import camera_vectors

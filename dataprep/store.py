@@ -42,9 +42,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.names import validate_tag
-from dataprep.storage import absolute_url, atomic_write_bytes, fs_and_path, is_local, join
+from pippo_common.storage import absolute_url, atomic_write_bytes, fs_and_path, is_local, join
 
 log = logging.getLogger("pippo.data.store")
 
@@ -61,7 +61,7 @@ class OutsideDataset(DataError):
 
 
 def _shown(url, limit: int = 80) -> str:
-    from dataprep.redact import redact_text
+    from pippo_common.redact import redact_text
 
     text = repr(redact_text(str(url)))
     return text if len(text) <= limit else text[: limit - 4] + "...'"

@@ -17,17 +17,15 @@ EPILOG = ("Configs are YAML files; override any key after the file name as key.s
           "AWS_ENDPOINT_URL.")
 
 
-class UserError(Exception):
-    """An error caused by input (config, data, arguments); reported as one line, exit 2."""
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with the one-line promise: a usage error is one line on stderr (exit 2), not the
     usage block plus the error."""
 
     def error(self, message):
-        from dataprep.redact import redact_text
-        self.exit(2, f"{self.prog}: error: {_one_line(redact_text(message))} (see {self.prog} --help)\n")
+        from pippo_common.errors import EXIT_USER
+        from pippo_common.redact import redact_text
+        from pippo_common.text import one_line
+        self.exit(EXIT_USER, f"{self.prog}: error: {one_line(redact_text(message))} (see {self.prog} --help)\n")
 
 
 def _int_in(low: int, high: int):
@@ -366,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dataprep.redact import redacting, register_url_credentials
+    from pippo_common.redact import redacting, register_url_credentials
 
     global _OWN_PROCESS
     _OWN_PROCESS = argv is None           # the console script, not an in-process caller
@@ -384,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from dataprep.logs import configure
+    from pippo_common.logs import configure
+    from pippo_common.errors import report
+    from pippo_common.text import one_line
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -409,15 +409,15 @@ def _main(argv: list[str]) -> int:
         if _stdout_broken():     # `pippo data versions D | head -1`: the reader left; so do we
             _silence_stdout()
             return 141           # 128 + SIGPIPE, what a shell reports for `seq 9999 | head -1`
-        return _report(sys.exc_info()[1], verbose)
+        return report(sys.exc_info()[1], verbose)
     except KeyboardInterrupt as exc:      # a command may say where it stopped and how to continue
         _end_ray()
-        where = _one_line(str(exc)) if str(exc) else ""
+        where = one_line(str(exc)) if str(exc) else ""
         print(f"pippo: interrupted{': ' + where if where else ''}", file=sys.stderr)
         return 130
     except Exception as exc:
         _end_ray()
-        return _report(exc, verbose)
+        return report(exc, verbose)      # the one convention (pippo_common.errors), cluster commands too
     return int(code or 0)
 
 
@@ -437,64 +437,6 @@ def _end_ray() -> None:
             ray.shutdown()
     except Exception:  # noqa: BLE001 - the error line matters more than a clean shutdown
         pass
-
-
-def _report(exc: BaseException, verbose: bool) -> int:
-    """One redacted line and exit 2 for an error the input caused; a redacted traceback and exit
-    1 for anything else (a bug). With -v, user errors show their traceback too."""
-    from dataprep.redact import redact_text
-
-    message = user_error_message(exc)
-    code = getattr(exc, "exit_code", None)      # a failure that explains itself in one line
-    if message is None and isinstance(code, int):
-        if verbose:
-            sys.stderr.write(redact_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
-        print(f"pippo: error: {_one_line(redact_text(str(exc)))}", file=sys.stderr)
-        return code
-    if message is None or verbose:
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        sys.stderr.write(redact_text(text))
-    if message is None:
-        return 1
-    print(f"pippo: error: {_one_line(redact_text(message))}", file=sys.stderr)
-    return 2
-
-
-def _one_line(text: str, limit: int = 1000) -> str:
-    from dataprep.names import printable
-
-    text = " ".join(printable(text).split())      # names in messages may carry terminal escapes
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def user_error_message(exc: BaseException) -> str | None:
-    """The line to print if `exc` was caused by input, a file, the network or a store (not by a
-    bug), else None. Ray task errors are judged by their cause."""
-    cause = getattr(exc, "cause", None)
-    if type(exc).__name__.startswith("RayTaskError") and isinstance(cause, BaseException):
-        return user_error_message(cause)
-    if isinstance(exc, (UserError, *_user_errors())):
-        return str(exc) or type(exc).__name__
-    if isinstance(exc, OSError):          # files, permissions, disk, network: the environment
-        if exc.strerror and exc.filename is not None:
-            return f"{exc.filename}: {exc.strerror}"
-        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    if any(c.__module__.split(".")[0] in ("botocore", "aiobotocore") for c in type(exc).__mro__):
-        return f"object store: {type(exc).__name__}: {exc}"   # endpoint, credentials, bucket
-    return None
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors raised on bad input by the config loader and the libraries of dataprep."""
-    from pipelines.config import ConfigError
-
-    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
-    try:
-        from dataprep.errors import DataError
-        errors.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errors)
 
 
 def _stdout_broken() -> bool:
@@ -519,8 +461,8 @@ def _silence_stdout() -> None:
 
 
 if __name__ == "__main__":
-    # `python -m pipelines.cli` runs this file as __main__: call the imported module's main so the
-    # commands' UserError is the class main() catches (a second copy would escape as a traceback)
+    # `python -m pipelines.cli` runs this file as __main__: call the imported module's main so
+    # module state (_OWN_PROCESS, read by _end_ray) is the one the commands' modules see
     from pipelines.cli import main as _main
 
     sys.exit(_main())

@@ -16,9 +16,9 @@ import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dataprep.names import printable
-from dataprep.redact import redact
-from pipelines.cli import UserError
+from pippo_common.text import printable
+from pippo_common.redact import redact
+from pippo_common.errors import UserError
 
 log = logging.getLogger("pippo.compare")
 

@@ -47,8 +47,8 @@ def synth_views(args) -> int:
 def inspect(args) -> int:
     from dataprep.capture import Capture
     from dataprep.preview import frame_contact_sheet, png_bytes
-    from dataprep.redact import strip_credentials
-    from dataprep.storage import atomic_write_bytes, check_store
+    from pippo_common.redact import strip_credentials
+    from pippo_common.storage import atomic_write_bytes, check_store
 
     check_store(args.capture)       # a dead endpoint: one line now, not after s3fs's retries
     with Capture(args.capture, strict=False) as cap:
@@ -76,9 +76,9 @@ def inspect(args) -> int:
 
 def build(args) -> int:
     from dataprep.build_config import BuildConfig
-    from dataprep.redact import redact_config
-    from dataprep.storage import check_store
-    from pipelines.config import load_config, to_dict
+    from pippo_common.redact import redact_config
+    from pippo_common.storage import check_store
+    from pippo_common.config import load_config, to_dict
 
     cfg = load_config(BuildConfig, args.config, args.overrides)
     # A dead endpoint or wrong credentials: one line in seconds, before Ray starts.
@@ -103,7 +103,7 @@ def build(args) -> int:
 
 def _warn_if_empty(dataset: str, vid: str) -> None:
     """A version that keeps no sample is committed (its ledger says why), but never silently."""
-    from dataprep.errors import DataError
+    from pippo_common.errors import DataError
     from dataprep.store import DatasetStore
 
     try:
@@ -119,7 +119,7 @@ def _warn_if_empty(dataset: str, vid: str) -> None:
 
 def _open_store(uri: str):
     """The dataset store at `uri`, its object store checked first (fails fast, one line)."""
-    from dataprep.storage import check_store
+    from pippo_common.storage import check_store
     from dataprep.store import DatasetStore
 
     check_store(uri)
@@ -133,7 +133,7 @@ def _store_and_ref(ref: str):
 
 
 def versions(args) -> int:
-    from dataprep.redact import strip_credentials
+    from pippo_common.redact import strip_credentials
 
     rows = _open_store(args.uri).versions()
     if args.json:
@@ -154,7 +154,7 @@ SPEC_KEYS = ("id", "parent", "created", "tags", "samples", "rejected", "shards",
 
 
 def show(args) -> int:
-    from dataprep.redact import redact_config
+    from pippo_common.redact import redact_config
 
     store, ref = _store_and_ref(args.ref)
     v = store.describe(store.resolve(ref))

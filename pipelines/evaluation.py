@@ -47,11 +47,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from pippo_common.checks import check_resolution
+
 log = logging.getLogger("pippo.eval")
 
 
 @dataclass
-class EvalConfig:                 # typed: pipelines.config.load_config / from_dict
+class EvalConfig:                 # typed: pippo_common.config.load_config / from_dict
     checkpoint: str               # a trained stage: run dir, its final/, or .safetensors (resolve_weights)
     dataset: str                  # URI@REF of the version the stage trained on
     holdout_fraction: float = 0.1  # must equal the training stage's data.holdout_fraction
@@ -95,8 +97,8 @@ def stage_of(model_cfg) -> str:
 def run_eval(cfg: EvalConfig, parent_run_id: str | None = None) -> dict:
     """Evaluate `cfg.checkpoint`; one MLflow run tagged pippo.step=eval (a child of
     `parent_run_id` when given). Returns the eval/* metrics, "run_id", "stage", "samples"."""
-    from dataprep.storage import absolute_url
-    from pipelines.config import flatten, to_dict
+    from pippo_common.storage import absolute_url
+    from pippo_common.config import flatten, to_dict
     from pipelines.training.tracking import RunTracker
     from pipelines.training.worker import load_final_model
 
@@ -106,9 +108,7 @@ def run_eval(cfg: EvalConfig, parent_run_id: str | None = None) -> dict:
     stage = stage_of(model_cfg)
     trained = training_config(checkpoint)
     cfg = check_against_training(cfg, trained)
-    unit = model_cfg.vae_downsample * model_cfg.patch_size
-    if cfg.resolution % unit:
-        raise ValueError(f"resolution {cfg.resolution} is not a multiple of {unit} (the model's VAE x patch)")
+    check_resolution(cfg.resolution, model_cfg.vae_downsample * model_cfg.patch_size)
     with RunTracker(cfg.experiment, cfg.run_name or f"eval-{stage}", step_tag="eval", parent_run_id=parent_run_id,
                     system_metrics=False, tags={"pippo.checkpoint": checkpoint, "pippo.eval_stage": stage}) as run:
         loader, pixel, seen = _heldout(cfg, stage)
@@ -140,8 +140,8 @@ def run_eval(cfg: EvalConfig, parent_run_id: str | None = None) -> dict:
 def training_config(checkpoint: str) -> dict:
     """The training stage's config from its run's run.json (the checkpoint's run directory: the
     run itself, or <run>/final, or <run>/final/model.safetensors); {} when there is none."""
-    from dataprep.storage import fs_and_path
-    from pipelines.config import ConfigError, read_json_config
+    from pippo_common.storage import fs_and_path
+    from pippo_common.config import ConfigError, read_json_config
     from pipelines.training.checkpoint import resolve_weights
 
     weights, _ = resolve_weights(checkpoint)
@@ -390,7 +390,7 @@ def turnaround_strip(cfg: EvalConfig, out_path: str, views_per_pass: int = 4) ->
 
     from dataprep.loader import DataSource, LoaderConfig, TrainingLoader
     from pipelines.training.worker import load_final_model
-    from dataprep.storage import absolute_url
+    from pippo_common.storage import absolute_url
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = absolute_url(cfg.checkpoint.rstrip("/"))

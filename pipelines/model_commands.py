@@ -9,8 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipelines.cli import UserError
-from pipelines.config import load_config
+from pippo_common.errors import UserError
+from pippo_common.config import load_config
 
 log = logging.getLogger("pippo.weights")
 
@@ -35,7 +35,7 @@ WEIGHTS_TIMEOUT_S = 600.0          # http_get's deadline is per whole body, not 
 def read_model_json(url: str):
     """A checkpoint's model.json -> ModelConfig, checked like a config file (regular file, size
     cap, every key and type, the sizes' bounds of ModelConfig): one ConfigError line otherwise."""
-    from pipelines.config import ConfigError, from_dict, read_json_config
+    from pippo_common.config import ConfigError, from_dict, read_json_config
     from pippo_model.config import ModelConfig
 
     raw = read_json_config(url, "model.json")
@@ -52,7 +52,7 @@ def fetch_directory(uri: str, cache: str | Path | None = None, http=None) -> Pat
     import hashlib
 
     from dataprep.sources import is_chained
-    from dataprep.storage import fs_and_path, is_local
+    from pippo_common.storage import fs_and_path, is_local
 
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else "file"
     if is_chained(uri) or "\0" in uri or scheme not in ("file", "http", "https", *WEIGHT_STORES):
@@ -153,7 +153,7 @@ def _fetch_http_directory(uri: str, into: Path, http) -> None:
 
 
 def _shown(uri: str, limit: int = 120) -> str:
-    from dataprep.redact import redact_text
+    from pippo_common.redact import redact_text
 
     text = redact_text(str(uri))
     return text if len(text) <= limit else text[: limit - 3] + "..."

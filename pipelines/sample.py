@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.cli import UserError
+from pippo_common.checks import check_resolution
+from pippo_common.errors import UserError
 
 log = logging.getLogger("pippo.sample")
 
@@ -42,7 +43,7 @@ FRAME_MS = 100             # GIF frame time; the MP4 runs at the same rate
 def read_photo(uri: str) -> np.ndarray:
     """Upright 8-bit RGB of a local path or fsspec URL, decoded like the build decodes photos."""
     from dataprep.photos import Rejected, decode_photo
-    from dataprep.storage import read_bytes
+    from pippo_common.storage import read_bytes
 
     try:
         return decode_photo(read_bytes(uri), MAX_PIXELS).rgb
@@ -139,8 +140,8 @@ def training_run(uri: str) -> dict:
     .safetensors has none): the resolution and the views the model was really trained with.
     run.json is input (whoever writes the run directory writes it): read like a config file,
     and the fields used here checked (`trained_shape`)."""
-    from dataprep.storage import fs_and_path
-    from pipelines.config import read_json_config
+    from pippo_common.storage import fs_and_path
+    from pippo_common.config import read_json_config
     from pipelines.training.checkpoint import is_final_dir, resolve_weights
 
     weights, _ = resolve_weights(uri)
@@ -301,9 +302,7 @@ def _check_args(args, model_cfg, side: int) -> None:
     from pippo_model.config import MAX_TOKENS_PER_VIEW
 
     unit = model_cfg.vae_downsample * model_cfg.patch_size
-    if side < unit or side % unit or (side // unit) ** 2 > MAX_TOKENS_PER_VIEW:
-        raise UserError(f"--resolution {side} must be a positive multiple of {unit} (VAE x patch), "
-                        f"at most {unit * int(MAX_TOKENS_PER_VIEW ** 0.5)}")
+    check_resolution(side, unit, "--resolution", at_most=unit * math.isqrt(MAX_TOKENS_PER_VIEW))
     if args.views < 1:
         raise UserError(f"--views {args.views}: at least 1 view")
     if not 1 <= args.steps <= model_cfg.timesteps:
@@ -317,7 +316,7 @@ def main(args) -> int:
 
     from pipelines.model_commands import load_autoencoder_for
     from pipelines.training.engine import to_model_space
-    from pipelines.training.tracking import redact
+    from pippo_common.redact import redact
     from pipelines.training.worker import load_final_model
     from pippo_model.diffusion import conditions
 

@@ -9,7 +9,7 @@ def run(args) -> int:
     from pipelines.training.tracking import check_tracking_server
 
     check_tracking_server()      # first: seconds and one line, before configs, Ray or any step
-    from pipelines.config import load_config
+    from pippo_common.config import load_config
     from pipelines.workflow.config import PipelineConfig
     from pipelines.workflow.dag import Workflow
 
@@ -19,10 +19,11 @@ def run(args) -> int:
     try:
         result = Workflow(cfg, source=args.config).run(resume=args.resume)
     except StepFailed as exc:
-        from pipelines.cli import _end_ray, _one_line, user_error_message
+        from pipelines.cli import _end_ray
+        from pippo_common.errors import error_line, user_error_message
 
         _end_ray()                   # Ray's late forwarded lines first: the error line stays last
-        print(f"pippo: error: {_one_line(str(exc))}", file=sys.stderr)
+        print(error_line(str(exc)), file=sys.stderr)
         print(exc.run_id)            # the id --resume takes (the result line of a failed run)
         return 2 if user_error_message(exc.cause) is not None else 1    # input errors: 2, as documented
     for name, step in result["steps"].items():

@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from pippo_common.checks import check_resolution
+
 STAGE_MODULES = {
     "pretrain": {"camera_mlp": False, "control_mlp": False},
     "mid": {"camera_mlp": True, "control_mlp": False},
@@ -77,10 +79,7 @@ class ModelConfig:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if self.space == "pixel" and (self.vae_downsample != 1 or self.latent_channels != 3):
             raise ValueError("pixel space needs latent_channels=3 and vae_downsample=1")
-        grid = self.resolution // (self.vae_downsample * self.patch_size)
-        if grid * self.vae_downsample * self.patch_size != self.resolution:
-            raise ValueError(f"resolution {self.resolution} is not a multiple of "
-                             f"{self.vae_downsample * self.patch_size}")
+        check_resolution(self.resolution, self.vae_downsample * self.patch_size)
         for p in ("p_drop_reference", "p_drop_camera", "p_drop_control"):
             if not 0.0 <= getattr(self, p) <= 1.0:
                 raise ValueError(f"{p} must lie in [0, 1]")

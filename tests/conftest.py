@@ -47,7 +47,7 @@ def s3_server():
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
     """One in-process local Ray for the session, started after the S3 endpoint is exported."""
-    from dataprep.build import ensure_ray
+    from pippo_common.ray_start import ensure_ray
     ray = ensure_ray(dashboard=True)   # Ray Train's controller polls the state API
     yield ray
     ray.shutdown()

@@ -103,7 +103,7 @@ def samples_of(version) -> dict:
     """Every sample of a version read back with stock webdataset: key -> {ext: bytes}."""
     import webdataset as wds
 
-    from dataprep.storage import register_webdataset_fsspec
+    from pippo_common.storage import register_webdataset_fsspec
 
     register_webdataset_fsspec()
     urls = [s["url"].removeprefix("file://") for s in version["shards"]]

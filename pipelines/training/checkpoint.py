@@ -54,8 +54,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dataprep.errors import DataError
-from dataprep.storage import absolute_url, atomic_write_bytes, fs_and_path, is_local
+from pippo_common.errors import DataError
+from pippo_common.storage import absolute_url, atomic_write_bytes, fs_and_path, is_local
 from pipelines.training.safe_load import UnsafeCheckpointError, unsafe_globals, verify_tree, weights_only_loads
 
 log = logging.getLogger("pippo.train.checkpoint")

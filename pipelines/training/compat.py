@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import struct
 
-from pipelines.config import ConfigError
+from pippo_common.config import ConfigError
+from pippo_common.errors import UserError
 
 # keys of model.json/run.json's model that may differ on resume without changing any tensor
 RESUME_FREE_MODEL_KEYS = {"vae_path", "name"}
@@ -30,7 +31,7 @@ class IncompatibleCheckpoint(ConfigError):
     """A checkpoint that this stage's config cannot start from (one line, exit 2)."""
 
 
-class StageInputError(Exception):
+class StageInputError(UserError):
     """An input error raised in a Ray Train worker, carried as its one-line message only (plain
     and picklable: it crosses from the worker to the controller to the driver)."""
 
@@ -42,7 +43,7 @@ def safetensors_shapes(url: str) -> dict[str, tuple[int, ...]]:
     """{tensor name: shape} from a .safetensors file's header alone. Read by hand (8-byte length +
     JSON, the documented format) because safetensors.safe_open needs a local file, and a
     multi-GB checkpoint on s3:// should not be downloaded to compare names and shapes."""
-    from dataprep.storage import fs_and_path
+    from pippo_common.storage import fs_and_path
 
     fs, path = fs_and_path(url)
     try:
@@ -132,13 +133,12 @@ def _few(items: list[str], n: int = 4) -> str:
 def input_error(exc: BaseException) -> StageInputError | None:
     """`exc` as a StageInputError when a retry cannot fix it: a bad config or checkpoint, bad data,
     a missing file. Network and other OS errors, a killed peer, bugs: None (Ray Train may retry)."""
-    from pipelines.cli import UserError, _user_errors, user_error_message
+    from pippo_common.errors import is_user_error, user_error_message
+    from pippo_common.redact import redact_text
 
     if isinstance(exc, StageInputError):
         return exc
-    if isinstance(exc, (UserError, *_user_errors())):
-        from dataprep.redact import redact_text
-
+    if is_user_error(exc):
         # torch's DataLoader re-raises a loader process's error with that process's whole
         # traceback as the message: its last line is the error itself
         lines = [line for line in (user_error_message(exc) or "").splitlines() if line.strip()]

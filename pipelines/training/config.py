@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from dataprep.loader import DataSource, LoaderConfig
 from dataprep.names import validate_name
-from dataprep.redact import check_not_secret
-from pipelines.config import FILE_PATH, to_dict
+from pippo_common.redact import check_not_secret
+from pippo_common.config import FILE_PATH, to_dict
 
 
 @dataclass
@@ -82,7 +82,7 @@ class StageConfig:
     # --- SPEC §2 keys ---
     stage: Literal["pretrain", "mid", "post"]
     dataset: str                   # URI@REF of the training dataset version
-    # model config YAML (size preset); in a config file, relative to that file (pipelines.config)
+    # model config YAML (size preset); in a config file, relative to that file (pippo_common.config)
     model: str = field(default="configs/models/test.yaml", metadata=FILE_PATH)
     init_from: str | None = None   # previous stage's checkpoint (run dir, its final/ dir, or a .safetensors)
     deepspeed: str = field(default="configs/deepspeed/zero2.json", metadata=FILE_PATH)
@@ -122,10 +122,10 @@ class StageConfig:
         """Deterministic: re-running the same command finds (and resumes) the same run. Keys that do
         not change what is trained (steps, tracking, checkpoint cadence, resources) are left out, so
         raising `steps` continues a finished run. The model and DeepSpeed configs count by content,
-        not by path: their paths are absolute once resolved (pipelines.config.resolve_file_path),
+        not by path: their paths are absolute once resolved (pippo_common.config.resolve_file_path),
         and the same run must be found from any directory, checkout or `pippo submit` working_dir.
         (The launcher pins the name into the job: workers never read these files.)"""
-        from pipelines.config import read_json_config, read_yaml
+        from pippo_common.config import read_json_config, read_yaml
 
         if self.run_name:
             return self.run_name
@@ -138,7 +138,7 @@ class StageConfig:
         return f"{self.stage}-{digest}"
 
     def run_uri(self) -> str:
-        from pipelines.config import ConfigError, expand_env
+        from pippo_common.config import ConfigError, expand_env
 
         root = expand_env(self.checkpoint.root)      # a default is not YAML: ${PIPPO_STORE} expands here
         try:

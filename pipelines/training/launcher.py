@@ -14,16 +14,18 @@ import os
 import shutil
 import tempfile
 
-from pipelines.config import ConfigError, load_config, read_json_config, to_dict
+from pippo_common.config import ConfigError, load_config, read_json_config, to_dict
 from pipelines.training.config import StageConfig
+from pippo_common.checks import check_resolution
+from pippo_common.errors import Failed
 
 log = logging.getLogger("pippo.train")
 
 
 def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     """The JSON-able job every worker receives."""
-    from dataprep.commit import code_version
-    from dataprep.storage import absolute_url
+    from pippo_common.versions import code_version
+    from pippo_common.storage import absolute_url
     from pipelines.model_commands import load_model_config
     from pipelines.training.tracking import check_tracking_server, tracking_uri
     from pippo_model.config import ModelConfig
@@ -38,10 +40,7 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     if model_cfg.space == "latent" and not model_cfg.vae_path and cfg.vae_standin_seed is None:
         raise ConfigError(f"{cfg.model}: the model is latent-space but has no vae_path: set "
                           f"model_overrides.vae_path to a diffusers AutoencoderKL directory or URI")
-    unit = model_cfg.vae_downsample * model_cfg.patch_size
-    if cfg.data.resolution % unit:
-        raise ConfigError(f"data.resolution {cfg.data.resolution} is not a multiple of {unit} "
-                          f"(the model's VAE downsampling x patch size)")
+    check_resolution(cfg.data.resolution, model_cfg.vae_downsample * model_cfg.patch_size, "data.resolution")
     ds = read_json_config(cfg.deepspeed, "deepspeed config")     # a regular file, size-capped
     if not isinstance(ds, dict):
         raise ConfigError(f"{cfg.deepspeed}: a DeepSpeed config is a JSON object, got {type(ds).__name__}")
@@ -56,7 +55,7 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     if cfg.init_from:
         stage["init_from"] = absolute_url(cfg.init_from)
     stage["run_name"] = cfg.resolved_run_name()    # computed here, where the config files are
-    from pipelines.config import expand_env
+    from pippo_common.config import expand_env
 
     stage["checkpoint"]["root"] = absolute_url(expand_env(cfg.checkpoint.root))
     run_uri = absolute_url(cfg.run_uri())
@@ -81,7 +80,7 @@ def pin_datasets(cfg: StageConfig) -> StageConfig:
     """URI@REF -> absolute URI@version-id, in place (idempotent): every worker and every resume of
     the run reads the same version even when `latest` or a tag moves, and the run's name (a hash
     of the config) names the version — a new version is a new run."""
-    from dataprep.storage import absolute_url
+    from pippo_common.storage import absolute_url
     from dataprep.store import DatasetStore, split_ref
 
     def pinned(ref: str) -> str:
@@ -117,7 +116,7 @@ def _run_on_ray(cfg: StageConfig, job: dict) -> dict:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dataprep.build import ensure_ray
+    from pippo_common.ray_start import ensure_ray
     from pipelines.training.compat import end_on_input_error, find_input_error
     from pipelines.training.worker import ray_entry
 
@@ -147,7 +146,7 @@ def _run_on_ray(cfg: StageConfig, job: dict) -> dict:
     if error:
         input_error = find_input_error(error)
         if input_error is not None:
-            from pipelines.cli import UserError
+            from pippo_common.errors import UserError
 
             raise UserError(str(input_error)) from None
         raise StageFailed(job["run_uri"], error) from None
@@ -179,10 +178,9 @@ def _fit_interruptibly(trainer):
     return outcome["result"]
 
 
-class StageFailed(RuntimeError):
+class StageFailed(Failed):
     """Training failed in the workers beyond the retries (not an input error): one line naming the
     last error and how to continue; Ray Train's log above holds the tracebacks."""
-    exit_code = 1
 
     def __init__(self, run_uri: str, error: BaseException):
         from pipelines.training.checkpoint import CheckpointStore

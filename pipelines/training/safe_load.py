@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 
 # The non-tensor types DeepSpeed 0.19 writes into model / optimizer / universal states. torch's
 # own containers, dtypes, sizes and tensors are allowed by weights_only itself.

@@ -21,8 +21,7 @@ import time
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
-# The project's one redactor; `redact` stays importable from here (pipelines.sample uses it).
-from dataprep.redact import redact, redact_text
+from pippo_common.redact import redact, redact_text
 
 log = logging.getLogger("pippo.tracking")
 
@@ -56,7 +55,7 @@ def check_tracking_server(uri: str | None = None, *, timeout_s: float = CHECK_TI
     check itself. The same environment variables as mlflow's client decide auth and TLS."""
     import requests
 
-    from pipelines.cli import UserError
+    from pippo_common.errors import UserError
 
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
     if urlparse(uri).scheme not in ("http", "https"):

@@ -28,31 +28,19 @@ from pipelines.training.ema import ShardedEMA
 from pipelines.training.engine import (DiffusionObjective, deepspeed_config, lr_at, make_autoencoder,
                                        resolve_precision, sample_grid, setup_distributed,
                                        step_generator, to_model_space)
+from pippo_common.checks import check_resolution
 
 log = logging.getLogger("pippo.train")
 
 
-def quiet_logs(verbose: bool = False, own_stderr: bool = False) -> None:
-    import sys
+def quiet_logs(verbose: bool = False, ray_worker: bool = False) -> None:
+    """The one logging set-up (pippo_common.logs: redacted, on stderr, the CLI's levels); in a Ray
+    worker ray_entry has set it up already and sent stdout to stderr, and pippo's records must not
+    also reach Ray Train's root handler. DeepSpeed's logger reset itself on import: its level is
+    applied again."""
+    from pippo_common.logs import configure_once
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    pippo = logging.getLogger("pippo")
-    pippo.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if own_stderr and not any(getattr(h, "_pippo", False) for h in pippo.handlers):
-        # our own stderr handler: Ray Train's workers route the root logger to stdout, which a
-        # command's caller reads for its result (SPEC §2: the result is the last stdout line)
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler._pippo = True
-        pippo.addHandler(handler)
-        pippo.propagate = False
-    try:
-        from deepspeed.utils import logger as ds_logger
-
-        ds_logger.setLevel(logging.INFO if verbose else logging.WARNING)
-    except ImportError:
-        pass
+    configure_once(1 if verbose else None, own_records=ray_worker)
     import warnings
 
     warnings.filterwarnings("ignore", message=".*torch.distributed.*is deprecated.*")
@@ -67,12 +55,12 @@ def train_worker(job: dict) -> dict:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")   # no "unable to detect" warning on CPU hosts
     import deepspeed
 
-    from pipelines.config import from_dict
+    from pippo_common.config import from_dict
     from pippo_model.config import ModelConfig
     from pippo_model.diffusion import CosineSchedule
 
     use_ray = job.get("launcher") == "ray"
-    quiet_logs(job.get("verbose", False), own_stderr=use_ray)
+    quiet_logs(job.get("verbose", False), ray_worker=use_ray)
     ctx = setup_distributed(use_ray)
     cfg: StageConfig = from_dict(StageConfig, job["stage"], source="<job>")
     model_cfg = ModelConfig(**job["model"]).for_stage(cfg.stage)
@@ -120,9 +108,7 @@ def train_worker(job: dict) -> dict:
 
     # data.resolution may differ from the model's table size (post trains at a higher resolution:
     # the position tables are interpolated), but must fall on whole tokens
-    unit = model_cfg.vae_downsample * model_cfg.patch_size
-    if cfg.data.resolution % unit:
-        raise ValueError(f"data.resolution {cfg.data.resolution} is not a multiple of {unit} (VAE x patch)")
+    check_resolution(cfg.data.resolution, model_cfg.vae_downsample * model_cfg.patch_size, "data.resolution")
     loader = TrainingLoader(cfg.sources, cfg.stage, cfg.data, rank=ctx.rank, world_size=ctx.world,
                             state=loader_state)
     autoencoder = make_autoencoder(model_cfg, cfg.vae_standin_seed, ctx.device)
@@ -195,8 +181,8 @@ def initial_model(model_cfg, seed: int, init_from: str | None):
 
 
 def _start_tracking(cfg, job, store, loader, model_cfg, ctx, fresh: bool):
-    from dataprep.redact import redact
-    from pipelines.config import flatten, to_dict
+    from pippo_common.redact import redact
+    from pippo_common.config import flatten, to_dict
     from pipelines.training.tracking import RunTracker
 
     run = store.read_json("run.json") if store.exists("run.json") else None
@@ -348,7 +334,7 @@ def ray_entry(job: dict) -> None:
     # The driver's stdout carries the command's result (SPEC §2: the last line); Ray forwards a
     # worker's stdout there, so the worker's prints (DeepSpeed's among them) go to stderr instead.
     os.dup2(2, 1)
-    from dataprep.logs import setup_worker
+    from pippo_common.logs import setup_worker
 
     setup_worker()        # redacted logs and prints even where the runtime_env hook did not run
     if job.get("tracking_uri"):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dataprep.names import validate_name
-from pipelines.config import FILE_PATH, FILE_PATH_KEYS
+from pippo_common.config import FILE_PATH, FILE_PATH_KEYS
 
 STEP_REF = re.compile(r"\$\{steps\.([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_]+))?\}")
 STEP_TAGS = {"synth": "dataprep", "dataprep": "dataprep", "train": None, "eval": "eval"}

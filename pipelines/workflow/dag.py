@@ -33,28 +33,14 @@ import os
 import time
 from pathlib import Path
 
-from dataprep.redact import redact
-from dataprep.storage import absolute_url, atomic_write_bytes, fs_and_path, join
+from pippo_common.redact import redact
+from pippo_common.versions import code_version, source_digest
+from pippo_common.storage import absolute_url, atomic_write_bytes, fs_and_path, join
 from pipelines.workflow.config import STEP_REF, PipelineConfig
 from pipelines.workflow.lineage import Lineage
 from pipelines.workflow.steps import normalised, run_step, step_config
 
 log = logging.getLogger("pippo.workflow")
-CODE_DIRS = ("dataprep", "pippo_model", "pipelines", "cluster")
-
-
-def code_version() -> str:
-    """Digest of the project's source and pinned requirements: a code change invalidates caches."""
-    root = Path(__file__).resolve().parents[2]
-    h = hashlib.sha256()
-    for d in CODE_DIRS:
-        for path in sorted((root / d).rglob("*.py")):
-            h.update(str(path.relative_to(root)).encode())
-            h.update(path.read_bytes())
-    lock = root / "requirements.lock"
-    if lock.exists():
-        h.update(lock.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def substitute(value, outputs: dict):
@@ -90,11 +76,12 @@ class StepFailed(RuntimeError):
 class Workflow:
     def __init__(self, cfg: PipelineConfig, source: str = "<pipeline>"):
         self.cfg, self.source = cfg, source
-        from pipelines.config import expand_env
+        from pippo_common.config import expand_env
 
         # defaults are not YAML, so ${PIPPO_STORE} in a default is expanded here
         self.root = join(absolute_url(expand_env(cfg.store, source)), "pipelines", cfg.name)
-        self.code = code_version()
+        self.code = source_digest()          # the cache keys' code part
+        self.code_version = code_version()    # what records and tags say
         self.workdir = str(Path(cfg.workdir, cfg.name).resolve())
         self._identities: dict[str, str] = {}
         self._stages: dict[str, str] = {}          # train step -> its stage (for the pippo.step tag)
@@ -153,7 +140,7 @@ class Workflow:
         check_tracking_server()          # before any step: a stopped server is one line, not a hang
         parent = RunTracker(self.cfg.experiment_name, f"{self.cfg.name}", step_tag="pipeline",
                             resume_run_id=resume, system_metrics=False,
-                            tags={"pippo.pipeline": self.cfg.name, "pippo.code_version": self.code,
+                            tags={"pippo.pipeline": self.cfg.name, "pippo.code_version": self.code_version,
                                   "pippo.config_source": self.source})
         log.info("pipeline %s: MLflow run %s (experiment %s); %d steps", self.cfg.name, parent.run_id,
                  self.cfg.experiment_name, len(order))
@@ -185,7 +172,7 @@ class Workflow:
     def validate(self, order: list[str]) -> None:
         """Load every step's typed config with placeholders for upstream outputs, so a bad config
         fails in one line before the first step runs (not hours later, at its step)."""
-        from pipelines.config import ConfigError
+        from pippo_common.config import ConfigError
 
         class Pending(dict):
             def __missing__(self, name):
@@ -221,7 +208,7 @@ class Workflow:
         # The config as written (secret ${VAR}s back to ${VAR}, URL credentials masked); the
         # output is an identifier read back by later runs, so it is stored as it is.
         record = {"step": name, "kind": kind, "key": key, "output": output, "mlflow_run_id": run_id,
-                  "code_version": self.code, "config": redact(config), "seconds": round(time.time() - start, 1),
+                  "code_version": self.code_version, "config": redact(config), "seconds": round(time.time() - start, 1),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if kind == "train":
             record["output_identity"] = self.identity(name, output)
@@ -256,7 +243,7 @@ def _execute(kind: str, name: str, cfg, ctx: dict):
     Train's workers ask for the resources), on the cluster of RAY_ADDRESS or a local Ray."""
     if os.environ.get("PIPPO_WORKFLOW_INPROCESS") == "1":
         return run_step(kind, name, cfg, ctx)
-    from dataprep.build import ensure_ray
+    from pippo_common.ray_start import ensure_ray
 
     ray = ensure_ray(dashboard=True)
     task = ray.remote(num_cpus=0, max_retries=0)(_step_task)
@@ -264,7 +251,7 @@ def _execute(kind: str, name: str, cfg, ctx: dict):
 
 
 def _step_task(kind, name, cfg, ctx):
-    from dataprep.logs import setup_worker
+    from pippo_common.logs import setup_worker
 
     os.dup2(2, 1)      # the driver's stdout carries the command's result; step output goes to stderr
     setup_worker()     # the CLI's format, levels and redaction (Ray keeps worker logs on the cluster)

@@ -93,7 +93,7 @@ class Lineage:
     def failed(self, name: str, kind: str, stage: str | None, since_ms: int, key: str | None, error: str) -> None:
         """List the failed step under the parent: the runs it started in this attempt (steps run
         one at a time, so a child started since the step began is the step's), else a new one."""
-        from dataprep.redact import redact_text
+        from pippo_common.redact import redact_text
 
         error = redact_text(error)[:4000]
         mine = [r for r in self.children(since_ms) if r.data.tags.get("pippo.workflow_step") in (None, name)

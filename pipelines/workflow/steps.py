@@ -13,8 +13,8 @@ import logging
 import os
 from pathlib import Path
 
-from dataprep.redact import redact
-from pipelines.config import flatten, from_dict, load_config, merge, read_yaml, to_dict
+from pippo_common.redact import redact
+from pippo_common.config import flatten, from_dict, load_config, merge, read_yaml, to_dict
 
 log = logging.getLogger("pippo.workflow")
 

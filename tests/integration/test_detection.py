@@ -14,7 +14,7 @@ import yaml
 from dataprep.build import run_build
 from dataprep.build_config import BuildConfig, DetectorConfig, PhotoFilters, Source
 from dataprep.detection import build_detector, detection_input
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.geometry import crop_intrinsics, resize_intrinsics
 from dataprep.photos import decode_photo
 from dataprep.samples import photo_intrinsics

@@ -11,7 +11,7 @@ import torch
 from dataprep.build import run_build
 from dataprep.build_config import BuildConfig, ShardLimits, Source
 from dataprep.synth import synth_capture, synth_images
-from pipelines.config import ConfigError, from_dict
+from pippo_common.config import ConfigError, from_dict
 from pipelines.evaluation import EvalConfig, run_eval
 from pipelines.training.launcher import load_stage_config, run_stage
 from support import SMALL_MODEL

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.ledger import PARTS_SCHEMA
 from dataprep.loader import DataSource, LoaderConfig, TrainingLoader
 from pipelines import cli

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from dataprep.build_config import PhotoFilters, ShardLimits
-from dataprep.errors import DataError
+from pippo_common.errors import DataError
 from dataprep.geometry import camera_center, plucker, project, resize_intrinsics
 from dataprep.loader import DataSource, LoaderConfig, TrainingLoader, held_out
 from dataprep.shards import INDEX_SCHEMA

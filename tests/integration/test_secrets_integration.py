@@ -56,7 +56,7 @@ def test_pipeline_step_records_and_mlflow_hold_no_secret(tmp_path, capsys, monke
     """`pippo pipeline run` (steps in-process, no Ray: cheap) whose synth step has a param
     ${AWS_SECRET_ACCESS_KEY}: the step record, MLflow (params, tags, names; the sqlite file and the
     artifacts) and the output hold `${AWS_SECRET_ACCESS_KEY}`, never the value."""
-    from dataprep.logs import unconfigure
+    from pippo_common.logs import unconfigure
     from pipelines.cli import main
     for k, v in {"AWS_SECRET_ACCESS_KEY": SECRET_KEY, "HF_TOKEN": TOKEN, "PIPPO_WORKFLOW_INPROCESS": "1",
                  "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}.items():
@@ -142,7 +142,7 @@ def test_compare_prints_no_terminal_escapes(tmp_path, monkeypatch):
     from contextlib import redirect_stderr, redirect_stdout
     with redirect_stdout(out), redirect_stderr(err):
         code = main(["compare", "--experiment", "esc-test", "--out", str(tmp_path / "cmp")])
-    from dataprep.logs import unconfigure
+    from pippo_common.logs import unconfigure
     unconfigure()
     assert code == 0, err.getvalue()
     text = out.getvalue()

@@ -60,7 +60,7 @@ def test_weights_cache_is_private_and_verified(tmp_path):
     refused; a cached copy whose files changed after the fetch (a planted file) is fetched again."""
     import fsspec
 
-    from pipelines.cli import UserError
+    from pippo_common.errors import UserError
     from pipelines.model_commands import fetch_directory
 
     fs = fsspec.filesystem("memory")

@@ -4,7 +4,7 @@ from typing import Literal
 
 import pytest
 
-from pipelines.config import ConfigError, flatten, load_config, parse_overrides
+from pippo_common.config import ConfigError, flatten, load_config, parse_overrides
 
 
 @dataclass

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from support import free_port
-from dataprep.redact import redact_config, redact_text, register_secret, strip_credentials
+from pippo_common.redact import redact_config, redact_text, register_secret, strip_credentials
 from pipelines.cli import build_parser, main
 
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
@@ -134,7 +134,7 @@ def test_unexpected_errors_keep_their_traceback_but_lose_credentials(capsys, mon
 
 
 def test_errors_inside_ray_tasks_are_judged_by_their_cause():
-    from pipelines.cli import user_error_message
+    from pippo_common.errors import user_error_message
 
     class RayTaskError(Exception):          # the shape of ray.exceptions.RayTaskError
         def __init__(self, cause):
@@ -227,7 +227,7 @@ def test_yaml_aliases_of_shared_objects_still_load(tmp_path):
     import yaml
 
     from dataprep.build_config import BuildConfig
-    from pipelines.config import load_config
+    from pippo_common.config import load_config
 
     source = {"kind": "images", "uri": str(tmp_path)}
     text = yaml.safe_dump({"dataset": str(tmp_path / "ds"), "sources": [source, source],
@@ -343,7 +343,7 @@ def test_verbosity_flags_work_before_and_after_the_subcommand(argv, verbose, qui
 
 
 def test_log_levels_and_redaction(capsys, tmp_path):
-    from dataprep.logs import configure
+    from pippo_common.logs import configure
 
     fake_version(tmp_path / "ds", "c" * 20)
     try:

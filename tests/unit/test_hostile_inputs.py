@@ -17,7 +17,8 @@ from PIL import Image
 from dataprep import safe_fetch
 from dataprep.build_config import HttpConfig, InputPolicy, Source
 from dataprep.capture import Capture, decode_image
-from dataprep.errors import CaptureError, DataError
+from dataprep.errors import CaptureError
+from pippo_common.errors import DataError
 from dataprep.photos import Rejected, decode_photo
 from dataprep.sources import OUTSIDE, InputItem, enumerate_source, fetch, read_tar, tar_rows
 from dataprep.synth import synth_capture
@@ -88,7 +89,7 @@ def _reason(fn) -> str:
 
 
 def test_eval_views_decode_only_photo_formats(tmp_path):
-    from pipelines.cli import UserError
+    from pippo_common.errors import UserError
     from pipelines.model_commands import read_views
     cam = {"K": np.eye(3).tolist(), "R": np.eye(3).tolist(), "t": [0, 0, 1], "height": 16, "width": 16}
     (tmp_path / "cameras.json").write_text(json.dumps({"views": [cam, cam]}))

@@ -18,7 +18,7 @@ from dataprep.partition_job import process_partition
 from dataprep.photos import Rejected
 from dataprep.safe_fetch import address_refusal
 from dataprep.sources import fetch, is_chained, url_list_entry
-from dataprep.storage import fs_and_path
+from pippo_common.storage import fs_and_path
 from pipelines import cli
 
 VID = "0123456789abcdef0123"

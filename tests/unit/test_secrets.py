@@ -9,9 +9,9 @@ import io
 
 import pytest
 
-from dataprep import redact as redactor
-from dataprep.names import printable
-from dataprep.redact import (RedactingStream, check_not_secret, is_secret_env_name, is_secret_name, redact,
+from pippo_common import redact as redactor
+from pippo_common.text import printable
+from pippo_common.redact import (RedactingStream, check_not_secret, is_secret_env_name, is_secret_name, redact,
                              redact_text, register_secret, strip_credentials)
 
 SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzSECRET15"     # AWS_SECRET_ACCESS_KEY
@@ -70,7 +70,7 @@ def test_env_secrets_are_redacted_and_identifiers_kept(monkeypatch):
 
 
 def test_config_loader_registers_secret_named_variables_only(monkeypatch):
-    from pipelines.config import expand_env
+    from pippo_common.config import expand_env
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "bucket-as-key-id-1")
     monkeypatch.setenv("T15_DATASET_BUCKET", "plain-bucket-name")
     monkeypatch.setenv("T15_DB_PASSWORD", "pw-short")
@@ -119,7 +119,7 @@ def test_a_tag_from_a_variable_is_checked_after_substitution(tag, var, fragment,
     try:
         assert main(["data", "build", str(tmp_path / "b.yaml")]) == 2
     finally:
-        from dataprep.logs import unconfigure
+        from pippo_common.logs import unconfigure
         unconfigure()
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1 and fragment in err, err

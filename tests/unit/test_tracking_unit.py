@@ -2,7 +2,8 @@
 (the sqlite store and `mlflow server`: tests/integration/test_tracking.py)."""
 
 
-from pipelines.training.tracking import redact, tracking_uri
+from pipelines.training.tracking import tracking_uri
+from pippo_common.redact import redact
 
 SECRET_CONFIG = {
     "data": {"uri": "s3://AKIAIOSFODNN7EXAMPLE:s3cr3t/Val+ue@bucket/x",

@@ -16,7 +16,7 @@ id (AWS_ACCESS_KEY_ID, an s3 `access_key`), a bucket, a user name alone — so a
     redact(tree)             a config / record / MLflow payload fit to store: strings redacted
                              (expanded secret `${VAR}` values back to `${VAR}`), secret-named keys
                              masked; redact_config is the same function
-    register_secret(value)   a value never to print (pipelines.config registers what a secret-named
+    register_secret(value)   a value never to print (pippo_common.config registers what a secret-named
                              `${VAR}` expanded to; the CLI registers URL userinfo of its arguments)
     check_not_secret(v, w)   names and paths (tags, run names, run dirs) never derive from a secret
     RedactingStream          sys.stdout/sys.stderr of the CLI and of Ray workers (print() output)
@@ -51,9 +51,10 @@ _NOT_SECRET_ENV = frozenset({"PWD", "OLDPWD"})    # "pwd$" is for passwords, not
 
 # scheme://user:pw@host. A password may hold "/" (AWS secret keys do), a user name may not. The
 # authority ends at the first "/" (RFC 3986), so "https://host:8080/a@b" has a port and a path
-# with "@", no userinfo: a ":digits" followed by "/", "?", "#" or the end is a port.
-_USERINFO = re.compile(r"([a-zA-Z][\w+.\-]*://)((?:[^/@\s?#:'\"]+:(?!\d+(?:[/?#\s'\"]|$))[^@\s'\"]*?"
-                       r"|[^/@\s?#:'\"]+))@")
+# with "@", no userinfo: a ":digits" followed by "/", "?", "#" or the end is a port. A user name
+# never holds "[" (RFC 3986): `http://[::1]:8080/x@y` is an IPv6 host, not `[` : `:1]...`.
+_USERINFO = re.compile(r"([a-zA-Z][\w+.\-]*://)((?:[^/@\s?#:'\"\[\]]+:(?!\d+(?:[/?#\s'\"]|$))[^@\s'\"]*?"
+                       r"|[^/@\s?#:'\"\[\]]+))@")
 _QUERY = re.compile(r"([?&;])([^=&#\s]+)=([^&#\s'\"]*)")                       # ?token=abc&...
 _ASSIGN = re.compile(r"""([\w.\-]+)(["']?[ \t]*[:=][ \t]*["']?)([^\s,;'"}\]]+)""")  # key: xyz
 _ENV_REF = re.compile(r"^\$\{\w+(?::-[^}]*)?\}$")
@@ -149,8 +150,17 @@ def redact_text(text) -> str:
     s = _USERINFO.sub(rf"\1{MASK}@", s)
     s = _QUERY.sub(lambda m: _query(m, MASK), s)
     # URLs are already clean, so a match that swallows one ("https" + "://...") loses nothing.
-    return _ASSIGN.sub(lambda m: f"{m[1]}{m[2]}{MASK}"
-                       if is_secret_name(m[1]) and not _ENV_REF.match(m[3]) else m[0], s)
+    return _ASSIGN.sub(_assignment, s)
+
+
+def _assignment(m: re.Match) -> str:
+    if is_secret_name(m[1]):
+        return m[0] if _ENV_REF.match(m[3]) else f"{m[1]}{m[2]}{MASK}"
+    # not a secret name, but its value may start with a pair: "ValueError: password=x" matches
+    # as key "ValueError" and value "password=x", which must be looked at again (the value
+    # class is the same, so the inner pair runs to the end of the outer value)
+    inner = _ASSIGN.match(m[3])
+    return m[0] if inner is None else f"{m[1]}{m[2]}{_assignment(inner)}{m[3][inner.end():]}"
 
 
 def _blank(v) -> bool:

@@ -17,11 +17,9 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from pippo_common.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be loaded; the message names key, value and file."""
 
 
 MAX_CONFIG_BYTES = 1 << 20      # a config is a few KB; a larger file is a mistake or an attack
@@ -108,8 +106,7 @@ def read_config_bytes(path: str | Path, what: str = "config") -> bytes:
     model.json or run.json): a local path or file:// that is a regular file, or an object-store
     URL, of at most MAX_CONFIG_BYTES; anything else is one ConfigError line. Local files are
     stat'ed first and opened non-blocking: opening a FIFO blocks, reading /dev/zero never ends."""
-    from dataprep.safe_fetch import NotRegularFile, open_regular
-    from dataprep.storage import fs_and_path, is_local
+    from pippo_common.storage import NotRegularFile, fs_and_path, is_local, open_regular
 
     shown = str(path)
     if "::" in shown:
@@ -184,7 +181,7 @@ _ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 def expand_env(value: Any, source: str = "<config>") -> Any:
     """Replace ${VAR} and ${VAR:-default} in every string (PIPPO_STORE defaults to ./.pippo/store).
 
-    The value of a secret-named variable (dataprep.redact.is_secret_env_name: `${HF_TOKEN}`,
+    The value of a secret-named variable (pippo_common.redact.is_secret_env_name: `${HF_TOKEN}`,
     `${AWS_SECRET_ACCESS_KEY}`, not `${AWS_ACCESS_KEY_ID}`), and URL credentials in the result, are
     registered with the one redactor: logs, outputs and records show `${NAME}` instead. Other
     values (buckets, ids, paths) are data and are kept as they are."""
@@ -195,7 +192,7 @@ def expand_env(value: Any, source: str = "<config>") -> Any:
     if not isinstance(value, str):
         return value
 
-    from dataprep.redact import is_secret_env_name, register_secret, register_url_credentials
+    from pippo_common.redact import is_secret_env_name, register_secret, register_url_credentials
 
     def sub(match: re.Match) -> str:
         name, default = match.group(1), match.group(2)

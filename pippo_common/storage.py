@@ -1,4 +1,7 @@
 """Object-store helpers on fsspec: every URL (local path, file://, s3://, ...) goes through here.
+Local files that must be regular files (configs, captures, listed inputs) are opened with
+`open_regular`: stat first, so a FIFO or a device is refused without being opened (opening a FIFO
+blocks, reading /dev/zero never ends), then O_NONBLOCK and a second check on the descriptor.
 
 Writes are atomic: on a local filesystem we write a temporary name and rename it (POSIX rename is
 atomic); on an object store a single PUT is already atomic (the object appears whole or not at
@@ -9,12 +12,13 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import stat
 import uuid
 
 import fsspec
 
-from dataprep.errors import DataError
-from dataprep.redact import has_credentials, redact_text
+from pippo_common.errors import DataError
+from pippo_common.redact import has_credentials, redact_text
 
 # Object stores whose URL authority is a bucket name: an "@" there can only be credentials.
 _BUCKET_SCHEMES = re.compile(r"(?:s3a?|gs|gcs)://", re.IGNORECASE)
@@ -134,3 +138,22 @@ def register_webdataset_fsspec(protocols=("s3", "gs", "gcs", "az", "abfs", "memo
 
     for protocol in protocols:
         gopen.gopen_schemes[protocol] = open_with_fsspec
+
+
+class NotRegularFile(OSError):
+    """A FIFO, device, socket or directory where a regular file was expected."""
+
+
+def open_regular(path: str):
+    """A binary file object of a regular file; NotRegularFile for FIFOs, devices, sockets, dirs
+    (checked by stat before any open, and again on the descriptor), FileNotFoundError if missing."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise NotRegularFile(f"{path} is not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(f"{path} is not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
