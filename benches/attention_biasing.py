@@ -102,16 +102,16 @@ def main() -> int:
     torch.manual_seed(0)
 
     from dataprep.loader import DataSource, LoaderConfig, TrainingLoader
-    from pipelines.evaluation import reprojection, training_config
-    from pipelines.training.engine import make_autoencoder, to_model_space
-    from pipelines.training.worker import load_final_model
+    from pipelines.evaluation import reprojection
+    from pipelines.training.engine import to_model_space
+    from pipelines.weights import load_autoencoder, load_final_model, run_config
     from pippo_model.metrics.image import psnr
 
     runs = json.loads((ROOT / args.out / "runs.json").read_text()) if not (args.checkpoint and args.dataset) else {}
     checkpoint = args.checkpoint or runs["post"]
     dataset = args.dataset or runs["dataset"]
     model, cfg = load_final_model(checkpoint)
-    trained = training_config(checkpoint)["data"]
+    trained = run_config(checkpoint)["data"]
     n, side = int(trained["views"]), int(trained["resolution"])
     data = LoaderConfig(batch_size=1, num_workers=0, resolution=side, views=16, augment=False,
                         holdout_fraction=float(trained["holdout_fraction"]),
@@ -127,7 +127,7 @@ def main() -> int:
         idx = choose(cams, m, held)
         sub = {key: (v[:, idx] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[1] == cams else v)
                for key, v in pixel.items()}
-        batch = to_model_space({key: v for key, v in sub.items() if torch.is_tensor(v)}, make_autoencoder(cfg, None, 'cpu'),
+        batch = to_model_space({key: v for key, v in sub.items() if torch.is_tensor(v)}, load_autoencoder(cfg, 'cpu'),
                                torch.device("cpu"), torch.float32)
         noise = torch.randn(batch["views"].shape, generator=torch.Generator().manual_seed(k))
         gt = sub["views"].float()

@@ -126,7 +126,7 @@ def zero3_bytes() -> dict:
 
 
 def mlflow_cost(step_s: float, calls: int = 200) -> dict:
-    from pipelines.training.tracking import RunTracker
+    from pipelines.tracking import RunTracker
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/m.db"

@@ -11,7 +11,6 @@ Reads only; works against the sqlite store or an `mlflow server` alike (MLFLOW_T
 """
 from __future__ import annotations
 
-import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
@@ -273,14 +272,14 @@ def render_text(doc: dict) -> str:
     return "\n".join(out)
 
 
-# -- the command ------------------------------------------------------------------------------------
+# -- the comparison ------------------------------------------------------------------------------------
 
 def compare(experiment: str | None, out_dir: str | Path | None) -> dict:
     """The comparison as one JSON-able document (also what --json prints); plots into `out_dir`
     unless it is None."""
     from mlflow import MlflowClient
 
-    from pipelines.training.tracking import _quiet_mlflow, tracking_uri
+    from pipelines.tracking import _quiet_mlflow, tracking_uri
 
     _quiet_mlflow()
     uri = tracking_uri()
@@ -302,16 +301,3 @@ def compare(experiment: str | None, out_dir: str | Path | None) -> dict:
     return {"experiment": {"name": exp.name, "id": exp.experiment_id}, "tracking_uri": redact(uri), "runs": rows,
             "differing_params": keys, "stage_evals": stage_evals(rows),
             "plots": {"loss": str(loss.resolve()) if loss else None, "eval": str(evals.resolve()) if evals else None}}
-
-
-def main(args) -> int:
-    from pipelines.training.tracking import check_tracking_server
-
-    check_tracking_server()        # before mlflow's import (seconds on a busy machine)
-    # --json is for scripts: it prints the document and writes nothing unless asked (--out)
-    doc = compare(args.experiment, args.out or (None if args.json else "out/compare"))
-    if args.json:
-        print(json.dumps(doc, default=str))
-    else:
-        print(render_text(doc))
-    return 0

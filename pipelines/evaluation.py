@@ -40,7 +40,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import posixpath
 import dataclasses
 from dataclasses import asdict, dataclass
 
@@ -48,6 +47,7 @@ import numpy as np
 import torch
 
 from pippo_common.checks import check_resolution
+from pipelines.weights import stage_of
 
 log = logging.getLogger("pippo.eval")
 
@@ -87,26 +87,19 @@ class EvalConfig:                 # typed: pippo_common.config.load_config / fro
             raise ValueError("guidance must be > 0, face_views >= 0, fid_min_samples >= 2")
 
 
-def stage_of(model_cfg) -> str:
-    """The stage a model config was trained as: its conditioning modules (ModelConfig.for_stage)."""
-    if model_cfg.control_mlp:
-        return "post"
-    return "mid" if model_cfg.camera_mlp else "pretrain"
-
-
 def run_eval(cfg: EvalConfig, parent_run_id: str | None = None) -> dict:
     """Evaluate `cfg.checkpoint`; one MLflow run tagged pippo.step=eval (a child of
     `parent_run_id` when given). Returns the eval/* metrics, "run_id", "stage", "samples"."""
     from pippo_common.storage import absolute_url
     from pippo_common.config import flatten, to_dict
-    from pipelines.training.tracking import RunTracker
-    from pipelines.training.worker import load_final_model
+    from pipelines.tracking import RunTracker
+    from pipelines.weights import load_final_model, run_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = absolute_url(cfg.checkpoint.rstrip("/"))
     model, model_cfg = load_final_model(checkpoint, device)
     stage = stage_of(model_cfg)
-    trained = training_config(checkpoint)
+    trained = run_config(checkpoint)
     cfg = check_against_training(cfg, trained)
     check_resolution(cfg.resolution, model_cfg.vae_downsample * model_cfg.patch_size)
     with RunTracker(cfg.experiment, cfg.run_name or f"eval-{stage}", step_tag="eval", parent_run_id=parent_run_id,
@@ -136,25 +129,6 @@ def run_eval(cfg: EvalConfig, parent_run_id: str | None = None) -> dict:
 
 
 # -- inputs --------------------------------------------------------------------------------------------
-
-def training_config(checkpoint: str) -> dict:
-    """The training stage's config from its run's run.json (the checkpoint's run directory: the
-    run itself, or <run>/final, or <run>/final/model.safetensors); {} when there is none."""
-    from pippo_common.storage import fs_and_path
-    from pippo_common.config import ConfigError, read_json_config
-    from pipelines.training.checkpoint import resolve_weights
-
-    weights, _ = resolve_weights(checkpoint)
-    url = posixpath.join(posixpath.dirname(posixpath.dirname(weights)), "run.json")
-    fs, path = fs_and_path(url)
-    if not fs.exists(path):
-        return {}
-    run = read_json_config(url, "run.json")     # written by whoever can write the run: capped, checked
-    config = run.get("config", {}) if isinstance(run, dict) else None
-    if not isinstance(config, dict) or not isinstance(config.get("data", {}), dict):
-        raise ConfigError(f"{url}: not a run.json of pippo train (config.data must be a mapping)")
-    return config
-
 
 def check_against_training(cfg: EvalConfig, trained: dict) -> EvalConfig:
     """A holdout_fraction or holdout_cameras other than the stage's would evaluate on training
@@ -232,11 +206,12 @@ def wrong_camera_batch(pixel: dict, degrees: float, axis_m: list[float]) -> dict
 def generate(model, model_cfg, pixel: dict, cfg: EvalConfig, device) -> torch.Tensor:
     """Generated target views (B, V, 3, R, R) in [-1, 1] on the CPU: DDIM (eta 0) with CFG over
     the model's learned nulls, `cfg.batch_size` samples at a time, decoded by the stage's VAE."""
-    from pipelines.training.engine import make_autoencoder, to_model_space
+    from pipelines.training.engine import to_model_space
+    from pipelines.weights import load_autoencoder
     from pippo_model.diffusion import CosineSchedule, conditions
     from pippo_model.sampler import ddim_sample
 
-    autoencoder = make_autoencoder(model_cfg, cfg.vae_standin_seed, device)
+    autoencoder = load_autoencoder(model_cfg, device, cfg.vae_standin_seed)
     schedule = CosineSchedule(model_cfg.timesteps).to(device)
     dtype = next(model.parameters()).dtype
     out = []
@@ -389,7 +364,7 @@ def turnaround_strip(cfg: EvalConfig, out_path: str, views_per_pass: int = 4) ->
     from PIL import Image
 
     from dataprep.loader import DataSource, LoaderConfig, TrainingLoader
-    from pipelines.training.worker import load_final_model
+    from pipelines.weights import load_final_model, run_config
     from pippo_common.storage import absolute_url
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -398,7 +373,7 @@ def turnaround_strip(cfg: EvalConfig, out_path: str, views_per_pass: int = 4) ->
     stage = stage_of(model_cfg)
     if stage == "pretrain":
         raise ValueError("a turnaround needs a camera-conditioned stage (mid or post), not pretrain")
-    cfg = check_against_training(cfg, training_config(checkpoint))
+    cfg = check_against_training(cfg, run_config(checkpoint))
     data = LoaderConfig(batch_size=1, num_workers=0, resolution=cfg.resolution, views=cfg.views, augment=False,
                         holdout_fraction=cfg.holdout_fraction, holdout_cameras=cfg.holdout_cameras, seed=cfg.seed)
     loader = TrainingLoader([DataSource(cfg.dataset)], stage, data)

@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import posixpath
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pippo_common.checks import check_resolution
 from pippo_common.errors import UserError
+from pipelines.weights import stage_of, train_tokens, trained_shape
 
 log = logging.getLogger("pippo.sample")
 
@@ -130,60 +131,6 @@ def pixel_conditions(model_cfg, reference: np.ndarray, cams: list[dict]) -> dict
 
 
 # -- the model ------------------------------------------------------------------------------------
-
-def stage_of(model_cfg) -> str:
-    return "post" if model_cfg.control_mlp else "mid" if model_cfg.camera_mlp else "pretrain"
-
-
-def training_run(uri: str) -> dict:
-    """The training stage config saved beside a run's final/ (run.json), or {} (a bare
-    .safetensors has none): the resolution and the views the model was really trained with.
-    run.json is input (whoever writes the run directory writes it): read like a config file,
-    and the fields used here checked (`trained_shape`)."""
-    from pippo_common.storage import fs_and_path
-    from pippo_common.config import read_json_config
-    from pipelines.training.checkpoint import is_final_dir, resolve_weights
-
-    weights, _ = resolve_weights(uri)
-    final = posixpath.dirname(weights)
-    if not is_final_dir(final):
-        return {}
-    path = posixpath.join(posixpath.dirname(final), "run.json")
-    fs, fpath = fs_and_path(path)
-    if not fs.exists(fpath):
-        return {}
-    run = read_json_config(path, "run.json")
-    config = run.get("config", {}) if isinstance(run, dict) else None
-    if not isinstance(config, dict) or not isinstance(config.get("data", {}), dict):
-        raise UserError(f"{path}: not a run.json of pippo train (config.data must be a mapping)")
-    return config
-
-
-def trained_shape(model_cfg, run_cfg: dict) -> tuple[int, int]:
-    """(views, resolution) of a training sample: the stage's data.views/data.resolution from
-    run.json, else the model config's; bounded like the model config's own fields."""
-    from pippo_model.config import INT_BOUNDS
-
-    data = run_cfg.get("data", {})
-    shape = []
-    for key, fallback in (("views", model_cfg.views), ("resolution", model_cfg.resolution)):
-        value = data.get(key) or fallback
-        lo, hi = INT_BOUNDS[key]
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise UserError(f"run.json: data.{key} must be an integer in [{lo}, {hi}], got {value!r:.40}")
-        shape.append(value)
-    return shape[0], shape[1]
-
-
-def train_tokens(model_cfg, run_cfg: dict) -> int:
-    """Tokens of one training sample, reference included (N_train of attention biasing). The model
-    config's `views` is a size preset's; the stage's data.views/resolution are what was trained."""
-    if model_cfg.attn_n_train:
-        return model_cfg.attn_n_train
-    views, side = trained_shape(model_cfg, run_cfg)
-    per_view = (side // (model_cfg.vae_downsample * model_cfg.patch_size)) ** 2
-    return (views + 1) * per_view
-
 
 def _out_of_memory(exc: BaseException) -> bool:
     """CUDA's OOM, or the CPU allocator's refusal (Linux may kill the process instead: the CPU's
@@ -296,66 +243,85 @@ def write_views(frames: np.ndarray, reference: np.ndarray, cams: list[dict], dir
     (directory / "cameras.json").write_text(json.dumps({"views": records, "sample": meta}, indent=1))
 
 
-# -- the command ----------------------------------------------------------------------------------
+# -- the turnaround (`pippo sample`'s work) -------------------------------------------------------------
 
-def _check_args(args, model_cfg, side: int) -> None:
+@dataclass(frozen=True)
+class SampleRequest:
+    """One turnaround: the checkpoint, the photo, the output GIF and the orbit/sampler knobs
+    (the option names of `pippo sample`, which its error messages quote)."""
+    checkpoint: str
+    image: str
+    out: str
+    views: int = 24
+    elevation: float = 10.0         # degrees above the head
+    radius: float = 2.2             # metres, the capture dome's
+    steps: int = 30
+    guidance: float = 2.0
+    gamma: float = 1.0
+    seed: int = 0
+    resolution: int | None = None   # None: the stage's training resolution
+
+
+@dataclass(frozen=True)
+class SampleOutputs:
+    views: Path                     # view00.png ..., cameras.json
+    mp4: Path | None                # None where no MP4 encoder is available
+    gif: Path
+
+
+def _check_args(req: SampleRequest, model_cfg, side: int) -> None:
     from pippo_model.config import MAX_TOKENS_PER_VIEW
 
     unit = model_cfg.vae_downsample * model_cfg.patch_size
     check_resolution(side, unit, "--resolution", at_most=unit * math.isqrt(MAX_TOKENS_PER_VIEW))
-    if args.views < 1:
-        raise UserError(f"--views {args.views}: at least 1 view")
-    if not 1 <= args.steps <= model_cfg.timesteps:
-        raise UserError(f"--steps {args.steps} must lie in [1, {model_cfg.timesteps}]")
-    if args.radius <= 0:
-        raise UserError(f"--radius {args.radius} must be > 0 metres")
+    if req.views < 1:
+        raise UserError(f"--views {req.views}: at least 1 view")
+    if not 1 <= req.steps <= model_cfg.timesteps:
+        raise UserError(f"--steps {req.steps} must lie in [1, {model_cfg.timesteps}]")
+    if req.radius <= 0:
+        raise UserError(f"--radius {req.radius} must be > 0 metres")
 
 
-def main(args) -> int:
+def sample_turnaround(req: SampleRequest) -> SampleOutputs:
     import torch
 
-    from pipelines.model_commands import load_autoencoder_for
     from pipelines.training.engine import to_model_space
+    from pipelines.weights import load_autoencoder, load_final_model, run_config
     from pippo_common.redact import redact
-    from pipelines.training.worker import load_final_model
     from pippo_model.diffusion import conditions
 
-    paths = output_paths(args.out)
+    paths = output_paths(req.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        model, model_cfg = load_final_model(args.checkpoint, device)
+        model, model_cfg = load_final_model(req.checkpoint, device)
     except FileNotFoundError:           # its message speaks of init_from, the training option
-        raise UserError(f"--checkpoint {redact(args.checkpoint)}: no complete checkpoint there (a run "
+        raise UserError(f"--checkpoint {redact(req.checkpoint)}: no complete checkpoint there (a run "
                         "directory, its final/, or a .safetensors with model.json beside it)") from None
     model = model.to(dtype)
-    run_cfg = training_run(args.checkpoint)
-    side = args.resolution or trained_shape(model_cfg, run_cfg)[1]
-    _check_args(args, model_cfg, side)
+    run_cfg = run_config(req.checkpoint)
+    side = req.resolution or trained_shape(model_cfg, run_cfg)[1]
+    _check_args(req, model_cfg, side)
     stage = stage_of(model_cfg)
     n_train = train_tokens(model_cfg, run_cfg)
 
-    autoencoder = load_autoencoder_for(model_cfg, device)     # the checkpoint's vae_path: fail before the work
-    reference, crop = reference_crop(read_photo(args.image), side)
-    cams = orbit_cameras(args.views, side, args.elevation, args.radius)
+    autoencoder = load_autoencoder(model_cfg, device)     # the checkpoint's vae_path: fail before the work
+    reference, crop = reference_crop(read_photo(req.image), side)
+    cams = orbit_cameras(req.views, side, req.elevation, req.radius)
     cond = conditions(to_model_space(pixel_conditions(model_cfg, reference, cams), autoencoder, device, dtype))
     log.info("%s model, %d views at %d px (elevation %.1f deg, radius %.2f m), %d DDIM steps, guidance %.2f",
-             stage, args.views, side, args.elevation, args.radius, args.steps, args.guidance)
-    x, info = sample_views(model, cond, args.views, side, steps=args.steps, guidance=args.guidance,
-                           seed=args.seed, gamma=args.gamma, n_train=n_train, device=device)
+             stage, req.views, side, req.elevation, req.radius, req.steps, req.guidance)
+    x, info = sample_views(model, cond, req.views, side, steps=req.steps, guidance=req.guidance,
+                           seed=req.seed, gamma=req.gamma, n_train=n_train, device=device)
     with torch.no_grad():       # one view at a time: a VAE decoder's activations dwarf the latents
         pixels = torch.cat([autoencoder.decode(v[None].float()) for v in x]).clamp(-1, 1)
     frames = ((pixels + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
-    meta = {"checkpoint": redact(args.checkpoint), "stage": stage, "image": redact(args.image), "crop": crop,
-            "views": args.views, "resolution": side, "elevation_deg": args.elevation, "radius_m": args.radius,
-            "fov_deg": FOV_DEG, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+    meta = {"checkpoint": redact(req.checkpoint), "stage": stage, "image": redact(req.image), "crop": crop,
+            "views": req.views, "resolution": side, "elevation_deg": req.elevation, "radius_m": req.radius,
+            "fov_deg": FOV_DEG, "steps": req.steps, "guidance": req.guidance, "seed": req.seed,
             "gamma": info["gamma"], "n_train_tokens": n_train, "views_per_pass": info["chunk"]}
     write_views(frames, reference, cams, paths["views"], meta)
     mp4 = write_mp4(frames, paths["mp4"])
     write_gif(frames, paths["gif"])
-    print(f"views: {paths['views']}")
-    if mp4:
-        print(f"mp4: {paths['mp4']}")
-    print(paths["gif"])
-    return 0
+    return SampleOutputs(views=paths["views"], mp4=paths["mp4"] if mp4 else None, gif=paths["gif"])

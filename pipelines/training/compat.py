@@ -75,7 +75,7 @@ def model_shapes(model_cfg) -> dict[str, tuple[int, ...]]:
 
 def check_init_from(init_from: str, model_cfg, stage: str) -> None:
     """What pippo_model.model.load_stage_weights will demand on every worker, checked here."""
-    from pipelines.model_commands import read_model_json
+    from pipelines.weights import read_model_json
     from pipelines.training.checkpoint import resolve_weights
     from pippo_model.model import stage_modules
 

@@ -136,36 +136,6 @@ def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.de
     return g
 
 
-# -- autoencoder ----------------------------------------------------------------------------------------
-
-STANDIN_VAE = {"block_out_channels": [16, 16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8}
-
-
-def make_autoencoder(model_cfg, standin_seed: int | None, device: torch.device):
-    """The frozen autoencoder of a latent-space model: the VAE at `vae_path` (local dir or object
-    store). `standin_seed` (tests only) builds a small random VAE instead, and says so."""
-    from pippo_model.autoencoder import AutoencoderKL, PixelSpace, load_autoencoder
-
-    if model_cfg.space == "pixel":
-        return PixelSpace()
-    if model_cfg.vae_path:
-        from pipelines.model_commands import fetch_directory
-
-        return load_autoencoder(fetch_directory(model_cfg.vae_path), device=device)
-    if standin_seed is None:
-        raise ValueError("the model is latent-space (space: latent) but has no vae_path: set "
-                         "model_overrides.vae_path to a diffusers AutoencoderKL directory or URI")
-    log.warning("USING A RANDOM STAND-IN VAE (vae_standin_seed=%d): for tests only, samples are "
-                "meaningless for real data", standin_seed)
-    depth = int(math.log2(model_cfg.vae_downsample)) + 1
-    cfg = {**STANDIN_VAE, "block_out_channels": STANDIN_VAE["block_out_channels"][:depth],
-           "latent_channels": model_cfg.latent_channels, "scaling_factor": model_cfg.vae_scaling_factor}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(standin_seed)
-        vae = AutoencoderKL(cfg)
-    return vae.requires_grad_(False).eval().to(device)
-
-
 IMAGE_KEYS = ("views", "reference", "anchor")   # pixel images of the loader -> model space
 TENSOR_KEYS = ("cameras", "plucker", "view_ids")
 

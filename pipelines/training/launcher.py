@@ -26,8 +26,8 @@ def resolve_job(cfg: StageConfig, *, verbose: bool = False) -> dict:
     """The JSON-able job every worker receives."""
     from pippo_common.versions import code_version
     from pippo_common.storage import absolute_url
-    from pipelines.model_commands import load_model_config
-    from pipelines.training.tracking import check_tracking_server, tracking_uri
+    from pipelines.weights import load_model_config
+    from pipelines.tracking import check_tracking_server, tracking_uri
     from pippo_model.config import ModelConfig
 
     check_tracking_server()         # first: seconds, before Ray or any data is touched

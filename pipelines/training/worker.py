@@ -25,9 +25,10 @@ from pipelines.training.checkpoint import (CheckpointStore, barrier, final_name,
                                            resolve_weights)
 from pipelines.training.config import StageConfig
 from pipelines.training.ema import ShardedEMA
-from pipelines.training.engine import (DiffusionObjective, deepspeed_config, lr_at, make_autoencoder,
+from pipelines.training.engine import (DiffusionObjective, deepspeed_config, lr_at,
                                        resolve_precision, sample_grid, setup_distributed,
                                        step_generator, to_model_space)
+from pipelines.weights import load_autoencoder
 from pippo_common.checks import check_resolution
 
 log = logging.getLogger("pippo.train")
@@ -111,7 +112,7 @@ def train_worker(job: dict) -> dict:
     check_resolution(cfg.data.resolution, model_cfg.vae_downsample * model_cfg.patch_size, "data.resolution")
     loader = TrainingLoader(cfg.sources, cfg.stage, cfg.data, rank=ctx.rank, world_size=ctx.world,
                             state=loader_state)
-    autoencoder = make_autoencoder(model_cfg, cfg.vae_standin_seed, ctx.device)
+    autoencoder = load_autoencoder(model_cfg, ctx.device, cfg.vae_standin_seed)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     tracker = _start_tracking(cfg, job, store, loader, model_cfg, ctx, fresh=resume is None) if ctx.is_main else None
     heldout = _heldout(loader, cfg, autoencoder, ctx.device, dtype)
@@ -167,7 +168,7 @@ def initial_model(model_cfg, seed: int, init_from: str | None):
     """The stage's model before training: seeded init (identical on every rank), then the previous
     stage's consolidated weights when `init_from` is set. Modules the new stage adds keep their
     zero init, so the model's output equals the previous stage's at step 0 (stage handoff)."""
-    from pipelines.model_commands import read_model_json
+    from pipelines.weights import read_model_json
     from pippo_model.model import build_model, load_stage_weights
 
     torch.manual_seed(seed)
@@ -183,7 +184,7 @@ def initial_model(model_cfg, seed: int, init_from: str | None):
 def _start_tracking(cfg, job, store, loader, model_cfg, ctx, fresh: bool):
     from pippo_common.redact import redact
     from pippo_common.config import flatten, to_dict
-    from pipelines.training.tracking import RunTracker
+    from pipelines.tracking import RunTracker
 
     run = store.read_json("run.json") if store.exists("run.json") else None
     tracker = RunTracker(cfg.tracking.experiment, cfg.resolved_run_name(), step_tag=cfg.stage,
@@ -302,28 +303,6 @@ def _report(use_ray: bool, summary: dict) -> None:
     import ray.train
 
     ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and v is not None})
-
-
-def load_final_model(uri: str, device="cpu"):
-    """(Pippo in eval mode, ModelConfig) from a training run's newest final (or any init_from form)."""
-    from pipelines.model_commands import read_model_json
-    from pippo_model.model import build_model
-
-    import dataclasses
-
-    from pipelines.sample import train_tokens, training_run
-
-    weights_url, config_url = resolve_weights(uri)
-    cfg = read_model_json(config_url)
-    if cfg.attn_n_train is None:
-        # N_train of attention biasing is the sequence the stage really trained (its data.views
-        # and data.resolution, from run.json), not the size preset's default `views`: with the
-        # preset's 4 views a post model trained on 2 was biased only beyond 4 views, and too weakly
-        cfg = dataclasses.replace(cfg, attn_n_train=train_tokens(cfg, training_run(uri)))
-    model = build_model(cfg)
-    model.load_state_dict(load_safetensors(weights_url), strict=True)
-    return model.to(device).eval(), cfg
-
 
 
 def ray_entry(job: dict) -> None:

@@ -131,9 +131,9 @@ class Workflow:
 
     # -- running --------------------------------------------------------------------------------------
     def run(self, resume: str | None = None) -> dict:
-        from pipelines.training.tracking import RunTracker
+        from pipelines.tracking import RunTracker
 
-        from pipelines.training.tracking import check_tracking_server
+        from pipelines.tracking import check_tracking_server
 
         order = [s for s in self.cfg.order() if self.cfg.steps[s].enabled]
         self.validate(order)

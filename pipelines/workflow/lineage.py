@@ -60,7 +60,7 @@ class Lineage:
                 return runs
 
     def _child(self, name: str, tag: str, tags: dict, status: str) -> str:
-        from pipelines.training.tracking import RunTracker
+        from pipelines.tracking import RunTracker
 
         run = RunTracker(self.experiment, f"{self.pipeline}/{name}", step_tag=tag, system_metrics=False,
                          parent_run_id=self.parent.run_id, tags={"pippo.workflow_step": name, **tags})

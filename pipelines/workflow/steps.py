@@ -55,7 +55,7 @@ def run_step(kind: str, name: str, cfg, ctx: dict) -> tuple[object, str | None]:
 
 
 def _child_run(name: str, kind: str, ctx: dict):
-    from pipelines.training.tracking import RunTracker
+    from pipelines.tracking import RunTracker
 
     from pipelines.workflow.config import STEP_TAGS
     return RunTracker(ctx["experiment"], f"{ctx['pipeline']}/{name}", step_tag=STEP_TAGS[kind] or "dataprep",

@@ -32,7 +32,7 @@ def main() -> None:
     from pipelines import cli
 
     args = cli.build_parser().parse_args(argv)
-    for name in ("numpy", "pyarrow", "pyarrow.parquet", args._target.split(":")[0]):
+    for name in ("numpy", "pyarrow", "pyarrow.parquet", args.handler.__module__):
         importlib.import_module(name)
     os.chdir(cwd)
     threads_before = len(os.listdir("/proc/self/task"))

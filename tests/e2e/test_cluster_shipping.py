@@ -35,7 +35,7 @@ def make_project(tmp_path, with_git=True):
     (outside / "aws_credentials").write_text("aws_secret_access_key=OUTSIDE-SECRET\n")
     (outside / "dir" / "x.py").write_text("OUTSIDE = 1\n")
     files = {"pyproject.toml": (ROOT / "pyproject.toml").read_text(), "requirements.lock": (ROOT / "requirements.lock").read_text(),
-             "pipelines/__init__.py": "", "pipelines/cli.py": "print('cli')\n",
+             "pipelines/__init__.py": "", "pipelines/cli/__init__.py": "print('cli')\n",
              "dataprep/__init__.py": "", "configs/a.yaml": "a: 1\n", "scripts/run.sh": "#!/bin/sh\n",
              ".gitignore": "out/\n"}
     for rel, text in files.items():
@@ -74,7 +74,7 @@ def test_git_tree_ships_tracked_files_without_credentials_or_links_out(tmp_path)
     sel = shipping.select(proj, ["data", "build", "configs/mine.yaml", "workers=2"])
     assert sel.source == "git"
     assert sel.files == ["configs/a.yaml", "configs/alias.yaml", "configs/mine.yaml", "dataprep/__init__.py",
-                         "pipelines/__init__.py", "pipelines/cli.py", "pyproject.toml",
+                         "pipelines/__init__.py", "pipelines/cli/__init__.py", "pyproject.toml",
                          "requirements.lock", "scripts/run.sh"]
     assert_no_secret_shipped(sel.files)
     tracked_creds = set(CREDENTIAL_FILES) | {"pipelines/deploy_key.txt"}
@@ -106,7 +106,7 @@ def test_without_git_the_package_source_list_ships(tmp_path):
     assert sel.source == "package"
     # pyproject's packages (dataprep*, pipelines*, ...) + configs/ + top-level project files
     assert sel.files == ["configs/a.yaml", "configs/alias.yaml", "configs/mine.yaml", "dataprep/__init__.py",
-                         "pipelines/__init__.py", "pipelines/cli.py", "pyproject.toml", "requirements.lock"]
+                         "pipelines/__init__.py", "pipelines/cli/__init__.py", "pyproject.toml", "requirements.lock"]
     assert_no_secret_shipped(sel.files)
     assert "notes.txt" not in sel.files and "scripts/run.sh" not in sel.files
 
@@ -151,7 +151,7 @@ def test_dry_run_lists_the_files_and_size_and_submits_nothing(tmp_path):
     listed = [line.split(None, 1)[1] for line in lines[:-1]]
     sizes = [int(line.split(None, 1)[0]) for line in lines[:-1]]
     assert listed == shipping.select(proj, ["train", "configs/mine.yaml"]).files
-    assert {"configs/mine.yaml", "pipelines/cli.py", "cluster/shipping.py"} <= set(listed)
+    assert {"configs/mine.yaml", "pipelines/cli/__init__.py", "cluster/shipping.py"} <= set(listed)
     assert_no_secret_shipped(listed)
     assert sizes == [(proj / f).stat().st_size for f in listed]
     assert lines[-1].startswith(f"{len(listed)} files, {sum(sizes)} bytes")

@@ -39,7 +39,7 @@ def one_error_line(stderr: str) -> str:
 def stopped_mlflow_server(tmp_path_factory):
     """The URL of a real `mlflow server` on 127.0.0.1 that answered once and was then stopped:
     its port is closed (connection refused), as after a crash or a restart."""
-    from pipelines.training.tracking import check_tracking_server
+    from pipelines.tracking import check_tracking_server
 
     tmp = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
@@ -101,7 +101,7 @@ def final_checkpoint(run_dir: Path, stage: str) -> Path:
     """A run directory whose final (step 1) holds `stage`'s model at MODEL's size (untrained weights)."""
     import dataclasses
 
-    from pipelines.model_commands import load_model_config
+    from pipelines.weights import load_model_config
     from pipelines.training.checkpoint import CheckpointStore
     from pippo_model.model import build_model
 

@@ -59,7 +59,7 @@ def train(stage: str, dataset: str, root, parent: str | None, init_from: str | N
 def trained(small_version, tracking, tmp_path_factory):
     """pipeline parent -> pretrain, mid, post, eval children; and one more stand-alone pretrain run
     with another learning rate (two lines in the pretrain panel, a param that differs)."""
-    from pipelines.training.tracking import RunTracker
+    from pipelines.tracking import RunTracker
 
     ref, vid = small_version.ref, small_version.id
     root = tmp_path_factory.mktemp("cmp_ckpt")
@@ -169,7 +169,7 @@ def astronaut(tmp_path_factory):
 def test_sample_turnaround(trained, astronaut, tmp_path, stage, views, gamma):
     """GIF (N frames), MP4 (N frames), PNG views + cameras.json in the eval layout; attention
     biasing exactly when N exceeds the views the stage was trained with (post 2, mid 2, pretrain 1)."""
-    from pipelines.model_commands import read_views
+    from pipelines.reprojection import read_views
 
     out = tmp_path / "turn.gif"
     code, stdout, err = run_cli(["sample", "--checkpoint", trained["runs"][stage]["run_uri"], "--image",

@@ -93,7 +93,7 @@ def eval_cfg(checkpoint, dataset, **kw):
 
 def parent_run():
     """A pipeline's parent run (created like every pippo run: artifacts beside the test's db)."""
-    from pipelines.training.tracking import RunTracker
+    from pipelines.tracking import RunTracker
 
     with RunTracker("test-eval", "pipeline", step_tag="pipeline", system_metrics=False) as run:
         return run.run_id

@@ -132,7 +132,7 @@ ray.shutdown()
 
 def test_compare_prints_no_terminal_escapes(tmp_path, monkeypatch):
     from pipelines.cli import main
-    from pipelines.training.tracking import RunTracker
+    from pipelines.tracking import RunTracker
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     evil = "run\x1b]0;owned\x07\x1b[2J\x1b[31mred"
     with RunTracker("esc-test", evil, step_tag="pretrain", system_metrics=False,

@@ -14,7 +14,7 @@ import pytest
 from support import free_port, wait_http
 from PIL import Image
 
-from pipelines.training.tracking import RunTracker
+from pipelines.tracking import RunTracker
 
 SECRETS = ["AKIAIOSFODNN7EXAMPLE", "s3cr3t/Val+ue", "pw123zz", "abcTOK987", "xyzSECRET42",
            "hunter2qq"]

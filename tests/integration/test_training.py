@@ -90,7 +90,8 @@ def test_handoff_output_equals_previous_stage_at_step_0(dataset, tmp_path, fresh
     """mid from pretrain's consolidated weights, post from mid's: new modules at zero init, so the
     handed-off model's prediction equals the previous stage's on the same input."""
     from pipelines.training.launcher import resolve_job
-    from pipelines.training.worker import initial_model, load_final_model
+    from pipelines.training.worker import initial_model
+    from pipelines.weights import load_final_model
     from pippo_model.config import ModelConfig
 
     ref, _ = dataset
@@ -196,7 +197,8 @@ def test_learns_through_the_whole_stack(dataset, tmp_path, fresh_mlflow):
     and DDIM samples of the consolidated weights match held-out views better than at init."""
     from dataprep.loader import TrainingLoader
     from pipelines.training.engine import to_model_space
-    from pipelines.training.worker import initial_model, load_final_model
+    from pipelines.training.worker import initial_model
+    from pipelines.weights import load_final_model
     from pippo_model.autoencoder import PixelSpace
     from pippo_model.diffusion import CosineSchedule, conditions
     from pippo_model.metrics.image import psnr

@@ -61,7 +61,7 @@ def test_weights_cache_is_private_and_verified(tmp_path):
     import fsspec
 
     from pippo_common.errors import UserError
-    from pipelines.model_commands import fetch_directory
+    from pipelines.weights import fetch_directory
 
     fs = fsspec.filesystem("memory")
     fs.pipe("/weights-test/vae/config.json", b'{"a": 1}')

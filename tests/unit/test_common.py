@@ -48,15 +48,21 @@ def test_identifiers_are_kept():
         {"aws_access_key_id": "AKIAIDENTIFIER", "bucket": "s3://my-bucket/ds"}
 
 
-def _project_imports(path: Path) -> set[str]:
+def _imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, dotted in full (`from a.b import c` -> a.b and a.b.c, as c may
+    be a module), top-level or inside a function."""
     tree = ast.parse(path.read_text())
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module.split(".")[0])
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
     return names
+
+
+def _project_imports(path: Path) -> set[str]:
+    return {name.split(".")[0] for name in _imported_modules(path)}
 
 
 # README's layout: pipelines -> (dataprep, pippo_model, cluster) -> pippo_common, and pippo_model
@@ -75,6 +81,17 @@ def test_dependencies_point_one_way(package):
     for path in files:
         bad = _project_imports(path) & (set(ALLOWED) | {"benches"}) - ALLOWED[package] - {package}
         assert not bad, f"{path.relative_to(REPO)} imports {bad}"
+
+
+def test_no_library_module_imports_the_cli():
+    """pipelines/ as rooms: the CLI (pipelines/cli/) calls libraries (training, workflow,
+    evaluation, sampling, compare, tracking, weights), never the other way round."""
+    cli = REPO / "pipelines" / "cli"
+    libraries = [p for p in sorted((REPO / "pipelines").rglob("*.py")) if not p.is_relative_to(cli)]
+    assert len(libraries) > 10
+    for path in libraries:
+        bad = {m for m in _imported_modules(path) if m == "pipelines.cli" or m.startswith("pipelines.cli.")}
+        assert not bad, f"{path.relative_to(REPO)} imports the CLI: {bad}"
 
 
 def test_importing_pippo_common_loads_no_other_project_package():

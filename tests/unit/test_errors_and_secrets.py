@@ -120,7 +120,7 @@ def test_credentials_in_an_s3_url_are_never_echoed(args, tmp_path, capsys, aws_e
 
 
 def test_unexpected_errors_keep_their_traceback_but_lose_credentials(capsys, monkeypatch):
-    import pipelines.data_commands as dc
+    import pipelines.cli.data as dc
 
     def boom(args):
         raise RuntimeError(f"bug while reading https://bob:hunter2zz@host/x ({AWS_SECRET})")

@@ -90,7 +90,7 @@ def _reason(fn) -> str:
 
 def test_eval_views_decode_only_photo_formats(tmp_path):
     from pippo_common.errors import UserError
-    from pipelines.model_commands import read_views
+    from pipelines.reprojection import read_views
     cam = {"K": np.eye(3).tolist(), "R": np.eye(3).tolist(), "t": [0, 0, 1], "height": 16, "width": 16}
     (tmp_path / "cameras.json").write_text(json.dumps({"views": [cam, cam]}))
     (tmp_path / "view00.png").write_bytes(saved("PNG"))

@@ -10,7 +10,7 @@ from pippo_model import config as C
 from pippo_model.autoencoder import AutoencoderKL, PixelSpace, load_autoencoder, save_autoencoder
 from pippo_model.diffusion import CosineSchedule, training_loss
 from pippo_model.model import build_model
-from pipelines.model_commands import fetch_directory, load_autoencoder_for
+from pipelines.weights import fetch_directory, load_autoencoder as autoencoder_of
 
 torch.set_num_threads(1)
 SMALL = {"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8, "latent_channels": 4}
@@ -111,7 +111,7 @@ def test_fetch_from_an_fsspec_store_and_load(tmp_path):
     local = fetch_directory("memory://ckpt/vae", cache=tmp_path / "cache")
     assert (local / "config.json").exists() and local.is_relative_to(tmp_path / "cache")
     cfg = C.test(vae_path="memory://ckpt/vae")
-    loaded = load_autoencoder_for(cfg)
+    loaded = autoencoder_of(cfg)
     x = images()
     torch.testing.assert_close(loaded.encode(x), vae.encode(x))
     assert fetch_directory(str(tmp_path / "vae")) == tmp_path / "vae"  # local paths are used in place
@@ -120,7 +120,7 @@ def test_fetch_from_an_fsspec_store_and_load(tmp_path):
 def test_pixel_space_model_trains_without_a_vae():
     cfg = C.test(space="pixel", latent_channels=3, vae_downsample=1, resolution=16)
     assert cfg.tokens_per_view == 64
-    assert isinstance(load_autoencoder_for(cfg), PixelSpace)
+    assert isinstance(autoencoder_of(cfg), PixelSpace)
     ae = PixelSpace()
     x = images(4, 16).reshape(1, 4, 3, 16, 16)
     assert torch.equal(ae.decode(ae.encode(x)), x)

@@ -10,7 +10,7 @@ from pippo_model.diffusion import CosineSchedule, training_loss
 from pippo_model.flops import forward_flops, measured_forward_flops, parameter_counts
 from pippo_model.model import build_model
 from pipelines.cli import main
-from pipelines.model_commands import load_model_config
+from pipelines.weights import load_model_config
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "configs" / "models"

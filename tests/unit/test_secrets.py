@@ -22,7 +22,7 @@ BUCKET_ID = "humans-bucket-15"                                  # AWS_ACCESS_KEY
 # ---- the one redactor ------------------------------------------------------------------------------
 
 def test_tracking_has_no_redactor_of_its_own():
-    from pipelines.training import tracking
+    from pipelines import tracking
     assert tracking.redact is redactor.redact and tracking.redact_text is redactor.redact_text
 
 

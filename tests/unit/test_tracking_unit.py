@@ -2,7 +2,7 @@
 (the sqlite store and `mlflow server`: tests/integration/test_tracking.py)."""
 
 
-from pipelines.training.tracking import tracking_uri
+from pipelines.tracking import tracking_uri
 from pippo_common.redact import redact
 
 SECRET_CONFIG = {
@@ -15,7 +15,7 @@ SECRET_CONFIG = {
 
 
 def test_default_uri_is_local_sqlite(tmp_path, monkeypatch):
-    from pipelines.training.tracking import _artifact_location
+    from pipelines.tracking import _artifact_location
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = tracking_uri()

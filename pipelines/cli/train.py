@@ -1,14 +1,33 @@
-"""Handler of `pippo train CONFIG [k=v ...]` (argument parsing lives in pipelines.cli)."""
+"""`pippo train CONFIG [k=v ...]`: one training stage (pipelines.training.launcher does the work)."""
 from __future__ import annotations
 
 import json
 import logging
 
+from pipelines.cli.args import add_command, json_flag
+
 log = logging.getLogger("pippo.train")
 
 
+def register(top) -> None:
+    p = add_command(top, "train", train, "one training stage (pretrain, mid or post)",
+                    "Train one stage with DeepSpeed ZeRO under Ray Train (TorchTrainer, `workers` workers), "
+                    "checkpoints on any fsspec URL, tracked in MLflow. Re-running the same command resumes "
+                    "the run from its newest complete checkpoint.\n\nexamples:\n"
+                    "  pippo train configs/stages/pretrain.yaml\n"
+                    "  pippo train configs/stages/mid.yaml workers=4 deepspeed=configs/deepspeed/zero3.json\n"
+                    "  pippo train configs/stages/post.yaml init_from=s3://bucket/ckpt/mid-1a2b3c4d5e "
+                    "checkpoint.root=s3://bucket/ckpt\n"
+                    "  pippo train configs/stages/pretrain.yaml --local   # no Ray: this process (or torchrun)")
+    p.add_argument("config", help="stage config YAML")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--local", action="store_true",
+                   help="run the per-worker loop in this process instead of Ray Train (1 rank, or torchrun's)")
+    json_flag(p)
+
+
 def train(args) -> int:
-    from pipelines.training.tracking import check_tracking_server
+    from pipelines.tracking import check_tracking_server
 
     check_tracking_server()     # before the heavy imports: a stopped server is one line in seconds
     from pipelines.training.launcher import load_stage_config, run_stage

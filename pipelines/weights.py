@@ -1,5 +1,7 @@
-"""`pippo model info` and `pippo eval reprojection` (SPEC §2), plus the file-side helpers of
-pippo_model: model configs from YAML and checkpoints from object stores."""
+"""The one model/weights loader (training, eval, sampling and the benches use it): model configs
+from YAML, a checkpoint's model.json and run.json (the training stage's config), the trained model
+with its attention-biasing N_train, the autoencoder of a model config, and weights directories
+fetched from object stores or http(s) into a private, digest-checked cache."""
 from __future__ import annotations
 
 import json
@@ -159,100 +161,117 @@ def _shown(uri: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def load_autoencoder_for(cfg, device="cpu"):
-    """The autoencoder of a model config: the VAE at cfg.vae_path (local or object store), or
-    the identity in pixel space."""
-    from pippo_model.autoencoder import PixelSpace, load_autoencoder
+# -- a trained checkpoint -------------------------------------------------------------------------
 
-    if cfg.space == "pixel":
+def stage_of(model_cfg) -> str:
+    """The stage a model config was trained as: its conditioning modules (ModelConfig.for_stage)."""
+    if model_cfg.control_mlp:
+        return "post"
+    return "mid" if model_cfg.camera_mlp else "pretrain"
+
+
+def run_config(checkpoint: str) -> dict:
+    """The training stage's config saved in its run's run.json, beside the consolidated final the
+    checkpoint names (a run directory, its final/, or final/model.safetensors); {} when there is
+    none (a bare .safetensors elsewhere): the resolution, views and holdout the model was really
+    trained with. run.json is input (whoever can write the run directory writes it): read like a
+    config file, capped and checked (callers check the fields they use, e.g. `trained_shape`)."""
+    import posixpath
+
+    from pippo_common.config import ConfigError, read_json_config
+    from pippo_common.storage import fs_and_path
+    from pipelines.training.checkpoint import is_final_dir, resolve_weights
+
+    weights, _ = resolve_weights(checkpoint)
+    final = posixpath.dirname(weights)
+    if not is_final_dir(final):
+        return {}
+    url = posixpath.join(posixpath.dirname(final), "run.json")
+    fs, path = fs_and_path(url)
+    if not fs.exists(path):
+        return {}
+    run = read_json_config(url, "run.json")
+    config = run.get("config", {}) if isinstance(run, dict) else None
+    if not isinstance(config, dict) or not isinstance(config.get("data", {}), dict):
+        raise ConfigError(f"{url}: not a run.json of pippo train (config.data must be a mapping)")
+    return config
+
+
+def trained_shape(model_cfg, run_cfg: dict) -> tuple[int, int]:
+    """(views, resolution) of a training sample: the stage's data.views/data.resolution from
+    run.json, else the model config's; bounded like the model config's own fields."""
+    from pippo_model.config import INT_BOUNDS
+
+    data = run_cfg.get("data", {})
+    shape = []
+    for key, fallback in (("views", model_cfg.views), ("resolution", model_cfg.resolution)):
+        value = data.get(key) or fallback
+        lo, hi = INT_BOUNDS[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise UserError(f"run.json: data.{key} must be an integer in [{lo}, {hi}], got {value!r:.40}")
+        shape.append(value)
+    return shape[0], shape[1]
+
+
+def train_tokens(model_cfg, run_cfg: dict) -> int:
+    """Tokens of one training sample, reference included (N_train of attention biasing). The model
+    config's `views` is a size preset's; the stage's data.views/resolution are what was trained."""
+    if model_cfg.attn_n_train:
+        return model_cfg.attn_n_train
+    views, side = trained_shape(model_cfg, run_cfg)
+    per_view = (side // (model_cfg.vae_downsample * model_cfg.patch_size)) ** 2
+    return (views + 1) * per_view
+
+
+def load_final_model(uri: str, device="cpu"):
+    """(Pippo in eval mode, ModelConfig) from a training run's newest final (or any init_from form)."""
+    import dataclasses
+
+    from pipelines.training.checkpoint import load_safetensors, resolve_weights
+    from pippo_model.model import build_model
+
+    weights_url, config_url = resolve_weights(uri)
+    cfg = read_model_json(config_url)
+    if cfg.attn_n_train is None:
+        # N_train of attention biasing is the sequence the stage really trained (its data.views
+        # and data.resolution, from run.json), not the size preset's default `views`: with the
+        # preset's 4 views a post model trained on 2 was biased only beyond 4 views, and too weakly
+        cfg = dataclasses.replace(cfg, attn_n_train=train_tokens(cfg, run_config(uri)))
+    model = build_model(cfg)
+    model.load_state_dict(load_safetensors(weights_url), strict=True)
+    return model.to(device).eval(), cfg
+
+
+# -- the autoencoder ------------------------------------------------------------------------------
+
+STANDIN_VAE = {"block_out_channels": [16, 16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8}
+
+
+def load_autoencoder(model_cfg, device="cpu", standin_seed: int | None = None):
+    """The frozen autoencoder of a model config: the identity in pixel space, else the VAE at
+    `vae_path` (local dir, object store or http(s)). `standin_seed` (tests only) builds a small
+    random VAE when there is no vae_path, and says so."""
+    import math
+
+    import torch
+
+    from pippo_common.config import ConfigError
+    from pippo_model.autoencoder import AutoencoderKL, PixelSpace
+    from pippo_model.autoencoder import load_autoencoder as load_vae
+
+    if model_cfg.space == "pixel":
         return PixelSpace()
-    if not cfg.vae_path:
-        raise UserError("model config has space=latent but no vae_path (a diffusers AutoencoderKL directory)")
-    return load_autoencoder(fetch_directory(cfg.vae_path), device=device)
-
-
-def model_info(args) -> int:
-    from pippo_model.flops import parameter_counts, training_flops_per_sample
-
-    cfg = load_model_config(args.config, args.overrides)
-    params = parameter_counts(cfg)
-    flops = training_flops_per_sample(cfg)
-    if args.json:
-        print(json.dumps({"params": params, "flops_per_sample": flops}))
-        return 0
-    print(f"model {cfg.name}: dim {cfg.dim}, depth {cfg.depth}, heads {cfg.heads}, {cfg.space} space, "
-          f"{cfg.resolution} px, {cfg.views} views ({cfg.tokens_per_view} tokens per view)")
-    for name, n in params.items():
-        print(f"  {name:<18} {n:>15,d}  ({n / 1e6:,.1f} M)")
-    print(f"  training FLOPs per sample: {flops:.4g} ({flops / 1e12:.3f} TFLOP)")
-    return 0
-
-
-def read_views(directory: str | Path):
-    """DIR/cameras.json ({"views": [{K, R, t, height, width}]}) and DIR/view00.png, ... ->
-    (list of (H, W, 3) uint8 images, list of camera dicts), validated against each other."""
-    import numpy as np
-
-    from dataprep.image_formats import PHOTO_FORMATS, FormatError, open_image
-
-    directory = Path(directory)
-    meta = directory / "cameras.json"
-    if not meta.is_file():
-        raise UserError(f"{meta} not found (expected cameras.json and view00.png, view01.png, ...)")
-    try:
-        views = json.loads(meta.read_text())["views"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"{meta}: not a {{'views': [...]}} document ({exc})") from None
-    images, cameras = [], []
-    for i, view in enumerate(views):
-        try:
-            cam = {"K": np.asarray(view["K"], np.float64), "R": np.asarray(view["R"], np.float64),
-                   "t": np.asarray(view["t"], np.float64).reshape(3)}
-            size = (int(view["height"]), int(view["width"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{meta}: view {i} needs K (3x3), R (3x3), t (3), height, width ({exc})") from None
-        if cam["K"].shape != (3, 3) or cam["R"].shape != (3, 3):
-            raise UserError(f"{meta}: view {i}: K and R must be 3x3")
-        path = directory / f"view{i:02d}.png"
-        if not path.is_file():
-            raise UserError(f"{path} not found: cameras.json lists {len(views)} views")
-        try:   # only the photo formats: never Pillow's pick from the bytes (PostScript, ...)
-            with open_image(path.read_bytes(), PHOTO_FORMATS) as im:
-                image = np.asarray(im.convert("RGB"))
-        except FormatError as exc:
-            raise UserError(f"{path}: {exc.reason}") from None
-        except Exception as exc:   # PIL raises OSError, SyntaxError, DecompressionBombError, ...
-            raise UserError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
-        if image.shape[:2] != size:
-            raise UserError(f"{path} is {image.shape[1]}x{image.shape[0]} but cameras.json says "
-                            f"{size[1]}x{size[0]}")
-        images.append(image)
-        cameras.append(cam)
-    if len(images) < 2:
-        raise UserError(f"{meta}: at least 2 views are needed, got {len(images)}")
-    return images, cameras
-
-
-def eval_reprojection(args) -> int:
-    from pippo_model.metrics.reprojection import NotMeasurable, reprojection_error
-
-    images, cameras = read_views(args.dir)
-    try:
-        result = reprojection_error(images, cameras)
-    except NotMeasurable as exc:
-        # A measurement with no number is still an answer (e.g. generated views too inconsistent
-        # to match): the document with nulls and the reason, exit 0; scripts test re_pct for null.
-        doc = {"re_pct": None, "re_px": None, "pairs": 0, "reason": str(exc)}
-        print(json.dumps(doc) if args.json else f"reprojection error: not measurable: {exc}")
-        return 0
-    except ValueError as exc:
-        raise UserError(f"{args.dir}: {exc}") from None
-    if args.json:
-        print(json.dumps(result.as_dict()))
-        return 0
-    h, w = images[0].shape[:2]
-    print(f"reprojection error: {result.re_pct:.3f}% of max(H, W) = {result.re_px:.3f} px "
-          f"over {result.pairs} view pairs ({len(images)} views, {w}x{h})")
-    for (i, j), err in sorted(result.per_pair.items()):
-        print(f"  view{i:02d} - view{j:02d}: {err:.3f} px, {result.matches[(i, j)]} matches")
-    return 0
+    if model_cfg.vae_path:
+        return load_vae(fetch_directory(model_cfg.vae_path), device=device)
+    if standin_seed is None:
+        raise ConfigError("the model is latent-space (space: latent) but has no vae_path: set it (a stage's "
+                          "model_overrides.vae_path) to a diffusers AutoencoderKL directory or URI")
+    log.warning("USING A RANDOM STAND-IN VAE (vae_standin_seed=%d): for tests only, samples are "
+                "meaningless for real data", standin_seed)
+    depth = int(math.log2(model_cfg.vae_downsample)) + 1
+    cfg = {**STANDIN_VAE, "block_out_channels": STANDIN_VAE["block_out_channels"][:depth],
+           "latent_channels": model_cfg.latent_channels, "scaling_factor": model_cfg.vae_scaling_factor}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(standin_seed)
+        vae = AutoencoderKL(cfg)
+    return vae.requires_grad_(False).eval().to(device)

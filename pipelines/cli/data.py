@@ -1,4 +1,5 @@
-"""Handlers of `pippo data ...` (argument parsing lives in pipelines.cli)."""
+"""`pippo data ...`: synthetic data, inspection, dataset builds and versions (parsers + handlers).
+The work is dataprep's (synth, capture, build, store, maintenance); handlers call it and print."""
 from __future__ import annotations
 
 import json
@@ -6,12 +7,120 @@ import logging
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
+from pipelines.cli.args import SEED, SIDE, add_command, add_group, float_in, int_in, json_flag
 
 log = logging.getLogger("pippo.data")
 
 
+def register(top) -> None:
+    dsub = add_group(top, "data", "synthetic data, inspection, dataset builds and versions",
+                     "Data commands: synthesise, inspect, build and manage dataset versions.", "data_command")
+    p = add_command(dsub, "synth-captures", synth_captures,
+                    "write synthetic studio captures (SPEC §3 layout)",
+                    "Render a procedural textured figure from a dome of cameras by exact ray casting and "
+                    "write each capture in the Ava-256 layout (transposed K/T, millimetres, per-camera zips).")
+    p.add_argument("out", help="output directory (one sub-directory per capture)")
+    p.add_argument("--captures", type=int_in(1, 10_000), default=1, help="number of captures (default 1)")
+    p.add_argument("--cameras", type=int_in(1, 10_000), default=8, help="cameras per capture (default 8)")
+    p.add_argument("--frames", type=int_in(1, 1_000_000), default=2, help="frames per capture (default 2)")
+    p.add_argument("--height", type=SIDE, default=256, help="frame height in pixels (default 256)")
+    p.add_argument("--width", type=SIDE, default=168, help="frame width in pixels (default 168, Ava's portrait aspect)")
+    p.add_argument("--seed", type=SEED, default=0, help="random seed (default 0)")
+    p.add_argument("--format", choices=["png", "jpg", "avif"], default="png", help="frame encoding (default png)")
+    p.add_argument("--no-masks", action="store_true", help="do not write segmentation masks")
+    p.add_argument("--distortion", action="store_true", help="give cameras non-zero lens distortion")
+
+    p = add_command(dsub, "synth-images", synth_images,
+                    "write unstructured person-like photos (JPEG/PNG, varied sizes)")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--count", type=int_in(1, 10_000_000), default=16, help="number of images (default 16)")
+    p.add_argument("--seed", type=SEED, default=0, help="random seed (default 0)")
+
+    p = add_command(dsub, "synth-views", synth_views,
+                    "write a rendered turnaround + cameras.json in the `pippo eval reprojection` layout",
+                    "Ground-truth turnaround views of the synthetic figure with exact cameras: the "
+                    "reprojection error's noise floor, and test input for the metric.")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--views", type=int_in(1, 100_000), default=24, help="number of views on the ring (default 24)")
+    p.add_argument("--height", type=SIDE, default=256, help="view height (default 256)")
+    p.add_argument("--width", type=SIDE, default=256, help="view width (default 256)")
+    p.add_argument("--frame", type=int_in(0, 2**31 - 1), default=0, help="head-pose frame (default 0)")
+
+    p = add_command(dsub, "inspect", inspect,
+                    "cameras and frames of one capture (metres, SPEC §4)",
+                    "Read a capture (local path or fsspec URL), validate its calibration and list cameras "
+                    "and frames. With --preview PNG, also write a contact sheet of one frame with anchors.")
+    p.add_argument("capture", help="capture directory or URL")
+    json_flag(p)
+    p.add_argument("--preview", metavar="PNG", help="write a contact sheet of a frame to this file")
+    p.add_argument("--frame", type=int_in(0, 2**31 - 1), default=None, help="frame for --preview (default: first)")
+
+    p = add_command(dsub, "build", build,
+                    "Ray Data build job: sources -> WebDataset shards -> a new dataset version")
+    p.add_argument("config", help="build config YAML")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the sources and plan the partitions (new, retried, gone inputs); build nothing")
+    json_flag(p)
+
+    p = add_command(dsub, "versions", versions, "versions of a dataset, newest first")
+    p.add_argument("uri", help="dataset URI")
+    json_flag(p)
+
+    p = add_command(dsub, "show", show, "one dataset version (SPEC §6)")
+    p.add_argument("ref", help="URI@REF (REF = id, unique id prefix, tag, or latest)")
+    json_flag(p)
+
+    p = add_command(dsub, "diff", diff, "shards and sample counts added/removed")
+    p.add_argument("a", help="URI@A")
+    p.add_argument("b", help="URI@B")
+    json_flag(p)
+
+    p = add_command(dsub, "tag", tag, "set a mutable tag on a version")
+    p.add_argument("ref", help="URI@REF")
+    p.add_argument("name", help="tag name")
+
+    p = add_command(dsub, "untag", untag, "remove a tag (the version stays)")
+    p.add_argument("uri", help="dataset URI")
+    p.add_argument("name", help="tag name")
+
+    p = add_command(dsub, "gc", gc, "garbage-collect files no listed version references",
+                    "Delete the store's own files (shards, parts, files of un-listed versions, expired leases "
+                    "and URL cache entries, temporary files) that no listed version references. Never touches "
+                    "foreign files, running builds or files younger than the grace period.\n\nexamples:\n"
+                    "  pippo data gc s3://bucket/datasets/humans --dry-run\n"
+                    "  pippo data gc ./ds --keep-last 3")
+    p.add_argument("uri", help="dataset URI")
+    p.add_argument("--keep-last", type=int_in(0, 2**31 - 1), default=None, help="also drop all but the newest N untagged versions")
+    p.add_argument("--grace-seconds", type=float_in(0.0, 1e9), default=3600.0,
+                   help="keep unreferenced files younger than this: they may belong to a running build (default 3600)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
+
+    p = add_command(dsub, "compact", compact,
+                    "a new version with the same samples in fewer parts and full shards",
+                    "Merge each partition's parts into one and its small shards into full ones (the build "
+                    "config's shard limits); prints the new version id last.\n\nexample:\n"
+                    "  pippo data compact s3://bucket/datasets/humans@latest")
+    p.add_argument("ref", help="URI@REF")
+    p.add_argument("--min-fill", type=float, default=0.5, help="merge shards below this fraction of the limits")
+
+    p = add_command(dsub, "remove", remove,
+                    "a new version without the listed inputs (takedown requests)",
+                    "Make a version of URI@REF without the inputs listed in FILE (one input id per line, as "
+                    "in the ledger); shards holding them are rewritten without them. Run gc after moving "
+                    "tags off older versions to delete the bytes.\n\nexample:\n"
+                    "  pippo data remove s3://bucket/datasets/humans@latest --inputs takedown.txt")
+    p.add_argument("ref", help="URI@REF")
+    p.add_argument("--inputs", required=True, metavar="FILE", help="input ids, one per line")
+
+    p = add_command(dsub, "rejects", rejects,
+                    "the rejected and removed inputs of a version (JSON lines)")
+    p.add_argument("ref", help="URI@REF")
+
+
 def synth_captures(args) -> int:
+    from tqdm import tqdm
+
     from dataprep.synth import synth_capture
 
     out = Path(args.out)
@@ -28,6 +137,8 @@ def synth_captures(args) -> int:
 
 
 def synth_images(args) -> int:
+    from tqdm import tqdm
+
     from dataprep.synth import synth_images as write_images
 
     with tqdm(total=args.count, desc="rendering photos", unit="img", file=sys.stderr, disable=None) as bar:
@@ -150,7 +261,7 @@ def versions(args) -> int:
 
 
 SPEC_KEYS = ("id", "parent", "created", "tags", "samples", "rejected", "shards", "rejects_url",
-             "preview_url", "config", "code_version")
+                    "preview_url", "config", "code_version")
 
 
 def show(args) -> int:
