@@ -174,7 +174,7 @@ def job_info(client, sid: str):
 def source_root() -> Path:
     """The source tree to ship: the checkout this package runs from."""
     root = Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file() or not (root / "pipelines" / "cli.py").is_file():
+    if not (root / "pyproject.toml").is_file() or not (root / "pipelines" / "cli" / "__init__.py").is_file():
         raise SubmitError(f"pippo submit ships the source tree, but {root} is not a checkout "
                           "(install the project with `pip install -e .`)")
     return root

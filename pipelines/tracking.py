@@ -1,4 +1,5 @@
-"""MLflow tracking for training steps (SPEC §7): one run per step, called from rank 0 only.
+"""MLflow tracking (SPEC §7) for training, workflow, eval and compare: one run per step; in
+training, called from rank 0 only.
 
 Everything goes through an explicit MlflowClient + run id (not mlflow's global "active run"), so a
 parent run and its child can be open in one process, and the trainer never waits on HTTP for
