@@ -57,8 +57,8 @@ stamp = path + ".json"
 if os.path.exists(path) and os.path.exists(stamp) and json.load(open(stamp)).get("checkpoint") == post:
     r = json.load(open(stamp))
 else:
-    r = turnaround_strip(EvalConfig(checkpoint=post, dataset=version, holdout_fraction=0.1, views=16,
-                                    resolution=96, steps=20, guidance=2.0), path)
+    r = turnaround_strip(EvalConfig(checkpoint=post, dataset=version, holdout_fraction=0.25, views=16,
+                                    resolution=64, steps=20, guidance=1.0), path)
     r["checkpoint"] = post
     with open(stamp + ".tmp", "w") as f:
         json.dump(r, f)
