@@ -105,17 +105,15 @@ def pixel_conditions(model_cfg, reference: np.ndarray, cams: list[dict]) -> dict
 
     from dataprep.anchors import draw_anchor
     from dataprep.geometry import plucker, resize_intrinsics
-    from pippo_model.conditioning import camera_vectors
 
     def images(hwc: np.ndarray) -> torch.Tensor:           # uint8 (..., H, W, 3) -> [-1, 1] CHW
         return torch.from_numpy(hwc).movedim(-1, -3).float().div(127.5).sub(1.0)
 
     side = reference.shape[0]
     batch = {"reference": images(reference)[None]}
-    if model_cfg.camera_mlp:
-        Rs = torch.tensor(np.array([c["R"] for c in cams]))
-        ts = torch.tensor(np.array([c["t"] for c in cams]))
-        batch["cameras"] = camera_vectors(Rs, ts).float()[None]
+    if model_cfg.camera_mlp:     # the targets' cameras; to_model_space makes the camera vectors
+        batch["_R"] = torch.tensor(np.array([c["R"] for c in cams]))[None]
+        batch["_t"] = torch.tensor(np.array([c["t"] for c in cams]))[None]
     if model_cfg.control_mlp:
         # Plücker on the token grid (training: the version's stored grid, resolution/stride),
         # with K resized to that grid (SPEC §4); anchors of the head pose at the origin.

@@ -24,7 +24,7 @@ _SPLIT = """
 import json, sys
 from dataprep.loader import holdout_set
 from dataprep.samples import sample_key
-from dataprep.stage_samples import heldout_views
+from dataprep.loader.decode import heldout_views
 from dataprep.synth import dome_cameras
 root = sys.argv[1]
 keys = [sample_key(f"cap{c}", f"{f:06d}", input_id=f"{root}/cap{c}/frame{f}") for c in range(3) for f in range(0, 200, 10)]

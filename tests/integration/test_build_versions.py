@@ -10,6 +10,7 @@ import pytest
 
 from dataprep.build import run_build
 from pippo_common.errors import DataError
+from dataprep.build_records import PartitionTask
 from dataprep.partition_job import process_partition
 from dataprep.store import DatasetStore
 from dataprep.synth import synth_capture, synth_images
@@ -86,8 +87,8 @@ def test_incremental_build_reads_only_its_delta(photos, tmp_path, ray_local):
     p = next(r["partition"] for r in parts if r["kind"] == "ledger")
     mine = [r for r in parts if r["partition"] == p and r["kind"] == "ledger"]
     with OpenLog(store.root) as job:
-        process_partition(p, PARTITIONS, cfg_for(store, sources), store.uri, parent["recipe"], mine,
-                          [], dry_run=True)
+        process_partition(PartitionTask(p, PARTITIONS, PARTITIONS, store.uri, parent["recipe"], mine, [],
+                                        dry_run=True), cfg_for(store, sources))
     read = {x for x in job.paths if x.startswith("parts/")}
     assert read and read == {f"parts/{parent['recipe']}/{r['part']}{s}" for r in mine
                              for s in (".json", ".ledger.parquet")}
