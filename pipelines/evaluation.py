@@ -204,8 +204,8 @@ def wrong_camera_batch(pixel: dict, degrees: float, axis_m: list[float]) -> dict
     """The batch with every target's conditioning (camera "_R", "_t", whose camera vectors
     `to_model_space` makes; Plücker map and anchor when present) from its camera turned
     `degrees` about the head (`turn_camera`); views unchanged."""
-    from dataprep.anchors import draw_anchor
-    from dataprep.geometry import plucker, resize_intrinsics
+    from dataprep.studio.anchors import draw_anchor
+    from dataprep.studio.geometry import plucker, resize_intrinsics
 
     out = {k: v for k, v in pixel.items() if k != "cameras"}
     R, t = pixel["_R"].numpy().copy(), pixel["_t"].numpy().copy()

@@ -13,10 +13,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from dataprep.anchors import draw_anchor
+from dataprep.studio.anchors import draw_anchor
 from pippo_common.errors import DataError
-from dataprep.geometry import camera_center, plucker, resize_intrinsics
-from dataprep.image_formats import sniff
+from dataprep.studio.geometry import camera_center, plucker, resize_intrinsics
+from dataprep.inputs.image_formats import sniff
 from dataprep.loader.splits import _split_hash
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ _INPUT_HASH = re.compile(r"_[0-9a-f]{10}$")
 
 
 def split_name(key: str) -> str:
-    """What the held-out split hashes: the sample key without its input-id hash (dataprep.samples.
+    """What the held-out split hashes: the sample key without its input-id hash (dataprep.samples.make.
     sample_key appends a hash of the source URL), i.e. capture name + frame, or the photo's name.
     The split then depends on what a sample is, not on where its source lived: the same captures
     built from another directory or bucket hold out the same frames."""

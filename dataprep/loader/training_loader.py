@@ -36,7 +36,7 @@ Stages (a sample's kind comes from the shard index, so filtering happens before 
   F target slots whose camera has a face crop carry that crop instead: resized to R, its K resized
   by the SPEC §4 rule, its Plücker map computed on the same (h, w) grid, its anchor drawn at R.
 
-Frontal view: dataprep.synth textures the head in local axes "x right, y front, z up" and `_face`
+Frontal view: dataprep.studio.synth textures the head in local axes "x right, y front, z up" and `_face`
 paints the face around azimuth 0, i.e. head +y; the pose is head-to-world, so the face looks along
 f = R_head[:, 1]. The reference is the view whose camera centre o = -Rᵀt lies most in front of
 it: argmax f · (o - t_head) / |o - t_head| (every camera aims at the head).
@@ -46,7 +46,7 @@ numbered 0..N-1 along the shards in an order seeded by (seed, e, version), tar o
 shard. The positions not consumed yet are cut into world_size contiguous ranges (sizes differ by
 at most one), each into num_workers sub-ranges; a worker reads only the shards its sub-range
 touches, reading only its samples' members the stage needs (by byte offsets from the shard
-index, dataprep/shard_reader.py; older indexes: streaming the tar), through a shuffle buffer
+index, dataprep/store/shard_reader.py; older indexes: streaming the tar), through a shuffle buffer
 seeded by (seed, e, rank, worker, version) and flushed at the end of the epoch, then goes on with
 e+1. Sources mix per sample: a seeded choice per (rank, worker), probability ∝ weight.
 
@@ -75,8 +75,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dataprep.loader.config import DataSource, LoaderConfig
 from dataprep.loader.decode import decode_sample
 from dataprep.loader.splits import _key_hash, holdout_set, split_name
-from dataprep.shard_reader import ShardReader
-from dataprep.store import DatasetStore, split_ref
+from dataprep.store.shard_reader import ShardReader
+from dataprep.store.core import DatasetStore, split_ref
 from pippo_common.errors import DataError
 
 log = logging.getLogger("pippo.data.loader")

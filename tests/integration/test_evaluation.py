@@ -8,9 +8,9 @@ import mlflow
 import pytest
 import torch
 
-from dataprep.build import run_build
+from dataprep.build.job import run_build
 from dataprep.build_config import BuildConfig, ShardLimits, Source
-from dataprep.synth import synth_capture, synth_images
+from dataprep.studio.synth import synth_capture, synth_images
 from pippo_common.config import ConfigError, from_dict
 from pipelines.evaluation import EvalConfig, run_eval
 from pipelines.training.launcher import load_stage_config, run_stage
@@ -45,7 +45,7 @@ def holdout_fraction(uri, vid):
     """The smallest fraction that holds out 3 studio frames and 2 photos (keys hash their input's
     path, so which samples a fraction holds out changes with the temporary directory)."""
     from dataprep.loader import held_out
-    from dataprep.store import DatasetStore
+    from dataprep.store.core import DatasetStore
 
     store = DatasetStore(uri)
     rows = [row for shard in store.version_shards(store.resolve(vid))

@@ -16,11 +16,11 @@ from PIL import Image
 
 from dataprep.build_config import PhotoFilters, ShardLimits
 from pippo_common.errors import DataError
-from dataprep.geometry import camera_center, plucker, project, resize_intrinsics
+from dataprep.studio.geometry import camera_center, plucker, project, resize_intrinsics
 from dataprep.loader import DataSource, LoaderConfig, TrainingLoader, held_out
-from dataprep.shards import INDEX_SCHEMA
-from dataprep.store import DatasetStore
-from dataprep.synth import HEAD_RADII, synth_capture, synth_images
+from dataprep.store.shards import INDEX_SCHEMA
+from dataprep.store.core import DatasetStore
+from dataprep.studio.synth import HEAD_RADII, synth_capture, synth_images
 from pipelines.training.engine import camera_inputs
 from pippo_model.conditioning import camera_vectors
 from support import build, samples_of

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import torch
 
-from dataprep.geometry import look_at
+from dataprep.studio.geometry import look_at
 from dataprep.loader.training_loader import _as_tensors, collate
 from pipelines.training.engine import camera_inputs, to_model_space
 from pippo_model.autoencoder import PixelSpace

@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from dataprep.build_config import BuildConfig, HttpConfig, InputPolicy, Source
-from dataprep.ledger import PARTS_SCHEMA
-from dataprep.listing import LISTING_SCHEMA
-from dataprep.build_records import PartitionTask
-from dataprep.partition_job import process_partition
-from dataprep.photos import Rejected
-from dataprep.safe_fetch import address_refusal
-from dataprep.sources import fetch, is_chained, url_list_entry
+from dataprep.store.ledger import PARTS_SCHEMA
+from dataprep.build.listing import LISTING_SCHEMA
+from dataprep.build.records import PartitionTask
+from dataprep.build.partition_job import process_partition
+from dataprep.inputs.photos import Rejected
+from dataprep.inputs.safe_fetch import address_refusal
+from dataprep.inputs.sources import fetch, is_chained, url_list_entry
 from pippo_common.storage import fs_and_path
 from pipelines import cli
 

@@ -9,12 +9,12 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
-from dataprep.build_records import CommitSettings, CommitTotals, VersionPlan
-from dataprep.preview import contact_sheet, overlay_anchor, png_bytes
-from dataprep.ledger import PARTS_SCHEMA, part_row
+from dataprep.build.records import CommitSettings, CommitTotals, VersionPlan
+from dataprep.samples.preview import contact_sheet, overlay_anchor, png_bytes
+from dataprep.store.ledger import PARTS_SCHEMA, part_row
 from pippo_common.redact import redact_config
 from pippo_common.versions import code_version
-from dataprep.store import FORMAT, DatasetStore, _now, version_id
+from dataprep.store.core import FORMAT, DatasetStore, _now, version_id
 
 log = logging.getLogger("pippo.data.commit")
 

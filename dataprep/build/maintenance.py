@@ -8,15 +8,16 @@ import time
 
 import pyarrow as pa
 
+import dataprep.store.ledger as ledgers
 from dataprep.build_config import ShardLimits
-from dataprep.build_records import CommitSettings, PartitionPlan, PartitionResult, VersionPlan
-from dataprep.commit import commit_version
+from dataprep.build.records import CommitSettings, PartitionPlan, PartitionResult, VersionPlan
+from dataprep.build.commit import commit_version
 from pippo_common.errors import DataError
-from dataprep.ledger import SHA_SCHEMA, ledger_counts, part_id, write_part
-from dataprep.listing import partition_of
-from dataprep.partition_job import rewrite_jobs, write_partition
-from dataprep.shards import ShardWriter
-from dataprep.store import DatasetStore
+from dataprep.store.ledger import SHA_SCHEMA, ledger_counts, part_id, write_part
+from dataprep.build.listing import partition_of
+from dataprep.build.partition_job import rewrite_jobs, write_partition
+from dataprep.store.shards import ShardWriter
+from dataprep.store.core import DatasetStore
 
 log = logging.getLogger("pippo.data.maintenance")
 
@@ -62,7 +63,7 @@ def remove_inputs(store: DatasetStore, ref: str, inputs_file: str) -> tuple[str,
     for p, names in sorted(by_partition.items()):
         parts = [r for r in parent_parts if r["partition"] == p and r["kind"] == "ledger"]
         records = store.part_records(parts)
-        previous = store.ledger_state(records)
+        previous = ledgers.ledger_state(store, records)
         doomed = [previous[n] for n in sorted(names) if n in previous and previous[n]["status"] != "removed"]
         found.update(r["input"] for r in doomed)
         if not doomed:
@@ -102,7 +103,7 @@ def compact(store: DatasetStore, ref: str, min_fill: float = 0.5) -> tuple[str, 
                 sha_records.append(records[0] if len(records) == 1 else store.finished_part(recipe, name)
                                    or write_part(store, recipe, name, p, "sha", rows, schema=SHA_SCHEMA))
                 continue
-            rows = list(store.ledger_state(records).values())
+            rows = list(ledgers.ledger_state(store, records).values())
             dropped = {d for r in records for d in r.get("drops", [])}
             shards = [s for r in records for s in r["shards"] if s["url"] not in dropped]
             small = {s["url"] for s in shards

@@ -1,4 +1,4 @@
-"""The three Ray stages of a build, per partition (see dataprep/build.py for the whole job).
+"""The three Ray stages of a build, per partition (see dataprep/build/job.py for the whole job).
 
     process(p)  reads partition p's listing and its parent parts, decides what is new, retried or
                 gone, reads each new input ONCE (sha256, filters, the sample itself) and sends a
@@ -23,19 +23,20 @@ import time
 
 import pyarrow as pa
 
+import dataprep.store.ledger as ledgers
 from dataprep.build_config import BuildConfig, ShardLimits
-from dataprep.build_records import PartitionPlan, PartitionResult, PartitionTask
-from dataprep.capture import Capture
+from dataprep.build.records import PartitionPlan, PartitionResult, PartitionTask
+from dataprep.studio.capture import Capture
 from pippo_common.errors import DataError
-from dataprep.ledger import SHA_SCHEMA, ledger_counts, ledger_row, part_id, write_part
-from dataprep.photos import Rejected
+from dataprep.store.ledger import SHA_SCHEMA, ledger_counts, ledger_row, part_id, write_part
+from dataprep.inputs.photos import Rejected
 from pippo_common.redact import redact_text, strip_credentials
-from dataprep.detect_stage import DetectionBatcher
-from dataprep.samples import finish_photo_sample, photo_sample, prepare_photo, studio_sample
-from dataprep.shards import ShardWriter
-from dataprep.sources import check_body, fetch, list_entry_at, read_tar, sha256, wds_image
+from dataprep.samples.detect_stage import DetectionBatcher
+from dataprep.samples.make import finish_photo_sample, photo_sample, prepare_photo, studio_sample
+from dataprep.store.shards import ShardWriter
+from dataprep.inputs.sources import check_body, fetch, list_entry_at, read_tar, sha256, wds_image
 from pippo_common.storage import atomic_write_bytes, read_bytes
-from dataprep.store import DatasetStore
+from dataprep.store.core import DatasetStore
 
 log = logging.getLogger("pippo.data.build")
 
@@ -80,7 +81,7 @@ def _check_shards(store: DatasetStore, records: list[dict]) -> None:
 def process_partition(task: PartitionTask, cfg: BuildConfig, *listing: pa.Table,
                       detectors: list | None = None) -> tuple:
     """-> (PartitionPlan, claims for sha bucket 0, ..., claims for bucket B-1). `task.dry_run`:
-    plan only. `detectors`: the detection stage's actors (dataprep.detect_stage; None:
+    plan only. `detectors`: the detection stage's actors (dataprep.samples.detect_stage; None:
     detection runs in this task)."""
     p, partitions, buckets, recipe = task.partition, task.partitions, task.buckets, task.recipe
     store_uri, parent_parts, dry_run = task.store_uri, task.parent_parts, task.dry_run
@@ -91,7 +92,7 @@ def process_partition(task: PartitionTask, cfg: BuildConfig, *listing: pa.Table,
     parent_records = store.part_records(parent_parts)
     if not dry_run:
         _check_shards(store, parent_records)
-    previous = store.ledger_state(parent_records)
+    previous = ledgers.ledger_state(store, parent_records)
     relisted = set(task.relisted)
     done_tars = {r["uri"] for r in previous.values()
                  if r["kind"] == "wds" and not (r["status"] == "rejected" and r["stage"] in RETRY_STAGES)}
@@ -295,7 +296,7 @@ def _process_input(t: dict, cfg: BuildConfig, store_uri: str, captures: dict, ta
             key, members, info = studio_sample(cap, t["frame"], cfg, t["input_id"])
             samples.append(_sample(t, key, members, "studio", "", dropped_views=len(info["dropped"])))
         elif t["kind"] == "wds":
-            # every member of the tar gets a ledger row (dataprep.sources.read_tar)
+            # every member of the tar gets a ledger row (dataprep.inputs.sources.read_tar)
             contents = read_tar(cached_fetch(t["uri"], cfg, store_uri, "wds"), cfg.inputs.max_bytes)
             names = sorted(set(contents.samples) | set(contents.rejected))
             if not names and not contents.others:

@@ -3,7 +3,7 @@
     plan (driver): one `info` per source -> listing units (never a listing); the parent's parts list
       → list: a Ray task per unit lists its inputs and routes each to its partition (hash of the
         URL holding its bytes); tables stay in Ray's object store
-      → process: a task per partition (dataprep/partition_job.py) skips what the parent decided,
+      → process: a task per partition (dataprep/build/partition_job.py) skips what the parent decided,
         reads each new input once (sha256, filters, the sample) and sends sha claims to buckets
       → dedup: a task per sha bucket (the sha-keyed shuffle) picks one input per exact duplicate
         set, against the parent's sha index too
@@ -26,14 +26,14 @@ from dataclasses import asdict
 import pyarrow as pa
 
 from dataprep.build_config import BuildConfig
-from dataprep.build_records import (CommitSettings, DedupRefs, PartitionPlan, PartitionTask, ProcessRefs,
+from dataprep.build.records import (CommitSettings, DedupRefs, PartitionPlan, PartitionTask, ProcessRefs,
                                     VersionPlan)
-from dataprep.commit import commit_version
-from dataprep.detect_stage import start_detectors, stop_detectors
+from dataprep.build.commit import commit_version
+from dataprep.samples.detect_stage import start_detectors, stop_detectors
 from pippo_common.errors import DataError
-from dataprep.listing import list_unit, plan_listing
-from dataprep.partition_job import dedup_bucket, process_partition, write_partition
-from dataprep.store import BuildLease, DatasetStore, VersionNotFound
+from dataprep.build.listing import list_unit, plan_listing
+from dataprep.build.partition_job import dedup_bucket, process_partition, write_partition
+from dataprep.store.core import BuildLease, DatasetStore, VersionNotFound
 from pippo_common.ray_start import ensure_ray
 
 log = logging.getLogger("pippo.data.build")

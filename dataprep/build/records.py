@@ -1,5 +1,5 @@
 """The build's hand-offs as typed records: what the driver, the partition tasks and the commit
-pass each other (dataprep/build.py has the whole job).
+pass each other (dataprep/build/job.py has the whole job).
 
     PartitionTask    what a process task is asked (which partition, against which parent parts)
     PartitionPlan    what process decided for a partition, handed to write (or made by
