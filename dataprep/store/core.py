@@ -120,8 +120,11 @@ class DatasetStore:
         if self.is_dataset():
             return
         try:
+            # a concurrent build claiming the same empty root shows its marker's temporary file
+            # (atomic_write_bytes) for a moment: that is a claim, not someone else's files
             entries = [p for p in self.fs.ls(self.root, detail=False)
-                       if posixpath.basename(p.rstrip("/")) not in ("", MARKER)]
+                       if posixpath.basename(p.rstrip("/")) not in ("", MARKER)
+                       and not posixpath.basename(p.rstrip("/")).startswith(f"{MARKER}.tmp-")]
         except (FileNotFoundError, NotADirectoryError):
             entries = []
         if self.fs.exists(self.root) and not self.fs.isdir(self.root):
