@@ -34,7 +34,7 @@ DRIVER = r'''
 import json, os, resource, sys, time
 sys.path.insert(0, {root!r})
 os.environ.setdefault("RAY_ADDRESS", "")
-from dataprep.build import run_build
+from dataprep.build.job import run_build
 from dataprep.build_config import BuildConfig, InputPolicy, Source
 args = json.loads(sys.argv[1])
 opened = []

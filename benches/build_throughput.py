@@ -18,11 +18,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from dataprep.build import run_build
+from dataprep.build.job import run_build
 from pippo_common.ray_start import ensure_ray
 from dataprep.build_config import BuildConfig, ShardLimits, Source
-from dataprep.store import DatasetStore
-from dataprep.synth import synth_image
+from dataprep.store.core import DatasetStore
+from dataprep.studio.synth import synth_image
 
 PHOTOS = int(sys.argv[1]) if len(sys.argv) > 1 else 2880
 # longer side of the photos, pixels: "small" = the renderer's 200-640 px; "camera" = rescaled to

@@ -21,10 +21,10 @@ import cv2
 import numpy as np
 
 from dataprep.build_config import BuildConfig, DetectorConfig, Source
-from dataprep.detection import build_detector, detection_input
-from dataprep.photos import decode_photo
-from dataprep.synth import synth_images
-from dataprep.tiny_detector import save_random_weights
+from dataprep.samples.detection import build_detector, detection_input
+from dataprep.inputs.photos import decode_photo
+from dataprep.studio.synth import synth_images
+from dataprep.samples.tiny_detector import save_random_weights
 
 PHOTOS = int(sys.argv[1]) if len(sys.argv) > 1 else 60
 THRESHOLDS = (-1.0, -0.5, 0.0, 0.5)
@@ -83,7 +83,7 @@ def main():
 
     # 3. the Ray stage: actors vs in-process
     from pippo_common.ray_start import ensure_ray
-    from dataprep.detect_stage import start_detectors, stop_detectors
+    from dataprep.samples.detect_stage import start_detectors, stop_detectors
     ray = ensure_ray()
     cfg = BuildConfig(dataset=str(tmp / "ds"), sources=[Source("images", str(tmp))], crop="person",
                       detector=DetectorConfig(actors=1))

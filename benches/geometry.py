@@ -1,11 +1,11 @@
-"""Plücker maps for 80 views at 1024²: megapixels/s of dataprep.geometry.plucker against a
+"""Plücker maps for 80 views at 1024²: megapixels/s of dataprep.studio.geometry.plucker against a
 straightforward per-view numpy implementation, measured in the same run (ratio = speed-up)."""
 import time
 
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from dataprep.geometry import plucker
+from dataprep.studio.geometry import plucker
 
 VIEWS, SIZE, REPEATS = 80, 1024, 3
 

@@ -8,7 +8,7 @@ frames and of seen frames, plus the wrong-camera control), then reads the number
 (`pippo compare --json`, the stages' evals side by side) and prints the tables of
 benches/RESULTS.md, with each stage's train/loss curve.
 
-The studio set (dataprep.synth): the procedural textured figure (one subject; its head turns and
+The studio set (dataprep.studio.synth): the procedural textured figure (one subject; its head turns and
 nods from frame to frame), `captures` rigs of `cameras` cameras on a dome (golden-angle azimuths,
 elevations -10..40°, each capture its own rig: more distinct viewpoints), `frames` frames each.
 Held out: `holdout_fraction` of the frames (by capture + frame) and `holdout_cameras` of every
@@ -174,7 +174,7 @@ def re_floor(resolutions=(64, 96, 128, 160), cameras: int = 16) -> str:
     views of one frame on the bench's dome, the pairs `pair_views` proposes, how many the default
     matcher measures natively and at 2x upscale (pipelines.evaluation's match_upscale_below), and
     the noise floor. The eval resolution is the smallest where most pairs are measured."""
-    from dataprep.synth import render_views
+    from dataprep.studio.synth import render_views
     from pippo_model.metrics.reprojection import (UpscaledMatcher, WideBaselineMatcher, pair_views,
                                                   reprojection_error)
 

@@ -27,12 +27,12 @@ from pathlib import Path
 import cv2
 import torch
 
-from dataprep.build import run_build
+from dataprep.build.job import run_build
 from dataprep.build_config import BuildConfig, ShardLimits, Source
 from dataprep.loader import STAGE_KIND, DataSource, LoaderConfig, TrainingLoader
-from dataprep.shard_reader import ShardReader
-from dataprep.store import DatasetStore
-from dataprep.synth import synth_capture
+from dataprep.store.shard_reader import ShardReader
+from dataprep.store.core import DatasetStore
+from dataprep.studio.synth import synth_capture
 from pippo_model import config as C
 from pippo_model.diffusion import CosineSchedule, training_loss
 from pippo_model.model import build_model

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from dataprep.build_config import BuildConfig, Source
-from dataprep.capture import Capture
-from dataprep.geometry import ray_directions
-from dataprep.samples import studio_sample
-from dataprep.synth import synth_capture
+from dataprep.studio.capture import Capture
+from dataprep.studio.geometry import ray_directions
+from dataprep.samples.make import studio_sample
+from dataprep.studio.synth import synth_capture
 
 
 def angle(a, b):
@@ -42,7 +42,7 @@ def measure(cap, res, stride):
         K, R, t = (np.array(view[k]) for k in ("K", "R", "t"))
         stored = P[v, :3].astype(np.float32)
         # exact rays at the coarse pixel centres (SPEC §4: K resized by 1/stride)
-        from dataprep.geometry import resize_intrinsics
+        from dataprep.studio.geometry import resize_intrinsics
         exact_grid = ray_directions(resize_intrinsics(K, 1 / stride), R, t, res // stride, res // stride)
         grid_err = max(grid_err, angle(stored.transpose(1, 2, 0), exact_grid).max())
         # bilinear upsampling with align_corners=False puts coarse centres where the half-pixel rule does

@@ -57,7 +57,7 @@ class PhotoFilters:
 
 @dataclass
 class DetectorConfig:
-    """The detection stage (dataprep.detection): Ray actors that load the model once and detect
+    """The detection stage (dataprep.samples.detection): Ray actors that load the model once and detect
     people (and faces) in batches. Weights are never downloaded from a hub."""
     # opencv: OpenCV's bundled HOG people detector + Haar face cascade (no weights at all);
     # torch: a torchvision-style detector (`model`) with safetensors `weights`
@@ -65,7 +65,7 @@ class DetectorConfig:
     # torch: `module:callable` returning an nn.Module with torchvision's detection contract
     # (list of CHW float images in [0, 1] -> [{"boxes", "scores", "labels"[, "keypoints"]}]),
     # e.g. torchvision.models.detection:keypointrcnn_resnet50_fpn
-    model: str = "dataprep.tiny_detector:tiny_person_detector"
+    model: str = "dataprep.samples.tiny_detector:tiny_person_detector"
     model_kwargs: dict[str, Any] = field(default_factory=dict)   # passed to the callable
     weights: str | None = None          # torch: local path or fsspec URI of a .safetensors state dict
     person_label: int = 1               # torch: the label id of "person" (COCO: 1)

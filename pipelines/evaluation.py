@@ -175,20 +175,20 @@ def turn_camera(R: np.ndarray, t: np.ndarray, centre: np.ndarray, degrees: float
 
 
 def wrong_camera_batch(pixel: dict, degrees: float, axis_m: list[float]) -> dict:
-    """The batch with every target's conditioning (camera vector; Plücker map and anchor when
-    present) from its camera turned `degrees` about the head (`turn_camera`); views unchanged."""
-    from dataprep.anchors import draw_anchor
-    from dataprep.geometry import plucker, resize_intrinsics
-    from pippo_model.conditioning import camera_vectors
+    """The batch with every target's conditioning (camera "_R", "_t", whose camera vectors
+    `to_model_space` makes; Plücker map and anchor when present) from its camera turned
+    `degrees` about the head (`turn_camera`); views unchanged."""
+    from dataprep.studio.anchors import draw_anchor
+    from dataprep.studio.geometry import plucker, resize_intrinsics
 
-    out = dict(pixel)
+    out = {k: v for k, v in pixel.items() if k != "cameras"}
     R, t = pixel["_R"].numpy().copy(), pixel["_t"].numpy().copy()
     K, head = pixel["_K"].numpy(), pixel["_head"].numpy()
     res = pixel["views"].shape[-1]
     for b in range(R.shape[0]):
         for v in range(R.shape[1]):
             R[b, v], t[b, v] = turn_camera(R[b, v], t[b, v], head[b, :, 3], degrees)
-    out["cameras"] = camera_vectors(torch.from_numpy(R), torch.from_numpy(t)).float()
+    out["_R"], out["_t"] = torch.from_numpy(R), torch.from_numpy(t)
     if "plucker" in pixel:
         gh, gw = pixel["plucker"].shape[-2:]
         out["plucker"] = torch.from_numpy(np.stack([np.stack([

@@ -14,7 +14,7 @@ def read_views(directory: str | Path):
     (list of (H, W, 3) uint8 images, list of camera dicts), validated against each other."""
     import numpy as np
 
-    from dataprep.image_formats import PHOTO_FORMATS, FormatError, open_image
+    from dataprep.inputs.image_formats import PHOTO_FORMATS, FormatError, open_image
 
     directory = Path(directory)
     meta = directory / "cameras.json"

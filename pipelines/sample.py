@@ -11,7 +11,7 @@ sequence is longer than in training), in chunks only when they do not fit; then 
 model's autoencoder and written as a GIF, an MP4, PNG views and a cameras.json that
 `pippo eval reprojection` reads (SPEC §2).
 
-World frame: metres, z up, the subject faces +y (the convention of dataprep.synth and of the
+World frame: metres, z up, the subject faces +y (the convention of dataprep.studio.synth and of the
 loader's frontal view), so azimuth 0 looks at the face — the view the reference photo shows.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ FRAME_MS = 100             # GIF frame time; the MP4 runs at the same rate
 
 def read_photo(uri: str) -> np.ndarray:
     """Upright 8-bit RGB of a local path or fsspec URL, decoded like the build decodes photos."""
-    from dataprep.photos import Rejected, decode_photo
+    from dataprep.inputs.photos import Rejected, decode_photo
     from pippo_common.storage import read_bytes
 
     try:
@@ -54,11 +54,11 @@ def read_photo(uri: str) -> np.ndarray:
 
 def reference_crop(rgb: np.ndarray, side_out: int, detector=None) -> tuple[np.ndarray, dict]:
     """The reference (side_out², uint8) and how it was cut: a square around the largest person
-    found by the build's detector (dataprep.detection, default backend unless `detector` is
+    found by the build's detector (dataprep.samples.detection, default backend unless `detector` is
     given) plus MARGIN, else the centre square (logged: the subject may be cut)."""
     from dataprep.build_config import DetectorConfig
-    from dataprep.detection import build_detector, detection_input, judge, miss_reason, square_around
-    from dataprep.photos import center_square, resize
+    from dataprep.samples.detection import build_detector, detection_input, judge, miss_reason, square_around
+    from dataprep.inputs.photos import center_square, resize
 
     h, w = rgb.shape[:2]
     cfg = DetectorConfig(margin=MARGIN)
@@ -83,7 +83,7 @@ def orbit_cameras(n: int, side: int, elevation_deg: float, radius: float,
                   fov_deg: float = FOV_DEG) -> list[dict]:
     """`n` square cameras on a horizontal orbit (fixed elevation and radius, azimuth 2πk/n from
     the front), looking at the origin; SPEC §4 (world-to-camera OpenCV, metres)."""
-    from dataprep.geometry import look_at
+    from dataprep.studio.geometry import look_at
 
     f = (side / 2) / math.tan(math.radians(fov_deg) / 2)
     c = (side - 1) / 2                                 # pixel centres: the image centre
@@ -104,19 +104,17 @@ def pixel_conditions(model_cfg, reference: np.ndarray, cams: list[dict]) -> dict
     `to_model_space` turns into the model's `cond`. Only the inputs the stage has."""
     import torch
 
-    from dataprep.anchors import draw_anchor
-    from dataprep.geometry import plucker, resize_intrinsics
-    from pippo_model.conditioning import camera_vectors
+    from dataprep.studio.anchors import draw_anchor
+    from dataprep.studio.geometry import plucker, resize_intrinsics
 
     def images(hwc: np.ndarray) -> torch.Tensor:           # uint8 (..., H, W, 3) -> [-1, 1] CHW
         return torch.from_numpy(hwc).movedim(-1, -3).float().div(127.5).sub(1.0)
 
     side = reference.shape[0]
     batch = {"reference": images(reference)[None]}
-    if model_cfg.camera_mlp:
-        Rs = torch.tensor(np.array([c["R"] for c in cams]))
-        ts = torch.tensor(np.array([c["t"] for c in cams]))
-        batch["cameras"] = camera_vectors(Rs, ts).float()[None]
+    if model_cfg.camera_mlp:     # the targets' cameras; to_model_space makes the camera vectors
+        batch["_R"] = torch.tensor(np.array([c["R"] for c in cams]))[None]
+        batch["_t"] = torch.tensor(np.array([c["t"] for c in cams]))[None]
     if model_cfg.control_mlp:
         # Plücker on the token grid (training: the version's stored grid, resolution/stride),
         # with K resized to that grid (SPEC §4); anchors of the head pose at the origin.

@@ -25,7 +25,7 @@ def load_model_config(path, overrides=()):
 
 
 # Where weights may come from. A model.json (and so its vae_path) is read from a run directory
-# that someone else may write: http(s) goes through dataprep.safe_fetch (public addresses only,
+# that someone else may write: http(s) goes through dataprep.inputs.safe_fetch (public addresses only,
 # redirects checked, sizes capped), object stores through fsspec with the operator's credentials,
 # local paths as they are; any other scheme or an fsspec chain (`a::b`) is refused.
 WEIGHT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "memory")
@@ -53,7 +53,7 @@ def fetch_directory(uri: str, cache: str | Path | None = None, http=None) -> Pat
     public addresses only) is the policy of http(s) fetches."""
     import hashlib
 
-    from dataprep.sources import is_chained
+    from dataprep.inputs.sources import is_chained
     from pippo_common.storage import fs_and_path, is_local
 
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else "file"
@@ -140,10 +140,10 @@ def _verified(target: Path) -> bool:
 
 def _fetch_http_directory(uri: str, into: Path, http) -> None:
     """The files of a diffusers AutoencoderKL directory over http(s), through the data side's
-    guarded fetch (dataprep.safe_fetch): the address policy, redirects, deadline and size cap."""
+    guarded fetch (dataprep.inputs.safe_fetch): the address policy, redirects, deadline and size cap."""
     from dataprep.build_config import HttpConfig
-    from dataprep.photos import Rejected
-    from dataprep.safe_fetch import http_get
+    from dataprep.inputs.photos import Rejected
+    from dataprep.inputs.safe_fetch import http_get
 
     for name in HTTP_WEIGHT_FILES:
         url = uri.rstrip("/") + "/" + name

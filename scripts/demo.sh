@@ -28,7 +28,7 @@ for cap in "$captures"/*/; do
 done
 .venv/bin/python - "$version" "$OUT/dataset_preview.png" <<'PY'
 import sys, shutil, fsspec
-from dataprep.store import DatasetStore, split_ref
+from dataprep.store.core import DatasetStore, split_ref
 uri, ref = split_ref(sys.argv[1])
 store = DatasetStore(uri)
 with fsspec.open(store.describe(store.resolve(ref))["preview_url"], "rb") as f, open(sys.argv[2], "wb") as out:

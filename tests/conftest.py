@@ -15,7 +15,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 @pytest.fixture(scope="session")
 def synth_capture_dir(tmp_path_factory):
     """One small synthetic capture (6 cameras, 2 frames, masks, PNG) shared by read-only tests."""
-    from dataprep.synth import synth_capture
+    from dataprep.studio.synth import synth_capture
 
     return synth_capture(tmp_path_factory.mktemp("captures") / "cap0", cameras=6, frames=2,
                          height=96, width=64, seed=5)
@@ -83,9 +83,9 @@ def small_version(tmp_path_factory, ray_local) -> Version:
     """One capture (6 cameras x 4 frames, 96x64) and 6 person photos, built once per session by
     run_build at 64 px with face crops, shards of <= 8: enough for every stage's loader (pretrain
     photos, mid/post studio views and face crops). Never written to: copy it to change it."""
-    from dataprep.build import run_build
+    from dataprep.build.job import run_build
     from dataprep.build_config import BuildConfig, ShardLimits, Source
-    from dataprep.synth import synth_capture, synth_images
+    from dataprep.studio.synth import synth_capture, synth_images
 
     root = tmp_path_factory.mktemp("small_version")
     synth_capture(root / "captures" / "cap0", cameras=6, frames=4, height=96, width=64, seed=3)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dataprep.synth import synth_image
+from dataprep.studio.synth import synth_image
 
 
 def _jpeg(img: Image.Image, **kw) -> bytes:

@@ -75,7 +75,7 @@ PARTITIONS = 4      # build_in / cfg_for: more partitions than the small inputs 
 
 def build(dataset, sources, **kw) -> str:
     """run_build over (kind, uri) sources into the dataset at `dataset`; the new version's id."""
-    from dataprep.build import run_build
+    from dataprep.build.job import run_build
     from dataprep.build_config import BuildConfig, ShardLimits, Source
 
     kw.setdefault("partitions", 3)
@@ -94,7 +94,7 @@ def cfg_for(store, sources, **kw):
 
 def build_in(store, sources, **kw) -> dict:
     """run_build into a DatasetStore; the new version's record."""
-    from dataprep.build import run_build
+    from dataprep.build.job import run_build
 
     return store.describe(store.resolve(run_build(cfg_for(store, sources, **kw), {})))
 
@@ -125,7 +125,7 @@ def crafted_dataset(tmp_path, hostile: dict) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dataprep.ledger import PARTS_SCHEMA
+    from dataprep.store.ledger import PARTS_SCHEMA
 
     root, outside = tmp_path / "ds", tmp_path / "outside"
     for d in (root / "versions" / VID, root / "parts" / "r", root / "shards" / "r", outside):

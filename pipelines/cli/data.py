@@ -121,7 +121,7 @@ def register(top) -> None:
 def synth_captures(args) -> int:
     from tqdm import tqdm
 
-    from dataprep.synth import synth_capture
+    from dataprep.studio.synth import synth_capture
 
     out = Path(args.out)
     total = args.captures * args.cameras * args.frames
@@ -139,7 +139,7 @@ def synth_captures(args) -> int:
 def synth_images(args) -> int:
     from tqdm import tqdm
 
-    from dataprep.synth import synth_images as write_images
+    from dataprep.studio.synth import synth_images as write_images
 
     with tqdm(total=args.count, desc="rendering photos", unit="img", file=sys.stderr, disable=None) as bar:
         paths = write_images(args.out, args.count, args.seed, progress=bar)
@@ -149,15 +149,15 @@ def synth_images(args) -> int:
 
 
 def synth_views(args) -> int:
-    from dataprep.synth import write_views
+    from dataprep.studio.synth import write_views
 
     print(write_views(args.out, args.views, args.height, args.width, args.frame))
     return 0
 
 
 def inspect(args) -> int:
-    from dataprep.capture import Capture
-    from dataprep.preview import frame_contact_sheet, png_bytes
+    from dataprep.studio.capture import Capture
+    from dataprep.samples.preview import frame_contact_sheet, png_bytes
     from pippo_common.redact import strip_credentials
     from pippo_common.storage import atomic_write_bytes, check_store
 
@@ -195,7 +195,7 @@ def build(args) -> int:
     # A dead endpoint or wrong credentials: one line in seconds, before Ray starts.
     for uri in dict.fromkeys([cfg.dataset, *(s.uri for s in cfg.sources)]):
         check_store(uri)
-    from dataprep.build import run_build
+    from dataprep.build.job import run_build
 
     if args.dry_run:
         plan = run_build(cfg, {}, dry_run=True)
@@ -215,7 +215,7 @@ def build(args) -> int:
 def _warn_if_empty(dataset: str, vid: str) -> None:
     """A version that keeps no sample is committed (its ledger says why), but never silently."""
     from pippo_common.errors import DataError
-    from dataprep.store import DatasetStore
+    from dataprep.store.core import DatasetStore
 
     try:
         record = DatasetStore(dataset).resolve(vid)
@@ -231,14 +231,14 @@ def _warn_if_empty(dataset: str, vid: str) -> None:
 def _open_store(uri: str):
     """The dataset store at `uri`, its object store checked first (fails fast, one line)."""
     from pippo_common.storage import check_store
-    from dataprep.store import DatasetStore
+    from dataprep.store.core import DatasetStore
 
     check_store(uri)
     return DatasetStore(uri)
 
 
 def _store_and_ref(ref: str):
-    from dataprep.store import split_ref
+    from dataprep.store.core import split_ref
     uri, name = split_ref(ref)
     return _open_store(uri), name
 
@@ -288,7 +288,7 @@ def show(args) -> int:
 
 
 def diff(args) -> int:
-    from dataprep.store import diff as version_diff
+    from dataprep.store.core import diff as version_diff
 
     store_a, ref_a = _store_and_ref(args.a)
     store_b, ref_b = _store_and_ref(args.b)
@@ -314,7 +314,9 @@ def tag(args) -> int:
 
 
 def gc(args) -> int:
-    result = _open_store(args.uri).gc(keep_last=args.keep_last, grace_s=args.grace_seconds, dry_run=args.dry_run)
+    from dataprep.store.gc import collect
+
+    result = collect(_open_store(args.uri), keep_last=args.keep_last, grace_s=args.grace_seconds, dry_run=args.dry_run)
     for path in result["files"]:
         print(f"  would delete {path}")
     print(f"{'would delete' if args.dry_run else 'deleted'} {result['deleted']} files; kept "
@@ -331,7 +333,7 @@ def untag(args) -> int:
 
 
 def compact(args) -> int:
-    from dataprep.maintenance import compact as compact_version
+    from dataprep.build.maintenance import compact as compact_version
 
     store, ref = _store_and_ref(args.ref)
     vid, info = compact_version(store, ref, min_fill=args.min_fill)
@@ -342,7 +344,7 @@ def compact(args) -> int:
 
 
 def remove(args) -> int:
-    from dataprep.maintenance import remove_inputs
+    from dataprep.build.maintenance import remove_inputs
 
     store, ref = _store_and_ref(args.ref)
     vid, info = remove_inputs(store, ref, args.inputs)
@@ -354,8 +356,10 @@ def remove(args) -> int:
 
 def rejects(args) -> int:
     """The ledger rows of a version that are not kept, as JSON lines."""
+    from dataprep.store.ledger import ledger as replayed_ledger
+
     store, ref = _store_and_ref(args.ref)
-    ledger = store.ledger(store.resolve(ref))
+    ledger = replayed_ledger(store, store.resolve(ref))
     for row in ledger.to_pylist():
         if row["status"] != "kept":
             print(json.dumps({k: row[k] for k in ("input", "status", "stage", "reason", "attempts")}))

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dataprep.loader import DataSource, LoaderConfig
+from dataprep.loader.config import DataSource, LoaderConfig
 from dataprep.names import validate_name
 from pippo_common.redact import check_not_secret
 from pippo_common.config import FILE_PATH, to_dict

@@ -141,10 +141,29 @@ TENSOR_KEYS = ("cameras", "plucker", "view_ids")
 
 
 @torch.no_grad()
+def camera_inputs(batch: dict) -> torch.Tensor | None:
+    """The camera MLP's vectors (B, V, 16) float32 of a batch's target cameras "_R", "_t", unless
+    the batch already carries "cameras". The one place camera vectors are made from a loader-style
+    batch (training, evaluation and sampling all pass through `to_model_space`): the data side
+    delivers the SPEC quantities only. Computed on the CPU in float64, as the loader used to, so
+    the vectors are bit-identical to those it delivered."""
+    if "cameras" in batch or "_R" not in batch or "_t" not in batch:
+        return None
+    from pippo_model.conditioning import camera_vectors
+
+    R = torch.as_tensor(batch["_R"]).detach().to("cpu", torch.float64)
+    t = torch.as_tensor(batch["_t"]).detach().to("cpu", torch.float64)
+    return camera_vectors(R, t).float()
+
+
 def to_model_space(batch: dict, autoencoder, device: torch.device, dtype: torch.dtype) -> dict:
     """Loader batch (pixels in [-1, 1], dataprep.loader) -> the `cond`/`views` contract of
-    pippo_model (latents x scaling factor, or pixels in pixel space), on `device`."""
+    pippo_model (latents x scaling factor, or pixels in pixel space), on `device`. The target
+    cameras "_R", "_t" become the camera vectors here (`camera_inputs`)."""
     out = {}
+    cameras = camera_inputs(batch)
+    if cameras is not None:
+        batch = {**batch, "cameras": cameras}
     for key in IMAGE_KEYS:
         if key not in batch:
             continue

@@ -81,7 +81,7 @@ def pin_datasets(cfg: StageConfig) -> StageConfig:
     the run reads the same version even when `latest` or a tag moves, and the run's name (a hash
     of the config) names the version — a new version is a new run."""
     from pippo_common.storage import absolute_url
-    from dataprep.store import DatasetStore, split_ref
+    from dataprep.store.core import DatasetStore, split_ref
 
     def pinned(ref: str) -> str:
         uri, name = split_ref(ref)

@@ -3,7 +3,7 @@ substituted) and returns (output, MLflow run id); everything heavy it starts run
 tasks, Ray Train's workers), and the step itself runs as a Ray task (pipelines.workflow.dag).
 
     synth     synthetic studio captures + photos (the demo's raw data)   -> {"captures", "photos"}
-    dataprep  `pippo data build` (dataprep.build.run_build)               -> "URI@version-id"
+    dataprep  `pippo data build` (dataprep.build.job.run_build)               -> "URI@version-id"
     train     `pippo train` (pipelines.training.launcher.run_stage)      -> its final-step_N/ checkpoint URI
     eval      pipelines.evaluation.run_eval                               -> {metric: value}
 """
@@ -64,7 +64,7 @@ def _child_run(name: str, kind: str, ctx: dict):
 
 
 def _synth(name: str, params: dict, ctx: dict):
-    from dataprep.synth import synth_capture, synth_images
+    from dataprep.studio.synth import synth_capture, synth_images
 
     # named by the params alone (not the cache key, which includes the code version): re-rendering
     # after a code change writes the same files to the same paths, so the build sees the same
@@ -89,7 +89,7 @@ def _synth(name: str, params: dict, ctx: dict):
 
 
 def _dataprep(name: str, cfg, ctx: dict):
-    from dataprep.build import run_build
+    from dataprep.build.job import run_build
 
     vid = run_build(cfg, redact(to_dict(cfg)))     # the record keeps secret ${VAR}s as ${VAR}
     output = f"{cfg.dataset}@{vid}"

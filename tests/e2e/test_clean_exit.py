@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def inputs(tmp_path_factory, synth_capture_dir):
     import mlflow
 
-    from dataprep.synth import write_views
+    from dataprep.studio.synth import write_views
 
     tmp = tmp_path_factory.mktemp("clean_exit")
     ds = crafted_dataset(tmp, {})

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataprep.capture import Capture
+from dataprep.studio.capture import Capture
 
 
 def pippo(*args, check=True):

@@ -18,7 +18,7 @@ def pippo(*args, cwd=None, env=None, timeout=300):
 
 
 def test_eval_reprojection_json_when_no_pair_is_measurable(tmp_path):
-    from dataprep.synth import write_views
+    from dataprep.studio.synth import write_views
 
     views = write_views(tmp_path / "flat", 6, 64, 64)
     for png in views.glob("view*.png"):      # featureless views: nothing to match between any pair

@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 _SPLIT = """
 import json, sys
 from dataprep.loader import holdout_set
-from dataprep.samples import sample_key
-from dataprep.stage_samples import heldout_views
-from dataprep.synth import dome_cameras
+from dataprep.samples.make import sample_key
+from dataprep.loader.decode import heldout_views
+from dataprep.studio.synth import dome_cameras
 root = sys.argv[1]
 keys = [sample_key(f"cap{c}", f"{f:06d}", input_id=f"{root}/cap{c}/frame{f}") for c in range(3) for f in range(0, 200, 10)]
 meta = {"views": [{"camera_id": c.id, "R": c.R.tolist()} for c in dome_cameras(16, 64, 64, seed=3)]}

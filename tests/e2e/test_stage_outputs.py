@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dataprep.build import run_build
+from dataprep.build.job import run_build
 from dataprep.build_config import BuildConfig, Source
-from dataprep.synth import synth_images
+from dataprep.studio.synth import synth_images
 from pipelines.training.checkpoint import CheckpointError, CheckpointStore, resolve_weights, weights_identity
 from support import TINY_MODEL
 

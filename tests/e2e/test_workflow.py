@@ -10,7 +10,7 @@ import mlflow
 import pytest
 import yaml
 
-from dataprep.synth import synth_images
+from dataprep.studio.synth import synth_images
 from support import TINY_MODEL
 
 pytestmark = pytest.mark.slow

@@ -10,12 +10,13 @@ import webdataset as wds
 from PIL import Image
 
 from corpus import break_calibration, write_bad_photos
-from dataprep.build import run_build
+import dataprep.store.ledger as ledgers
+from dataprep.build.job import run_build
 from dataprep.build_config import BuildConfig, ShardLimits, Source
-from dataprep.geometry import plucker, resize_intrinsics
+from dataprep.studio.geometry import plucker, resize_intrinsics
 from pippo_common.storage import fs_and_path, register_webdataset_fsspec
-from dataprep.store import DatasetStore
-from dataprep.synth import synth_capture, synth_images
+from dataprep.store.core import DatasetStore
+from dataprep.studio.synth import synth_capture, synth_images
 
 
 def build(dataset, sources, **kw) -> str:
@@ -49,8 +50,8 @@ def samples_of(version):
 
 def check_version(store, vid, corpus_expected):
     v = store.describe(store.resolve(vid))
-    rejects = store.rejects(v).to_pylist()
-    inputs = store.ledger(v).to_pylist()
+    rejects = ledgers.rejects(store, v).to_pylist()
+    inputs = ledgers.ledger(store, v).to_pylist()
     samples = samples_of(v)
     # conservation, and every reject has a stage and a reason
     assert len(samples) == v["samples"] == sum(s["samples"] for s in v["shards"])
@@ -80,7 +81,7 @@ def test_local_build_end_to_end(corpus, tmp_path, ray_local):
     studio = {k: s for k, s in samples.items() if json.loads(s["json"])["kind"] == "studio"}
     photos = {k: s for k, s in samples.items() if json.loads(s["json"])["kind"] == "image"}
     assert len(studio) == 4 and len(photos) == 6 + 6
-    # Plücker as stored equals dataprep.geometry on the stored cameras (float16 rounding only)
+    # Plücker as stored equals dataprep.studio.geometry on the stored cameras (float16 rounding only)
     for s in studio.values():
         meta = json.loads(s["json"])
         P = np.load(io.BytesIO(s["plucker.npy"]), allow_pickle=False)

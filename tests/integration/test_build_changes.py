@@ -15,11 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from dataprep import listing as listing_mod
-from dataprep.build import run_build
+from dataprep.build import listing as listing_mod
+import dataprep.store.ledger as ledgers
+from dataprep.build.job import run_build
 from dataprep.build_config import HttpConfig
-from dataprep.store import DatasetStore
-from dataprep.synth import synth_images
+from dataprep.store.core import DatasetStore
+from dataprep.studio.synth import synth_images
 from support import build_in, cfg_for, free_port
 
 
@@ -40,7 +41,7 @@ def test_a_photo_replaced_in_place_is_read_again_and_an_untouched_one_is_not(tmp
     store = DatasetStore(tmp_path / "ds")
     v1 = build_in(store, [("images", src)])
     assert v1["counts"] == {"inputs": 6, "kept": 6, "rejected": 0, "removed": 0}
-    rows1 = {r["input"]: r for r in store.ledger(v1).to_pylist()}
+    rows1 = {r["input"]: r for r in ledgers.ledger(store, v1).to_pylist()}
     replaced, touched, untouched = photos[0], photos[1], photos[2:]
     # replaced: other bytes under the same name; touched: the same bytes, a new mtime
     fresh = synth_images(tmp_path / "other", count=1, seed=82, person_fraction=1.0)[0].read_bytes()
@@ -56,7 +57,7 @@ def test_a_photo_replaced_in_place_is_read_again_and_an_untouched_one_is_not(tmp
         p.write_bytes(b"\0" * st.st_size)
         os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
     v2 = build_in(store, [("images", src)])
-    rows2 = {r["input"]: r for r in store.ledger(v2).to_pylist()}
+    rows2 = {r["input"]: r for r in ledgers.ledger(store, v2).to_pylist()}
     url = {p: f"file://{p}" for p in photos}
     # the new bytes are the sample; the old sample is removed under its own ledger name
     new = rows2[url[replaced]]
@@ -131,13 +132,13 @@ def test_failed_credentialed_downloads_are_retried_from_their_list_row(tmp_path,
     store = DatasetStore(tmp_path / "ds")
     http = HttpConfig(timeout_s=2, retries=0, backoff_s=0, allow_private_addresses=True)
     v1 = build_in(store, [("urls", listing)], http=http, max_attempts=3)
-    rejects = {r["input"]: r for r in store.ledger(v1).to_pylist() if r["status"] == "rejected"}
+    rejects = {r["input"]: r for r in ledgers.ledger(store, v1).to_pylist() if r["status"] == "rejected"}
     assert set(rejects) == {f"http://{host}/private/a.jpg", f"http://{host}/signed/b.jpg?X-Amz-Signature=***"}
     assert all(r["stage"] == "fetch" and "503" in r["reason"] for r in rejects.values())
     # the list is unchanged (not listed again): the retry re-reads each failed row from it
     AuthHandler.down = False
     v2 = build_in(store, [("urls", listing)], http=http, max_attempts=3)
-    rows = {r["input"]: r for r in store.ledger(v2).to_pylist()}
+    rows = {r["input"]: r for r in ledgers.ledger(store, v2).to_pylist()}
     assert all(rows[name]["status"] == "kept" and rows[name]["attempts"] == 2 for name in rejects), \
         [(r["input"], r["status"], r["stage"], r["reason"], r["attempts"]) for r in rows.values()]
     assert v2["samples"] == 3 and v2["counts"]["rejected"] == 0
@@ -193,8 +194,8 @@ def test_directories_and_url_lists_are_listed_in_split_tasks_not_by_the_driver(t
     # every input listed once (a line read by two splits would be rejected as "listed twice");
     # the synthetic photos' own filter rejects (too small) are not the listing's business
     assert v["counts"]["inputs"] == 21 and v["counts"]["removed"] == 0
-    assert all(r["stage"] == "filter" for r in store.rejects(v).to_pylist()), store.rejects(v).to_pylist()
-    assert {r["input"] for r in store.ledger(v).to_pylist()} == \
+    assert all(r["stage"] == "filter" for r in ledgers.rejects(store, v).to_pylist()), ledgers.rejects(store, v).to_pylist()
+    assert {r["input"] for r in ledgers.ledger(store, v).to_pylist()} == \
         {f"file://{p}" for p in flat + nested + listed}
     # the driver listed neither the source nor any directory under it
     assert not [p for p in driver.paths if p.startswith(str(src))], driver.paths
@@ -206,7 +207,7 @@ def test_an_s3_prefix_is_listed_page_by_page_in_hash_shares(s3_server):
     size and ETag, and sub-prefixes walked by the split they hash to."""
     import fsspec
     from dataprep.build_config import InputPolicy
-    from dataprep.sources import list_directory_split
+    from dataprep.inputs.sources import list_directory_split
     fs = fsspec.filesystem("s3")
     fs.mkdir("flat-prefix")
     fs.pipe({f"flat-prefix/photos/p{i:05d}.jpg": b"x" * (i % 7 + 1) for i in range(1203)})

@@ -9,9 +9,11 @@ import time
 import pytest
 import yaml
 
+import dataprep.store.ledger as ledgers
+from dataprep.store.gc import collect
 from dataprep.build_config import PhotoFilters, ShardLimits
-from dataprep.store import DatasetStore
-from dataprep.synth import synth_capture, synth_images
+from dataprep.store.core import DatasetStore
+from dataprep.studio.synth import synth_capture, synth_images
 from support import build, samples_of
 
 
@@ -137,7 +139,7 @@ def test_incremental_build_processes_only_new_inputs_and_reuses_shards(tmp_path,
     # a photo copied under a new name is a duplicate of a parent sample
     (photos / "copy.jpg").write_bytes(next(photos.glob("photo_*.jpg")).read_bytes())
     v3 = small(store, [("images", photos)])
-    rejects = store.rejects(v3).to_pylist()
+    rejects = ledgers.rejects(store, v3).to_pylist()
     assert v3["samples"] == 10 and rejects[-1]["stage"] == "dedup" and "(parent)" in rejects[-1]["reason"]
     # a new recipe builds everything again: `parent: latest` is the latest of the same recipe
     v4 = small(store, [("images", photos)], resolution=32)
@@ -154,10 +156,10 @@ def test_gc_never_deletes_referenced_shards(sources, tmp_path, ray_local):
     stray = os.path.join(store.root, "shards", "0" * 16, "1" * 20 + "-i0000.tar")   # store naming
     os.makedirs(os.path.dirname(stray))
     open(stray, "wb").close()
-    result = store.gc(keep_last=0)                    # default grace: the young stray stays
+    result = collect(store, keep_last=0)                    # default grace: the young stray stays
     assert result["deleted"] == 0 and os.path.exists(stray)
     assert {v["id"] for v in store.versions()} == {v1["id"]}   # untagged v2 un-listed, tagged v1 kept
-    store.gc(grace_s=0)
+    collect(store, grace_s=0)
     assert not os.path.exists(stray)
     for s in v1["shards"]:
         assert os.path.exists(s["url"].removeprefix("file://"))
@@ -187,7 +189,7 @@ def test_unchanged_rebuild_of_tars_is_the_same_version_and_applies_new_tags(tmp_
     store = DatasetStore(tmp_path / "ds")
     filters = {"filters": PhotoFilters(min_side=32)}             # the first build's photos are 64 px
     v1 = small(store, [("webdataset", tars)], **filters)
-    rejects = {r["input"].rsplit("/", 1)[-1]: r for r in store.rejects(v1).to_pylist()}
+    rejects = {r["input"].rsplit("/", 1)[-1]: r for r in ledgers.rejects(store, v1).to_pylist()}
     assert v1["samples"] == 3 and set(rejects) == {"no_images.tar#k1", "empty.tar"}
     assert rejects["empty.tar"]["reason"] == "tar holds no samples"
     v2 = small(store, [("webdataset", tars)], tags=["stable"], **filters)
@@ -196,7 +198,7 @@ def test_unchanged_rebuild_of_tars_is_the_same_version_and_applies_new_tags(tmp_
 
 
 def test_gc_spares_a_running_build_and_survives_killed_writes(sources, tmp_path, ray_local):
-    from dataprep.store import BuildLease
+    from dataprep.store.core import BuildLease
     store = DatasetStore(tmp_path / "ds")
     v1 = small(store, [("captures", sources / "caps")])
     # an old unreferenced shard of a recipe a build is working on right now
@@ -210,11 +212,11 @@ def test_gc_spares_a_running_build_and_survives_killed_writes(sources, tmp_path,
     os.utime(stale_tmp, (0, 0))
     with BuildLease(store, "b" * 16, v1["id"]):
         assert [lease["recipe"] for lease in store.live_leases()] == ["b" * 16]
-        result = store.gc(keep_last=0, grace_s=0)
+        result = collect(store, keep_last=0, grace_s=0)
     assert os.path.exists(busy) and not os.path.exists(stale_tmp)
     assert [v["id"] for v in store.versions()] == [v1["id"]]         # the lease's parent stays listed
     assert result["versions_dropped"] == [] and store.live_leases() == []
-    store.gc(grace_s=0)
+    collect(store, grace_s=0)
     assert not os.path.exists(busy)
     assert len(content(store.describe(store.resolve(v1["id"])))) == v1["samples"]
 

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from support import free_port, wait_http
+import dataprep.store.ledger as ledgers
 from dataprep.build_config import HttpConfig, PhotoFilters
-from dataprep.store import DatasetStore
-from dataprep.synth import synth_images
+from dataprep.store.core import DatasetStore
+from dataprep.studio.synth import synth_images
 from support import build, samples_of
 
 
@@ -82,7 +83,7 @@ def test_url_lists_with_retries_and_timeouts(http_photos, tmp_path, ray_local, f
     vid = build(store.uri, [("urls", listing)], resolution=64,
                 http=HttpConfig(timeout_s=0.5, retries=3, backoff_s=0.05, allow_private_addresses=True))
     v = store.describe(store.resolve(vid))
-    rejects = {r["input"].rsplit("/", 1)[-1]: r for r in store.rejects(v).to_pylist()}
+    rejects = {r["input"].rsplit("/", 1)[-1]: r for r in ledgers.rejects(store, v).to_pylist()}
     assert set(rejects) == {n for n in names if n.startswith("dead_")} | {"missing.jpg"}
     assert all(r["stage"] == "fetch" for r in rejects.values())
     assert "HTTP 500" in next(r for n, r in rejects.items() if n.startswith("dead_"))["reason"]
@@ -101,7 +102,7 @@ def test_url_lists_with_retries_and_timeouts(http_photos, tmp_path, ray_local, f
     again = store.describe(store.resolve(build(store.uri, [("urls", listing)], resolution=32,
                                 http=HttpConfig(timeout_s=0.5, retries=0, backoff_s=0,
                                                                  allow_private_addresses=True))))
-    rejects = [r["input"].rsplit("/", 1)[-1] for r in store.rejects(again).to_pylist()]
+    rejects = [r["input"].rsplit("/", 1)[-1] for r in ledgers.rejects(store, again).to_pylist()]
     assert again["samples"] == 6 and rejects == ["missing.jpg"] and again["stats"]["new_samples"] == 1
 
 
@@ -116,7 +117,7 @@ def test_existing_webdataset_tars_as_a_source(tmp_path, ray_local):
     v2 = second.describe(second.resolve(build(second.uri, [("webdataset", shard_dir)], resolution=32,
                                               filters=PhotoFilters(min_side=32))))
     assert v2["samples"] == 5 and v2["rejected"] == 1
-    reject = second.rejects(v2).to_pylist()[0]
+    reject = ledgers.rejects(second, v2).to_pylist()[0]
     assert reject["input"].endswith("junk.tar") and "not a readable tar" in reject["reason"]
     for s in samples_of(v2).values():
         meta = json.loads(s["json"])

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from dataprep.build import run_build
+import dataprep.store.ledger as ledgers
+from dataprep.store.gc import collect
+from dataprep.build.job import run_build
 from pippo_common.errors import DataError
-from dataprep.partition_job import process_partition
-from dataprep.store import DatasetStore
-from dataprep.synth import synth_capture, synth_images
+from dataprep.build.records import PartitionTask
+from dataprep.build.partition_job import process_partition
+from dataprep.store.core import DatasetStore
+from dataprep.studio.synth import synth_capture, synth_images
 from support import PARTITIONS, build_in, cfg_for, samples_of
 
 class OpenLog:
@@ -86,8 +89,8 @@ def test_incremental_build_reads_only_its_delta(photos, tmp_path, ray_local):
     p = next(r["partition"] for r in parts if r["kind"] == "ledger")
     mine = [r for r in parts if r["partition"] == p and r["kind"] == "ledger"]
     with OpenLog(store.root) as job:
-        process_partition(p, PARTITIONS, cfg_for(store, sources), store.uri, parent["recipe"], mine,
-                          [], dry_run=True)
+        process_partition(PartitionTask(p, PARTITIONS, PARTITIONS, store.uri, parent["recipe"], mine, [],
+                                        dry_run=True), cfg_for(store, sources))
     read = {x for x in job.paths if x.startswith("parts/")}
     assert read and read == {f"parts/{parent['recipe']}/{r['part']}{s}" for r in mine
                              for s in (".json", ".ledger.parquet")}
@@ -111,7 +114,7 @@ def test_source_changes_retries_takedown_and_compaction(photos, tmp_path, ray_lo
     gone.unlink()
     v2 = build_in(store, [("images", src)])
     assert v2["samples"] == 11 and v2["counts"]["removed"] == 1 and v2["counts"]["inputs"] == 12
-    ledger = {r["input"]: r for r in store.ledger(v2).to_pylist()}
+    ledger = {r["input"]: r for r in ledgers.ledger(store, v2).to_pylist()}
     assert ledger[f"file://{gone}"]["status"] == "removed"
     assert len(samples_of(v2)) == 11 and set(samples_of(v2)) < keys1
     # ... unless configured to keep it
@@ -128,7 +131,7 @@ def test_source_changes_retries_takedown_and_compaction(photos, tmp_path, ray_lo
     assert "removed 1 inputs (1 listed inputs were not in the version)" in out.stderr
     assert v3["parent"] == v2["id"] and v3["samples"] == 10 and v3["counts"]["removed"] == 2
     assert v3["stats"]["bytes"] == sum(s["bytes"] for s in v3["shards"])
-    victim_key = next(r["key"] for r in store.ledger(v2).to_pylist() if r["input"] == f"file://{victim}")
+    victim_key = next(r["key"] for r in ledgers.ledger(store, v2).to_pylist() if r["input"] == f"file://{victim}")
     assert victim_key not in samples_of(v3) and set(samples_of(v3)) == set(samples_of(v2)) - {victim_key}
     # compaction: the same samples in fewer parts and shards
     out = subprocess.run([sys.executable, "-m", "pipelines.cli", "data", "compact", f"{store.uri}@{v3['id']}"],
@@ -152,7 +155,7 @@ def test_gc_cannot_lose_data(photos, tmp_path, ray_local):
     foreign = Path(store.root) / "shards" / "notes.tar"
     foreign.write_bytes(b"mine")
     os.utime(foreign, (0, 0))
-    result = store.gc(grace_s=0)
+    result = collect(store, grace_s=0)
     assert foreign.exists() and result["foreign"] >= 1 and result["deleted"] == 0
     # a copied store and a symlinked store read and gc on their own
     copy = DatasetStore(tmp_path / "copy")
@@ -161,7 +164,7 @@ def test_gc_cannot_lose_data(photos, tmp_path, ray_local):
     link.symlink_to(store.root)
     for other in (copy, DatasetStore(link)):
         assert set(samples_of(other.describe(other.resolve("latest")))) == keys
-        assert other.gc(grace_s=0)["deleted"] == 0
+        assert collect(other, grace_s=0)["deleted"] == 0
     shutil.rmtree(store.root + "/shards")
     assert set(samples_of(copy.describe(copy.resolve("latest")))) == keys      # the copy stands alone
     shutil.rmtree(store.root)
@@ -184,11 +187,11 @@ def test_gc_cannot_lose_data(photos, tmp_path, ray_local):
     shard.write_bytes(data)
     # gc racing a starting build: the build's lease (taken before it resolves its parent) keeps
     # the recipe's files, so the build finds and reuses them even though gc un-listed the parent
-    from dataprep.store import BuildLease
+    from dataprep.store.core import BuildLease
     with BuildLease(store, v1["recipe"], None):
-        dry = store.gc(keep_last=0, grace_s=0, dry_run=True)
+        dry = collect(store, keep_last=0, grace_s=0, dry_run=True)
         assert dry["versions_dropped"] == [v1["id"]] and store.versions()      # dry run: nothing changes
-        store.gc(keep_last=0, grace_s=0)
+        collect(store, keep_last=0, grace_s=0)
     assert store.versions() == []
     v2 = build_in(store, [("images", src)])
     assert v2["stats"]["parts_reused"] >= 1 and keys < set(samples_of(v2))
@@ -196,7 +199,7 @@ def test_gc_cannot_lose_data(photos, tmp_path, ray_local):
     store.tag(v2["id"], "t")
     assert store.untag("t") == v2["id"] and store.resolve(v2["id"])["tags"] == []
     before = {p for p in Path(store.root).rglob("*") if p.is_file()}
-    store.gc(grace_s=0)
+    collect(store, grace_s=0)
     after = {p for p in Path(store.root).rglob("*") if p.is_file()}
     assert foreign in after and set(samples_of(store.describe(store.resolve(v2["id"])))) == set(samples_of(v2))
     assert all("/shards/" in str(p) or "/parts/" in str(p) or "/versions/" in str(p) or "/builds/" in str(p)
@@ -221,7 +224,7 @@ def test_read_version_reads_a_whole_mixed_version_with_ray_data(photos, tmp_path
     import numpy as np
     from PIL import Image
 
-    from dataprep.reader import read_version
+    from dataprep.store.reader import read_version
 
     caps = tmp_path / "caps"
     synth_capture(caps / "c0", cameras=3, frames=2, height=64, width=48, seed=75)
@@ -256,7 +259,7 @@ def test_failed_downloads_are_retried_a_bounded_number_of_times(photos, tmp_path
     ids, attempts = [], []
     for _ in range(3):
         v = build_in(store, [("urls", src / "urls.txt")], max_attempts=2)
-        row = next(r for r in store.ledger(v).to_pylist() if r["input"].endswith("missing.jpg"))
+        row = next(r for r in ledgers.ledger(store, v).to_pylist() if r["input"].endswith("missing.jpg"))
         ids.append(v["id"])
         attempts.append((row["status"], row["stage"], row["attempts"]))
     assert attempts == [("rejected", "fetch", 1), ("rejected", "fetch", 2), ("rejected", "fetch", 2)]

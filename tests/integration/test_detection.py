@@ -11,16 +11,17 @@ import numpy as np
 import pytest
 import yaml
 
-from dataprep.build import run_build
+import dataprep.store.ledger as ledgers
+from dataprep.build.job import run_build
 from dataprep.build_config import BuildConfig, DetectorConfig, PhotoFilters, Source
-from dataprep.detection import build_detector, detection_input
+from dataprep.samples.detection import build_detector, detection_input
 from pippo_common.errors import DataError
-from dataprep.geometry import crop_intrinsics, resize_intrinsics
-from dataprep.photos import decode_photo
-from dataprep.samples import photo_intrinsics
-from dataprep.store import DatasetStore
-from dataprep.synth import synth_images
-from dataprep.tiny_detector import save_random_weights
+from dataprep.studio.geometry import crop_intrinsics, resize_intrinsics
+from dataprep.inputs.photos import decode_photo
+from dataprep.samples.make import photo_intrinsics
+from dataprep.store.core import DatasetStore
+from dataprep.studio.synth import synth_images
+from dataprep.samples.tiny_detector import save_random_weights
 
 RES = 64
 
@@ -47,7 +48,7 @@ def _build(tmp_path, src, **kw) -> dict:
             for m in tar.getmembers():
                 key, ext = m.name.split(".", 1)
                 samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return {"samples": samples, "ledger": {r["input"].rsplit("/", 1)[-1]: r for r in store.ledger(v).to_pylist()}}
+    return {"samples": samples, "ledger": {r["input"].rsplit("/", 1)[-1]: r for r in ledgers.ledger(store, v).to_pylist()}}
 
 
 def _hog_best(path) -> float:

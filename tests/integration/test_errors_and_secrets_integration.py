@@ -39,8 +39,8 @@ def fake_version(root, vid, created="2026-01-01T00:00:00+00:00"):
     """A minimal version record (an empty version: no parts) in the store's format."""
     import pyarrow.parquet as pq
 
-    from dataprep.ledger import PARTS_SCHEMA
-    from dataprep.store import FORMAT, MARKER
+    from dataprep.store.ledger import PARTS_SCHEMA
+    from dataprep.store.core import FORMAT, MARKER
     (root / "versions" / vid).mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text(json.dumps({"format": FORMAT}))
     pq.write_table(PARTS_SCHEMA.empty_table(), root / "versions" / vid / "parts.parquet")

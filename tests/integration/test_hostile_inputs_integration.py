@@ -17,12 +17,13 @@ import pytest
 from PIL import Image
 
 from support import free_port
-from dataprep import safe_fetch
-from dataprep.partition_job import cached_fetch
+from dataprep.inputs import safe_fetch
+import dataprep.store.ledger as ledgers
+from dataprep.build.partition_job import cached_fetch
 from dataprep.build_config import BuildConfig, HttpConfig, InputPolicy, Source
-from dataprep.photos import Rejected
-from dataprep.sources import OUTSIDE
-from dataprep.synth import synth_image
+from dataprep.inputs.photos import Rejected
+from dataprep.inputs.sources import OUTSIDE
+from dataprep.studio.synth import synth_image
 
 
 def jpeg(size=(64, 48), seed=0) -> bytes:
@@ -275,11 +276,11 @@ def test_bad_input_corpus_build_conserves_and_stays_inside(tmp_path):
                           text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     vid = proc.stdout.strip().splitlines()[-1]
-    from dataprep.store import DatasetStore
+    from dataprep.store.core import DatasetStore
     ds = DatasetStore(str(store))
     v = ds.resolve(vid)
-    inputs = ds.ledger(v).to_pylist()
-    rejects = ds.rejects(v).to_pylist()
+    inputs = ledgers.ledger(ds, v).to_pylist()
+    rejects = ledgers.rejects(ds, v).to_pylist()
     assert len(inputs) == expected_inputs == v["samples"] + v["rejected"]
     assert v["samples"] == 5 and len(rejects) == v["rejected"]     # good0-2, s0, listed.jpg
     assert all(r["reason"] and "\n" not in r["reason"] for r in rejects)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pippo_common.errors import DataError
-from dataprep.ledger import PARTS_SCHEMA
+from dataprep.store.ledger import PARTS_SCHEMA
 from dataprep.loader import DataSource, LoaderConfig, TrainingLoader
 from pipelines import cli
 

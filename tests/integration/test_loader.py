@@ -16,11 +16,12 @@ from PIL import Image
 
 from dataprep.build_config import PhotoFilters, ShardLimits
 from pippo_common.errors import DataError
-from dataprep.geometry import camera_center, plucker, project, resize_intrinsics
+from dataprep.studio.geometry import camera_center, plucker, project, resize_intrinsics
 from dataprep.loader import DataSource, LoaderConfig, TrainingLoader, held_out
-from dataprep.shards import INDEX_SCHEMA
-from dataprep.store import DatasetStore
-from dataprep.synth import HEAD_RADII, synth_capture, synth_images
+from dataprep.store.shards import INDEX_SCHEMA
+from dataprep.store.core import DatasetStore
+from dataprep.studio.synth import HEAD_RADII, synth_capture, synth_images
+from pipelines.training.engine import camera_inputs
 from pippo_model.conditioning import camera_vectors
 from support import build, samples_of
 
@@ -202,8 +203,11 @@ def test_mid_batch_frontal_reference_views_and_cameras(data):
     loader = TrainingLoader([DataSource(data["mixed"]["ref"])], "mid", cfg_(batch_size=4, views=3))
     batches = take(loader, 2)[0]
     for batch in batches:
-        assert batch["views"].shape == (4, 3, 3, RES, RES) and batch["cameras"].shape == (4, 3, 16)
-        assert batch["cameras"].dtype == torch.float32 and "plucker" not in batch
+        # the SPEC cameras only: camera vectors are made on the model side (to_model_space)
+        assert batch["views"].shape == (4, 3, 3, RES, RES) and batch["_R"].shape == (4, 3, 3, 3)
+        assert batch["_t"].shape == (4, 3, 3) and batch["_R"].dtype == torch.float64
+        assert "cameras" not in batch and "plucker" not in batch
+        cameras = camera_inputs(batch)
         for i, key in enumerate(batch["keys"]):
             meta, raw = json.loads(samples[key]["json"]), samples[key]
             views, ref = meta["views"], int(batch["_reference_index"][i])
@@ -222,7 +226,8 @@ def test_mid_batch_frontal_reference_views_and_cameras(data):
                 assert np.abs(batch["views"][i, slot].numpy() - stored_image(raw[f"view{v:02d}.jpg"])).max() < 0.05
             Rs = torch.tensor([views[v]["R"] for v in targets], dtype=torch.float64)
             ts = torch.tensor([views[v]["t"] for v in targets], dtype=torch.float64)
-            assert torch.allclose(batch["cameras"][i], camera_vectors(Rs, ts).float(), atol=1e-6)
+            assert torch.equal(batch["_R"][i], Rs) and torch.equal(batch["_t"][i], ts)
+            assert torch.equal(cameras[i], camera_vectors(Rs, ts).float())   # as the loader made them
     # more target views than the sample has (5): every view used, repeated as evenly as possible
     many = next(iter(TrainingLoader([DataSource(data["mixed"]["ref"])], "mid", cfg_(views=7, num_workers=0))))
     for targets in many["_view_index"].tolist():
@@ -304,7 +309,7 @@ def test_holdout_excluded_from_training_and_served_by_heldout_batch(data):
     assert torch.equal(a["views"], b["views"]) and torch.equal(a["views"][:, 0], a["reference"])
     mid = TrainingLoader([DataSource(data["mixed"]["ref"])], "mid", cfg).heldout_batch(8)
     assert {k for k in data["mixed"]["studio"] if held_out(k, fraction)} == set(mid["keys"])
-    assert mid["views"].shape[1:] == (3, 3, RES, RES) and mid["cameras"].shape[1:] == (3, 16)
+    assert mid["views"].shape[1:] == (3, 3, RES, RES) and mid["_R"].shape[1:] == (3, 3, 3)
 
 
 def test_weighted_mixing_follows_weights_and_keeps_epochs_per_source(data):
@@ -360,7 +365,7 @@ def test_heldout_cameras_never_train_and_are_the_targets_of_evaluation(data):
     """holdout_cameras: the same cameras of every frame never appear in a training batch (neither
     as target nor as reference); heldout_batch puts the targets there, for held-out frames and,
     with frames="seen", for training frames."""
-    from dataprep.stage_samples import heldout_views
+    from dataprep.loader.decode import heldout_views
 
     samples = data["mixed"]["samples"]
 

@@ -92,7 +92,7 @@ def test_data_build_and_ray_workers_leave_no_secret(tmp_path, secret_env):
     store, Ray's session logs and the output hold no secret; the identifier stays in clear in the
     immutable version record; the worker's lines show ${HF_TOKEN} (it recomputes the secret set
     from the environment it inherits)."""
-    from dataprep.synth import synth_images
+    from dataprep.studio.synth import synth_images
     env, ray_tmp = secret_env
     synth_images(tmp_path / "photos", count=2, seed=3, person_fraction=1.0)
     store = tmp_path / "store"

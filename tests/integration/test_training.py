@@ -12,9 +12,9 @@ import mlflow
 import pytest
 import torch
 
-from dataprep.build import run_build
+from dataprep.build.job import run_build
 from dataprep.build_config import BuildConfig, ShardLimits, Source
-from dataprep.synth import synth_capture, synth_images
+from dataprep.studio.synth import synth_capture, synth_images
 from pipelines.training.checkpoint import CheckpointStore, resolve_weights
 from pipelines.training.launcher import pin_datasets, run_stage
 from support import SMALL_MODEL, stage_cfg

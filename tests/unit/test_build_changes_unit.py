@@ -3,7 +3,7 @@
 import io
 import random
 
-from dataprep.sources import _text_lines
+from dataprep.inputs.sources import _text_lines
 
 
 def test_text_lists_split_in_byte_ranges_read_each_line_once():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from dataprep.capture import Camera, Capture, CaptureWriter, camera_to_krt
+from dataprep.studio.capture import Camera, Capture, CaptureWriter, camera_to_krt
 from dataprep.errors import CalibrationError, CaptureError
 
 

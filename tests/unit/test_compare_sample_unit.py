@@ -7,7 +7,7 @@ from support import SMALL_MODEL
 
 
 def test_person_square():
-    from dataprep.detection import square_around
+    from dataprep.samples.detection import square_around
 
     # a standing person in a landscape photo: a square around the box, margin included, inside
     assert square_around(480, 640, (300, 100, 360, 220), margin=0.25) == (240, 70, 180)
@@ -18,7 +18,7 @@ def test_person_square():
 
 def test_reference_crop_around_the_largest_person():
     """The detector's boxes are what matters here: a stub backend behind the same interface."""
-    from dataprep.detection import Detections, Found
+    from dataprep.samples.detection import Detections, Found
     from pipelines import sample
 
     class Stub:
@@ -42,8 +42,8 @@ def test_reference_crop_around_the_largest_person():
 def test_reference_crop_uses_the_builds_detector_on_a_real_photo(tmp_path):
     """No stub: the default backend (OpenCV HOG, which the pinned OpenCV must ship) finds the
     rendered person of a synthetic photo and the crop is around it."""
-    from dataprep.photos import decode_photo
-    from dataprep.synth import synth_images
+    from dataprep.inputs.photos import decode_photo
+    from dataprep.studio.synth import synth_images
     from pipelines import sample
 
     path = synth_images(tmp_path, count=1, seed=9, person_fraction=1.0)[0]

@@ -39,8 +39,8 @@ def fake_version(root, vid, created="2026-01-01T00:00:00+00:00"):
     """A minimal version record (an empty version: no parts) in the store's format."""
     import pyarrow.parquet as pq
 
-    from dataprep.ledger import PARTS_SCHEMA
-    from dataprep.store import FORMAT, MARKER
+    from dataprep.store.ledger import PARTS_SCHEMA
+    from dataprep.store.core import FORMAT, MARKER
     (root / "versions" / vid).mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text(json.dumps({"format": FORMAT}))
     pq.write_table(PARTS_SCHEMA.empty_table(), root / "versions" / vid / "parts.parquet")
@@ -78,7 +78,7 @@ def test_strip_credentials_and_redact():
 def test_env_token_is_recorded_unexpanded_and_never_logged(tmp_path, capsys, monkeypatch):
     """${TOKEN} in a source URI: the config handed to the build (and so the version record) says
     ${TOKEN}, and a log line printing the expanded URI shows ${TOKEN} too."""
-    import dataprep.build
+    import dataprep.build.job
 
     token = "tok-5ecret-9f8e7d"
     monkeypatch.setenv("T10_TOKEN", token)
@@ -95,7 +95,7 @@ def test_env_token_is_recorded_unexpanded_and_never_logged(tmp_path, capsys, mon
         seen["config"] = config_dict
         return "v1"
 
-    monkeypatch.setattr(dataprep.build, "run_build", fake_run_build)
+    monkeypatch.setattr(dataprep.build.job, "run_build", fake_run_build)
     code, out, err = run(capsys, "data", "build", cfg)
     assert code == 0 and out.strip() == "v1"
     recorded = json.dumps(seen["config"])
@@ -147,7 +147,7 @@ def test_errors_inside_ray_tasks_are_judged_by_their_cause():
 
 
 def test_a_version_without_samples_is_committed_with_a_warning(tmp_path, capsys, monkeypatch):
-    import dataprep.build
+    import dataprep.build.job
 
     (tmp_path / "photos").mkdir()
     cfg = tmp_path / "b.yaml"
@@ -157,7 +157,7 @@ def test_a_version_without_samples_is_committed_with_a_warning(tmp_path, capsys,
         fake_version(tmp_path / "ds", "e" * 20)
         return "e" * 20
 
-    monkeypatch.setattr(dataprep.build, "run_build", fake_run_build)
+    monkeypatch.setattr(dataprep.build.job, "run_build", fake_run_build)
     code, out, err = run(capsys, "data", "build", cfg)
     assert code == 0 and out.strip() == "e" * 20
     assert len(err) == 1 and "WARNING" in err[0] and "keeps 0 samples" in err[0]
@@ -253,7 +253,7 @@ def test_bad_arguments_are_one_line(args, fragment, tmp_path, capsys):
 
 
 def test_synth_functions_refuse_bad_counts(tmp_path):
-    from dataprep.synth import synth_capture, synth_images
+    from dataprep.studio.synth import synth_capture, synth_images
 
     with pytest.raises(ValueError, match="count"):
         synth_images(tmp_path / "p", count=-3)
@@ -303,7 +303,7 @@ def test_broken_pipe_in_process(tmp_path, capsys, monkeypatch):
 # ---- 7. one clear line: calibrations -----------------------------------------------------------
 
 def test_hostile_calibrations(synth_capture_dir, tmp_path, capsys):
-    from dataprep.capture import Capture
+    from dataprep.studio.capture import Capture
     from dataprep.errors import CalibrationError
 
     deep = tmp_path / "deep"

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from dataprep import geometry as g
+from dataprep.studio import geometry as g
 from dataprep.errors import CalibrationError
 
 

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataprep import safe_fetch
+from dataprep.inputs import safe_fetch
 from dataprep.build_config import HttpConfig, InputPolicy, Source
-from dataprep.capture import Capture, decode_image
+from dataprep.studio.capture import Capture, decode_image
 from dataprep.errors import CaptureError
 from pippo_common.errors import DataError
-from dataprep.photos import Rejected, decode_photo
-from dataprep.sources import OUTSIDE, InputItem, enumerate_source, fetch, read_tar, tar_rows
-from dataprep.synth import synth_capture
+from dataprep.inputs.photos import Rejected, decode_photo
+from dataprep.inputs.sources import OUTSIDE, InputItem, enumerate_source, fetch, read_tar, tar_rows
+from dataprep.studio.synth import synth_capture
 
 
 def jpeg(size=(64, 48), seed=0) -> bytes:

@@ -12,12 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from dataprep.build_config import BuildConfig, HttpConfig, InputPolicy, Source
-from dataprep.ledger import PARTS_SCHEMA
-from dataprep.listing import LISTING_SCHEMA
-from dataprep.partition_job import process_partition
-from dataprep.photos import Rejected
-from dataprep.safe_fetch import address_refusal
-from dataprep.sources import fetch, is_chained, url_list_entry
+from dataprep.store.ledger import PARTS_SCHEMA
+from dataprep.build.listing import LISTING_SCHEMA
+from dataprep.build.records import PartitionTask
+from dataprep.build.partition_job import process_partition
+from dataprep.inputs.photos import Rejected
+from dataprep.inputs.safe_fetch import address_refusal
+from dataprep.inputs.sources import fetch, is_chained, url_list_entry
 from pippo_common.storage import fs_and_path
 from pipelines import cli
 
@@ -98,11 +99,11 @@ def test_a_refused_input_listed_twice_keeps_its_reason(tmp_path):
     rows += [{"input_id": "file:///x/b.jpg", "kind": "image", "uri": "file:///x/b.jpg", "frame": -1, "member": "",
               "size": -1, "listing": "l", "stage": "", "reason": ""}] * 2
     cfg = BuildConfig(dataset=str(tmp_path / "ds"), sources=[Source("urls", str(tmp_path / "l.txt"))])
-    plan, *_ = process_partition(0, 1, cfg, str(tmp_path / "ds"), "r", [], [],
-                                 pa.Table.from_pylist(rows, schema=LISTING_SCHEMA), dry_run=True)
+    task = PartitionTask(0, 1, 1, str(tmp_path / "ds"), "r", [], [], dry_run=True)
+    plan, *_ = process_partition(task, cfg, pa.Table.from_pylist(rows, schema=LISTING_SCHEMA))
     by_input: dict = {}
-    for row in plan["decided"]:                      # ledger replay: the last row of an input wins
+    for row in plan.decided:                      # ledger replay: the last row of an input wins
         by_input[row["input"]] = row["reason"]
     assert by_input["ftp://h/a.jpg"] == reason
     assert by_input["file:///x/b.jpg"] == "listed twice"     # the read of the first listing follows it
-    assert plan["todo"] == 1
+    assert plan.todo == 1

@@ -11,7 +11,7 @@ def test_holdout_set_never_empty_nor_everything():
     from dataprep.loader import holdout_set
     keys = [f"k{i}" for i in range(8)]
     tiny, huge = holdout_set(keys, 1e-9), holdout_set(keys, 0.999999)
-    from dataprep.loader import _key_hash
+    from dataprep.loader.splits import _key_hash
     assert tiny == {min(keys, key=_key_hash)} and set(keys) - huge == {max(keys, key=_key_hash)}
     assert holdout_set(keys, 0.5) == {k for k in keys if held_out(k, 0.5)} or \
         not 0 < sum(held_out(k, 0.5) for k in keys) < 8

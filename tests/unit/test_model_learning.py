@@ -10,9 +10,9 @@ from pippo_model.metrics.image import psnr
 from pippo_model.model import build_model
 from pippo_model.sampler import ddim_sample
 
-synth = pytest.importorskip("dataprep.synth")
-geometry = pytest.importorskip("dataprep.geometry")
-anchors = pytest.importorskip("dataprep.anchors")
+synth = pytest.importorskip("dataprep.studio.synth")
+geometry = pytest.importorskip("dataprep.studio.geometry")
+anchors = pytest.importorskip("dataprep.studio.anchors")
 
 SIZE, STEPS = 32, 240
 

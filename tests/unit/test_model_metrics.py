@@ -103,7 +103,7 @@ def test_dlt_recovers_points_and_re_grows_with_pixel_noise():
 
 @pytest.fixture(scope="module")
 def synth_views():
-    synth = pytest.importorskip("dataprep.synth")
+    synth = pytest.importorskip("dataprep.studio.synth")
     return synth.render_views(24, 384, 256, seed=0)
 
 
@@ -167,7 +167,7 @@ def test_eval_reprojection_command(synth_views, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def sparse_rig(tmp_path_factory):
     """8 cameras evenly around the figure (45 degrees apart), 256 x 256: the eval layout on disk."""
-    synth = pytest.importorskip("dataprep.synth")
+    synth = pytest.importorskip("dataprep.studio.synth")
     return synth.write_views(tmp_path_factory.mktemp("ring8"), 8, 256, 256)
 
 

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from corpus import bomb_png
-from dataprep.photos import Rejected, decode_photo
+from dataprep.inputs.photos import Rejected, decode_photo
 
 
 def encode(im, fmt="PNG", **kw):

@@ -1,10 +1,10 @@
 """Synthetic captures: exact rendering (surface points land where drawn), textures, anchors."""
 import numpy as np
 
-from dataprep import synth
-from dataprep.anchors import draw_anchor
-from dataprep.capture import Capture
-from dataprep.geometry import camera_center, distort_points, project_with_depth
+from dataprep.studio import synth
+from dataprep.studio.anchors import draw_anchor
+from dataprep.studio.capture import Capture
+from dataprep.studio.geometry import camera_center, distort_points, project_with_depth
 
 
 def test_surface_points_project_onto_pixels_of_their_texture_colour(tmp_path):
@@ -92,7 +92,7 @@ def test_anchor_behind_the_camera_is_flagged_and_not_drawn():
 
 
 def test_dome_cameras_are_valid_portrait_and_aimed_at_the_head():
-    from dataprep.geometry import validate_camera
+    from dataprep.studio.geometry import validate_camera
     cams = synth.dome_cameras(12, 256, 168, seed=1)
     assert len({c.id for c in cams}) == 12
     for c in cams:

@@ -25,7 +25,7 @@ from pippo_common.storage import absolute_url, fs_and_path, is_local, join
 TAR_BLOCK = 512
 # Per sample, where each member's data lies in the tar: `ext` is the member name after "{key}.",
 # `offset` the byte offset of its data (its ustar header is the block before), `size` its length.
-# Lets the loader read only the members a stage needs (dataprep/shard_reader.py). Indexes written
+# Lets the loader read only the members a stage needs (dataprep/store/shard_reader.py). Indexes written
 # before this column existed lack it; readers then stream the tar.
 MEMBER_TYPE = pa.struct([("ext", pa.string()), ("offset", pa.int64()), ("size", pa.int64())])
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("kind", pa.string()),

@@ -21,7 +21,7 @@ import re
 import time
 
 from pippo_common.errors import DataError
-from dataprep.store import LEASE_TTL_S, MARKER, DatasetStore
+from dataprep.store.core import LEASE_TTL_S, MARKER, DatasetStore
 
 log = logging.getLogger("pippo.data.gc")
 

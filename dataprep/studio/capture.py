@@ -32,10 +32,10 @@ from PIL import Image
 
 from dataprep.build_config import InputPolicy, PhotoFilters
 from dataprep.errors import CalibrationError, CaptureError
-from dataprep.geometry import validate_camera, validate_rotation
-from dataprep.image_formats import FRAME_FORMATS, MASK_FORMATS, FormatError, open_image
-from dataprep.photos import Rejected
-from dataprep.safe_fetch import read_capped, realpath_inside
+from dataprep.studio.geometry import validate_camera, validate_rotation
+from dataprep.inputs.image_formats import FRAME_FORMATS, MASK_FORMATS, FormatError, open_image
+from dataprep.inputs.photos import Rejected
+from dataprep.inputs.safe_fetch import read_capped, realpath_inside
 from pippo_common.storage import NotRegularFile, is_local, open_regular
 
 MM_PER_M = 1000.0

@@ -2,7 +2,7 @@
 
 Two paths. Streaming (`stream_shard`): stock webdataset over the whole tar up to the last wanted
 sample; every member header is parsed, skipped members are not kept. By offsets (`read_ranged`),
-when the shard index has its `members` column (builds since it was added): the shard index records, per sample, where each member's data lies in the tar (dataprep.shards.
+when the shard index has its `members` column (builds since it was added): the shard index records, per sample, where each member's data lies in the tar (dataprep.store.shards.
 MEMBER_TYPE). A worker plans the wanted members of the wanted samples in tar order, reads each
 member together with the ustar header block before it (512 bytes: the header checks that the
 index still describes this tar), merges ranges closer than MERGE_GAP into one read (skipping a
@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pippo_common.errors import DataError
-from dataprep.store import DatasetStore
+from dataprep.store.core import DatasetStore
 
 TAR_BLOCK = 512
 MERGE_GAP = 64 << 10        # bytes: ranges closer than this are read as one

@@ -1,5 +1,5 @@
 """The detection stage of the build: detector models in Ray actors, fed in batches by the process
-tasks (dataprep/partition_job.py).
+tasks (dataprep/build/partition_job.py).
 
 Plain actors rather than a Ray Data actor pool: the build's process task reads each input once
 (sha256, decode, sample) and the detections are needed in the middle of that, so a task sends
@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 
 from dataprep.build_config import BuildConfig
-from dataprep.detection import build_detector, detection_input
+from dataprep.samples.detection import build_detector, detection_input
 from pippo_common.errors import DataError
-from dataprep.photos import Rejected
+from dataprep.inputs.photos import Rejected
 
 log = logging.getLogger("pippo.data.detect")
 

@@ -38,7 +38,7 @@ from urllib3.exceptions import (ConnectTimeoutError, HTTPError, NameResolutionEr
                                 NewConnectionError)
 
 from dataprep.build_config import HttpConfig
-from dataprep.photos import Rejected
+from dataprep.inputs.photos import Rejected
 from pippo_common.storage import NotRegularFile, open_regular
 
 RETRY_STATUS = (429, 500, 502, 503, 504)

@@ -1,6 +1,6 @@
 """A tiny single-stage person detector with torchvision's detection contract, in plain torch.
 
-The torch backend of dataprep.detection runs any `module:callable` with that contract (torchvision's
+The torch backend of dataprep.samples.detection runs any `module:callable` with that contract (torchvision's
 Faster / Keypoint R-CNN included). This one is the project's own: small enough for tests and CPU
 benches with random weights (`save_random_weights`), and it needs no torchvision: the CPU torch
 build this project pins has no matching torchvision wheel on PyPI (theirs link CUDA's libtorch),
@@ -86,7 +86,7 @@ def nms(boxes: torch.Tensor, iou_threshold: float) -> torch.Tensor:
 
 
 def tiny_person_detector(**kwargs) -> TinyPersonDetector:
-    """The `module:callable` of dataprep.detection's torch backend (default detector.model)."""
+    """The `module:callable` of dataprep.samples.detection's torch backend (default detector.model)."""
     return TinyPersonDetector(**kwargs)
 
 

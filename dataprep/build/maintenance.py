@@ -5,28 +5,31 @@ from __future__ import annotations
 
 import logging
 import time
-from types import SimpleNamespace
 
 import pyarrow as pa
 
+import dataprep.store.ledger as ledgers
 from dataprep.build_config import ShardLimits
-from dataprep.commit import commit_version
+from dataprep.build.records import CommitSettings, PartitionPlan, PartitionResult, VersionPlan
+from dataprep.build.commit import commit_version
 from pippo_common.errors import DataError
-from dataprep.ledger import SHA_SCHEMA, ledger_counts, part_id, write_part
-from dataprep.listing import partition_of
-from dataprep.partition_job import rewrite_jobs, write_partition
-from dataprep.shards import ShardWriter
-from dataprep.store import DatasetStore
+from dataprep.store.ledger import SHA_SCHEMA, ledger_counts, part_id, write_part
+from dataprep.build.listing import partition_of
+from dataprep.build.partition_job import rewrite_jobs, write_partition
+from dataprep.store.shards import ShardWriter
+from dataprep.store.core import DatasetStore
 
 log = logging.getLogger("pippo.data.maintenance")
 
 MAX_LIST_BYTES = 1 << 30
 
 
-def _config(parent: dict, operation: dict):
-    cfg = SimpleNamespace(tags=[], preview_samples=8, recipe_hash=lambda: parent["recipe"],
-                          shard=ShardLimits(**parent["config"].get("shard", {})) if parent.get("config") else ShardLimits())
-    return cfg, {**(parent.get("config") or {}), "operation": operation}
+def _settings(parent: dict, operation: dict) -> tuple[CommitSettings, ShardLimits]:
+    """What a maintenance version commits with: the parent's recipe and config (plus the
+    operation), and the parent's shard limits for the shards it writes."""
+    config = parent.get("config") or {}
+    limits = ShardLimits(**config.get("shard", {})) if config else ShardLimits()
+    return CommitSettings(parent["recipe"], [], 8, {**config, "operation": operation}), limits
 
 
 def _holder(input_id: str) -> str:
@@ -54,28 +57,27 @@ def remove_inputs(store: DatasetStore, ref: str, inputs_file: str) -> tuple[str,
     by_partition: dict[int, set[str]] = {}
     for name in wanted:
         by_partition.setdefault(partition_of(_holder(name), partitions), set()).add(name)
-    cfg, config = _config(parent, {"remove": sorted(wanted)[:1000], "inputs": len(wanted)})
+    settings, limits = _settings(parent, {"remove": sorted(wanted)[:1000], "inputs": len(wanted)})
     parent_parts = store.version_parts(parent)
     results, found = [], set()
     for p, names in sorted(by_partition.items()):
         parts = [r for r in parent_parts if r["partition"] == p and r["kind"] == "ledger"]
         records = store.part_records(parts)
-        previous = store.ledger_state(records)
+        previous = ledgers.ledger_state(store, records)
         doomed = [previous[n] for n in sorted(names) if n in previous and previous[n]["status"] != "removed"]
         found.update(r["input"] for r in doomed)
         if not doomed:
             continue
-        plan = {"partition": p, "part": part_id(recipe, "remove", p, *(r["input"] for r in doomed),
-                                                 *sorted(x["digest"] for x in parts)),
-                "finished": None, "decided": [], "samples": [], "previous": {}, "seconds": 0.0,
-                "gone": doomed, "gone_reason": ("takedown", "removed on request"),
-                "rewrites": rewrite_jobs(doomed, previous, records, {r["input"] for r in doomed})}
-        results.append(write_partition(plan, cfg, store.uri, recipe))
+        plan = PartitionPlan(partition=p, part=part_id(recipe, "remove", p, *(r["input"] for r in doomed),
+                                                       *sorted(x["digest"] for x in parts)),
+                             gone=doomed, gone_reason=("takedown", "removed on request"),
+                             rewrites=rewrite_jobs(doomed, previous, records, {r["input"] for r in doomed}))
+        results.append(write_partition(plan, limits, store.uri, recipe))
     missing = len(wanted) - len(found)
     if not results:
         raise DataError(f"none of the {len(wanted)} listed inputs is in {store.uri}@{parent['id']}")
-    vid = commit_version(store, cfg, config, parent, parent_parts, results, [], parent.get("listings", {}),
-                         partitions, started)
+    vid = commit_version(store, settings, VersionPlan(parent, parent_parts, results, [],
+                                                      parent.get("listings", {}), partitions, started))
     return vid, {"removed": len(found), "not_found": missing, "partitions": len(results)}
 
 
@@ -86,8 +88,7 @@ def compact(store: DatasetStore, ref: str, min_fill: float = 0.5) -> tuple[str, 
     started = time.time()
     parent = store.resolve(ref)
     partitions, recipe = parent["partitions"], parent["recipe"]
-    cfg, config = _config(parent, {"compact": parent["id"]})
-    limits = cfg.shard
+    settings, limits = _settings(parent, {"compact": parent["id"]})
     parent_parts = store.version_parts(parent)
     results, sha_records, merged_shards = [], [], 0
     for p in range(partitions):
@@ -102,17 +103,17 @@ def compact(store: DatasetStore, ref: str, min_fill: float = 0.5) -> tuple[str, 
                 sha_records.append(records[0] if len(records) == 1 else store.finished_part(recipe, name)
                                    or write_part(store, recipe, name, p, "sha", rows, schema=SHA_SCHEMA))
                 continue
-            rows = list(store.ledger_state(records).values())
+            rows = list(ledgers.ledger_state(store, records).values())
             dropped = {d for r in records for d in r.get("drops", [])}
             shards = [s for r in records for s in r["shards"] if s["url"] not in dropped]
             small = {s["url"] for s in shards
                      if s["samples"] < min_fill * limits.max_samples and s["bytes"] < min_fill * limits.max_bytes}
             if len(small) < 2 and len(parts) == 1:
-                results.append({"record": records[0], "reused": True})
+                results.append(PartitionResult(records[0], reused=True))
                 continue
             finished = store.finished_part(recipe, name)
             if finished is not None:
-                results.append({"record": finished, "reused": True})
+                results.append(PartitionResult(finished, reused=True))
                 continue
             if len(small) < 2:
                 small = set()
@@ -149,15 +150,15 @@ def compact(store: DatasetStore, ref: str, min_fill: float = 0.5) -> tuple[str, 
             record = write_part(store, recipe, name, p, "ledger", out,
                                 listed_abs + [s for k in sorted(new) for s in new[k]],
                                 extra={"counts": dict(counts), "dropped_samples": 0, "dropped_bytes": 0})
-            results.append({"record": record, "reused": False})
+            results.append(PartitionResult(record, reused=False))
     # the compacted parts are snapshots of their partitions: the version lists them alone, and
     # its totals are theirs (summed from zero), which the commit checks against the shards
-    reused = [r for r in results if r["reused"]]
-    for r in reused:   # a part listed as it was still counts in full
-        rows = store.read_table(r["record"]["ledger_url"]).to_pylist()
-        r["record"] = {**r["record"], "counts": dict(ledger_counts(rows, {})), "dropped_samples": 0,
-                       "dropped_bytes": 0}
-    vid = commit_version(store, cfg, config, parent, [], results, sha_records, parent.get("listings", {}),
-                         partitions, started, base=None)
+    for r in results:
+        if r.reused:   # a part listed as it was still counts in full
+            rows = store.read_table(r.record["ledger_url"]).to_pylist()
+            r.record = {**r.record, "counts": dict(ledger_counts(rows, {})), "dropped_samples": 0,
+                        "dropped_bytes": 0}
+    vid = commit_version(store, settings, VersionPlan(parent, [], results, sha_records, parent.get("listings", {}),
+                                                      partitions, started, base=None, base_is_parent=False))
     return vid, {"merged_shards": merged_shards, "parts_before": len(parent_parts),
                  "parts_after": len(results) + len(sha_records)}

@@ -13,13 +13,13 @@ import re
 
 import numpy as np
 
-from dataprep.anchors import anchor_png, draw_anchor
+from dataprep.studio.anchors import anchor_png, draw_anchor
 from dataprep.build_config import BuildConfig
-from dataprep.capture import Capture
+from dataprep.studio.capture import Capture
 from pippo_common.errors import DataError
-from dataprep.geometry import (crop_intrinsics, plucker, project_with_depth, resize_intrinsics,
+from dataprep.studio.geometry import (crop_intrinsics, plucker, project_with_depth, resize_intrinsics,
                                undistort_image)
-from dataprep.photos import Photo, Rejected, apply_filters, decode_photo, encode, png, resize
+from dataprep.inputs.photos import Photo, Rejected, apply_filters, decode_photo, encode, png, resize
 
 HEAD_RADIUS_M = 0.12      # for sizing the face crop around the projected head
 
@@ -141,12 +141,12 @@ def photo_intrinsics(width: int, height: int, fov_deg: float = PHOTO_FOV_DEG) ->
 def photo_sample(data: bytes, cfg: BuildConfig, input_id: str, sha256: str, detector=None) -> tuple[str, dict]:
     """One unstructured photo -> (key, members) per SPEC §5 (`{key}.jpg` + `{key}.json`).
     When the config needs detection it runs here, in-process, with `detector` (or a cached one);
-    the build batches it in Ray actors instead (dataprep.detect_stage)."""
+    the build batches it in Ray actors instead (dataprep.samples.detect_stage)."""
     photo = prepare_photo(data, cfg)
     detections = None
     if cfg.needs_detection():
-        from dataprep.detection import detection_input
-        from dataprep.detect_stage import local_detector
+        from dataprep.samples.detection import detection_input
+        from dataprep.samples.detect_stage import local_detector
         small, back = detection_input(photo.rgb, cfg.detector.max_side)
         detections = (detector or local_detector(cfg)).detect([small])[0].scaled(back, back)
     return finish_photo_sample(photo, cfg, input_id, sha256, detections)
@@ -168,7 +168,7 @@ def finish_photo_sample(photo: Photo, cfg: BuildConfig, input_id: str, sha256: s
     chosen person), K of the stored pixels by the crop and resize rules of SPEC §4."""
     chosen = None
     if detections is not None:
-        from dataprep.detection import judge, square_around
+        from dataprep.samples.detection import judge, square_around
         chosen = judge(detections, cfg.filters.detect_person or cfg.crop == "person", cfg.filters.detect_face)
     dh, dw = photo.rgb.shape[:2]
     if cfg.crop == "person":

@@ -51,7 +51,7 @@ def read_version(ref: str, **read_args):
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     from pippo_common.storage import fs_and_path, is_local
-    from dataprep.store import DatasetStore, split_ref
+    from dataprep.store.core import DatasetStore, split_ref
 
     uri, name = split_ref(ref)
     store = DatasetStore(uri)

@@ -2,7 +2,7 @@
 
 A part is a ledger file (a row per input it decided) plus the shards holding its kept samples and
 a small JSON record written LAST (its existence means the part is complete). Versions list parts;
-see dataprep/store.py for the layout and how ledgers replay.
+see dataprep/store/core.py for the layout and how ledgers replay.
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import re
 from collections import Counter
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from dataprep.store import DatasetStore, canonical_digest
+from dataprep.store.core import DatasetStore, canonical_digest
 
 # status: kept | rejected | removed. listing = the list file or source that listed the input
 # (how the next build tells "gone from its source" from "its list file was not re-read");
@@ -103,3 +104,32 @@ def part_row(store: DatasetStore, record: dict) -> dict:
 # table (a ledger of input rows: input, status, stage, reason, ...; or, kind "sha", the sha index)
 PARTS_SCHEMA = pa.schema([("part", pa.string()), ("partition", pa.int32()), ("kind", pa.string()),
                           ("digest", pa.string()), ("url", pa.string()), ("ledger_url", pa.string())])
+
+
+# -- replay: a version's ledger is its parts' ledgers in order, the last row of an input winning
+
+def replay(tables: list[pa.Table]) -> pa.Table:
+    """Ledger tables in order -> one row per input, the last one winning."""
+    if not tables:
+        return LEDGER_SCHEMA.empty_table()
+    table = pa.concat_tables(tables, promote_options="default")
+    last: dict[str, int] = {}
+    for i, name in enumerate(table.column("input").to_pylist()):
+        last[name] = i
+    return table.take(sorted(last.values()))
+
+
+def ledger(store: DatasetStore, record: dict, partition: int | None = None) -> pa.Table:
+    """The version's input ledger (of one partition), replayed: the last row of an input wins."""
+    parts = [p for p in store.version_parts(record, partition) if p["kind"] == "ledger"]
+    return replay([store.read_table(r["ledger_url"]) for r in store.part_records(parts)])
+
+
+def ledger_state(store: DatasetStore, records: list[dict]) -> dict[str, dict]:
+    """input -> its last ledger row, over the given part records (in order)."""
+    return {r["input"]: r for r in replay([store.read_table(r["ledger_url"]) for r in records]).to_pylist()}
+
+
+def rejects(store: DatasetStore, record: dict) -> pa.Table:
+    table = ledger(store, record)
+    return table.filter(pc.equal(table["status"], "rejected")).select(["input", "stage", "reason"])

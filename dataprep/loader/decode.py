@@ -1,4 +1,4 @@
-"""Per-stage decoding of a shard sample into the training loader's contract (dataprep/loader.py
+"""Per-stage decoding of a shard sample into the training loader's contract (dataprep/loader/training_loader.py
 documents the batch fields): pretrain augments a photo, mid picks a frontal reference, post adds
 Plücker maps, anchors and face crops as extra-scale views with exact cameras."""
 from __future__ import annotations
@@ -11,20 +11,19 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image
 
-from dataprep.anchors import draw_anchor
+from dataprep.studio.anchors import draw_anchor
 from pippo_common.errors import DataError
-from dataprep.geometry import camera_center, plucker, resize_intrinsics
-from dataprep.image_formats import sniff
-from pippo_model.conditioning import camera_vectors
+from dataprep.studio.geometry import camera_center, plucker, resize_intrinsics
+from dataprep.inputs.image_formats import sniff
+from dataprep.loader.splits import _split_hash
 
 if TYPE_CHECKING:
-    from dataprep.loader import LoaderConfig
+    from dataprep.loader.config import LoaderConfig
 
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
-FACE_AXIS = 1            # head-local +y is the face (dataprep/loader.py docstring)
+FACE_AXIS = 1            # head-local +y is the face (dataprep/loader/training_loader.py docstring)
 
 
 def _image(raw: dict, stem: str = "") -> np.ndarray:
@@ -87,7 +86,6 @@ def heldout_views(meta: dict, fraction: float) -> list[int]:
     A pure function of the rig (ids and orientations, the same at every frame), so those cameras
     are never seen in training at any frame; in pairs, because the reprojection error of novel
     views needs two that see the same side of the subject (random picks often face away)."""
-    from dataprep.loader import _split_hash
 
     n = len(meta["views"])
     if fraction <= 0 or n < 3:
@@ -190,11 +188,11 @@ def _studio_sample(raw: dict, meta: dict, post: bool, cfg: LoaderConfig, axis_m:
            "reference": _resize(_image(raw, f"view{ref:02d}"), res),
            "_view_index": targets.astype(np.int64), "_face": is_face, "_reference_index": ref,
            "_heldout_camera": np.isin(targets, held)}
-    Rs = torch.tensor(np.array([views[v]["R"] for v in targets]), dtype=torch.float64)
-    ts = torch.tensor(np.array([views[v]["t"] for v in targets]), dtype=torch.float64)
-    out["cameras"] = camera_vectors(Rs, ts).numpy().astype(np.float32)
+    # the SPEC camera of each target; the camera MLP's vectors are made on the model side
+    # (pipelines.training.engine.camera_inputs), never here
     out["_K"] = np.stack([_delivered_K(faces[v] if f else views[v], res) for v, f in zip(targets, is_face)])
-    out["_R"], out["_t"] = Rs.numpy(), ts.numpy()
+    out["_R"] = np.array([views[v]["R"] for v in targets], dtype=np.float64)
+    out["_t"] = np.array([views[v]["t"] for v in targets], dtype=np.float64)
     # head-to-world pose: evaluation redraws anchors for a wrong camera (the camera control)
     out["_head"] = np.concatenate([np.asarray(meta["anchor"]["R"], np.float64),
                                    np.asarray(meta["anchor"]["t"], np.float64)[:, None]], axis=1)

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from dataprep.build_config import PhotoFilters
-from dataprep.image_formats import PHOTO_FORMATS, FormatError, open_image
+from dataprep.inputs.image_formats import PHOTO_FORMATS, FormatError, open_image
 
 
 class Rejected(Exception):
@@ -43,7 +43,7 @@ def decode_photo(data: bytes, max_pixels: int, min_side: int | None = None,
                  formats: tuple[str, ...] = PHOTO_FORMATS) -> Photo:
     """Decode a photo of one of `formats` to upright 8-bit RGB, refusing bombs before decoding
     pixels. Any other format (PostScript, SPIDER, TGA, ... whatever the file is named) is refused
-    before any decoder sees it (dataprep.image_formats).
+    before any decoder sees it (dataprep.inputs.image_formats).
 
     With `min_side`, JPEGs are decoded at a reduced DCT scale (PIL's draft mode: 1/2, 1/4, 1/8)
     whenever the shorter side stays >= min_side — the output is resized below that anyway, and
@@ -110,7 +110,7 @@ def apply_filters(photo: Photo, filters: PhotoFilters) -> None:
         raise Rejected("filter", f"too small: {w}x{h}, shorter side < {filters.min_side}")
     if max(h, w) / min(h, w) > filters.max_aspect:
         raise Rejected("filter", f"aspect {max(h, w) / min(h, w):.2f} > {filters.max_aspect}")
-    # detect_person / detect_face are judged by the detection stage (dataprep.detection)
+    # detect_person / detect_face are judged by the detection stage (dataprep.samples.detection)
 
 
 def center_square(rgb: np.ndarray, side_out: int) -> tuple[np.ndarray, list[int]]:

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from dataprep.build_config import InputPolicy, Source
 from pippo_common.errors import DataError
-from dataprep.sources import enumerate_source, list_directory_split, list_file_inputs, signature_tag
+from dataprep.inputs.sources import enumerate_source, list_directory_split, list_file_inputs, signature_tag
 from pippo_common.redact import strip_credentials
 from pippo_common.storage import fs_and_path, url_of
 

@@ -3,12 +3,12 @@
     OpenCvDetector  OpenCV's bundled HOG + linear-SVM people detector (Dalal & Triggs 2005) and its
                     Haar frontal-face cascade (Viola & Jones 2001): nothing to download, CPU only
     TorchDetector   any `module:callable` returning a torchvision-style detection model (Faster /
-                    Keypoint R-CNN, or the project's dataprep.tiny_detector), weights read from a
+                    Keypoint R-CNN, or the project's dataprep.samples.tiny_detector), weights read from a
                     local path or an object-store URI as safetensors (never a hub, never a pickle)
 
 `Detector.detect(images)` takes a batch of upright RGB uint8 photos and returns one `Detections`
 per photo, boxes in that photo's pixels. The build runs detectors in Ray actors
-(dataprep.detect_stage); `pippo sample` runs the same one in-process. `judge` turns detections
+(dataprep.samples.detect_stage); `pippo sample` runs the same one in-process. `judge` turns detections
 into a decision: a `Rejected("detect", ...)` naming the best score, or the person to crop around.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 
 from dataprep.build_config import DetectorConfig
 from pippo_common.errors import DataError
-from dataprep.photos import Rejected
+from dataprep.inputs.photos import Rejected
 
 log = logging.getLogger("pippo.data.detect")
 

@@ -23,9 +23,9 @@ from PIL import Image
 
 from dataprep.build_config import HttpConfig, InputPolicy, Source
 from pippo_common.errors import DataError
-from dataprep.image_formats import PHOTO_FORMATS, FormatError, open_image
-from dataprep.photos import Rejected
-from dataprep.safe_fetch import http_get, read_local, read_object, realpath_inside
+from dataprep.inputs.image_formats import PHOTO_FORMATS, FormatError, open_image
+from dataprep.inputs.photos import Rejected
+from dataprep.inputs.safe_fetch import http_get, read_local, read_object, realpath_inside
 from pippo_common.storage import fs_and_path, is_local, join, open_regular, url_of
 
 log = logging.getLogger("pippo.data.sources")

@@ -1,4 +1,4 @@
-"""The three Ray stages of a build, per partition (see dataprep/build.py for the whole job).
+"""The three Ray stages of a build, per partition (see dataprep/build/job.py for the whole job).
 
     process(p)  reads partition p's listing and its parent parts, decides what is new, retried or
                 gone, reads each new input ONCE (sha256, filters, the sample itself) and sends a
@@ -23,18 +23,20 @@ import time
 
 import pyarrow as pa
 
-from dataprep.build_config import BuildConfig
-from dataprep.capture import Capture
+import dataprep.store.ledger as ledgers
+from dataprep.build_config import BuildConfig, ShardLimits
+from dataprep.build.records import PartitionPlan, PartitionResult, PartitionTask
+from dataprep.studio.capture import Capture
 from pippo_common.errors import DataError
-from dataprep.ledger import SHA_SCHEMA, ledger_counts, ledger_row, part_id, write_part
-from dataprep.photos import Rejected
+from dataprep.store.ledger import SHA_SCHEMA, ledger_counts, ledger_row, part_id, write_part
+from dataprep.inputs.photos import Rejected
 from pippo_common.redact import redact_text, strip_credentials
-from dataprep.detect_stage import DetectionBatcher
-from dataprep.samples import finish_photo_sample, photo_sample, prepare_photo, studio_sample
-from dataprep.shards import ShardWriter
-from dataprep.sources import check_body, fetch, list_entry_at, read_tar, sha256, wds_image
+from dataprep.samples.detect_stage import DetectionBatcher
+from dataprep.samples.make import finish_photo_sample, photo_sample, prepare_photo, studio_sample
+from dataprep.store.shards import ShardWriter
+from dataprep.inputs.sources import check_body, fetch, list_entry_at, read_tar, sha256, wds_image
 from pippo_common.storage import atomic_write_bytes, read_bytes
-from dataprep.store import DatasetStore
+from dataprep.store.core import DatasetStore
 
 log = logging.getLogger("pippo.data.build")
 
@@ -76,13 +78,13 @@ def _check_shards(store: DatasetStore, records: list[dict]) -> None:
                                 "truncated): build with parent=null, or from another version")
 
 
-def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str, recipe: str,
-                      parent_parts: list[dict], relisted: list[str], *listing: pa.Table,
-                      dry_run: bool = False, buckets: int | None = None, detectors: list | None = None) -> tuple:
-    """-> (plan, claims for sha bucket 0, ..., claims for bucket B-1). `dry_run`: plan only.
-    `buckets`: the number of sha buckets (default: one per partition). `detectors`: the
-    detection stage's actors (dataprep.detect_stage; None: detection runs in this task)."""
-    buckets = buckets or partitions
+def process_partition(task: PartitionTask, cfg: BuildConfig, *listing: pa.Table,
+                      detectors: list | None = None) -> tuple:
+    """-> (PartitionPlan, claims for sha bucket 0, ..., claims for bucket B-1). `task.dry_run`:
+    plan only. `detectors`: the detection stage's actors (dataprep.samples.detect_stage; None:
+    detection runs in this task)."""
+    p, partitions, buckets, recipe = task.partition, task.partitions, task.buckets, task.recipe
+    store_uri, parent_parts, dry_run = task.store_uri, task.parent_parts, task.dry_run
     import cv2
     cv2.setNumThreads(1)    # a partition job is a one-CPU task: no thread pool oversubscribing the node
     started = time.time()
@@ -90,8 +92,8 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
     parent_records = store.part_records(parent_parts)
     if not dry_run:
         _check_shards(store, parent_records)
-    previous = store.ledger_state(parent_records)
-    relisted = set(relisted)
+    previous = ledgers.ledger_state(store, parent_records)
+    relisted = set(task.relisted)
     done_tars = {r["uri"] for r in previous.values()
                  if r["kind"] == "wds" and not (r["status"] == "rejected" and r["stage"] in RETRY_STAGES)}
     rows = pa.concat_tables(listing).to_pylist() if listing else []
@@ -162,16 +164,15 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
                    *sorted(f"{d['input']}:{d['stage']}" for d in decided), *sorted(g["input"] for g in gone),
                    *sorted(f"replaced:{o['input']}:{o['sha256']}" for o in replaced),
                    *sorted(pp["digest"] for pp in parent_parts))
-    plan = {"partition": p, "part": None, "finished": None, "decided": decided, "samples": [],
-            "gone": gone, "replaced": replaced, "previous": {}, "rewrites": {}, "seconds": 0.0, "todo": len(todo)}
+    plan = PartitionPlan(partition=p, decided=decided, gone=gone, replaced=replaced, todo=len(todo))
     empty = [CLAIM_SCHEMA.empty_table() for _ in range(buckets)]
     if dry_run or not (todo or decided or gone):
-        plan["part"] = part if (todo or decided or gone) else None
+        plan.part = part if (todo or decided or gone) else None
         return (plan, *empty)
-    plan["part"] = part
+    plan.part = part
     finished = store.finished_part(recipe, part)
     if finished is not None:                           # a re-run: this part was written before
-        plan["finished"] = finished
+        plan.finished = finished
         kept = [r for r in store.read_table(finished["ledger_url"]).to_pylist()
                 if r["status"] == "kept" and r["sha256"] and r["kind"] != "studio"]
         return (plan, *_claims(kept, p, buckets))
@@ -193,11 +194,11 @@ def process_partition(p: int, partitions: int, cfg: BuildConfig, store_uri: str,
         if isinstance(cap, Capture):
             unknown |= set(cfg.cameras or ()) - set(cap.cameras) - set(cap.invalid_cameras)
             cap.close()
-    plan["unknown_cameras"] = sorted(unknown)
+    plan.unknown_cameras = sorted(unknown)
     touched = {r["input"] for r in decided} | {s["row"]["input"] for s in samples} | {g["input"] for g in gone}
-    plan.update(samples=samples, previous={k: previous[k] for k in touched if k in previous})
-    plan["rewrites"] = rewrite_jobs(gone + replaced, previous, parent_records, touched)
-    plan["seconds"] = time.time() - started
+    plan.samples, plan.previous = samples, {k: previous[k] for k in touched if k in previous}
+    plan.rewrites = rewrite_jobs(gone + replaced, previous, parent_records, touched)
+    plan.seconds = time.time() - started
     claims = [s["row"] for s in samples if s["row"]["sha256"] and s["kind"] != "studio"]
     return (plan, *_claims(claims, p, buckets))
 
@@ -295,7 +296,7 @@ def _process_input(t: dict, cfg: BuildConfig, store_uri: str, captures: dict, ta
             key, members, info = studio_sample(cap, t["frame"], cfg, t["input_id"])
             samples.append(_sample(t, key, members, "studio", "", dropped_views=len(info["dropped"])))
         elif t["kind"] == "wds":
-            # every member of the tar gets a ledger row (dataprep.sources.read_tar)
+            # every member of the tar gets a ledger row (dataprep.inputs.sources.read_tar)
             contents = read_tar(cached_fetch(t["uri"], cfg, store_uri, "wds"), cfg.inputs.max_bytes)
             names = sorted(set(contents.samples) | set(contents.rejected))
             if not names and not contents.others:
@@ -407,26 +408,27 @@ def dedup_bucket(b: int, partitions: int, cfg: BuildConfig, store_uri: str, reci
 
 # ---- stage 3: write ------------------------------------------------------------------------------
 
-def write_partition(plan: dict, cfg: BuildConfig, store_uri: str, recipe: str, *losers: pa.Table) -> dict | None:
-    """Shards and the ledger part of one partition; returns {record, counts, ...} or None."""
-    if plan["part"] is None:
+def write_partition(plan: PartitionPlan, shard: ShardLimits, store_uri: str, recipe: str,
+                    *losers: pa.Table) -> PartitionResult | None:
+    """Shards (at most `shard` each) and the ledger part of one partition (None: nothing to do)."""
+    if plan.part is None:
         return None
-    if plan["finished"] is not None:
-        return {"record": plan["finished"], "reused": True}
+    if plan.finished is not None:
+        return PartitionResult(plan.finished, reused=True)
     started = time.time()
     store = DatasetStore(store_uri)
     lost = {r["input"]: r["reason"] for t in losers for r in t.to_pylist()}
-    rows = list(plan["decided"])
+    rows = list(plan.decided)
     writers: dict[str, ShardWriter] = {}
 
     def writer(kind: str) -> ShardWriter:
         if kind not in writers:
-            writers[kind] = ShardWriter(store.shards_url(recipe), f"{plan['part']}-{kind[0]}", cfg.shard, kind)
+            writers[kind] = ShardWriter(store.shards_url(recipe), f"{plan.part}-{kind[0]}", shard, kind)
         return writers[kind]
 
     kept, dropped_views = [], 0
     try:
-        for s in plan["samples"]:
+        for s in plan.samples:
             row = s["row"]
             if row["input"] in lost:
                 rows.append({**row, "status": "rejected", "key": "", "stage": "dedup", "reason": lost[row["input"]]})
@@ -437,7 +439,7 @@ def write_partition(plan: dict, cfg: BuildConfig, store_uri: str, recipe: str, *
             dropped_views += s["dropped_views"]
         # parent shards that held a removed sample: their other samples move to this part's shards
         moved = []
-        for shard_url, job in sorted(plan["rewrites"].items()):
+        for shard_url, job in sorted(plan.rewrites.items()):
             drop = set(job["drop"])
             keep = {o["key"]: o for o in job["keep"]}
             for key, members in store.shard_samples(shard_url):
@@ -454,19 +456,19 @@ def write_partition(plan: dict, cfg: BuildConfig, store_uri: str, recipe: str, *
         raise
     for row, kind, n in kept + moved:
         rows.append({**row, "status": "kept", "shard": store.rel(shards[kind][n]["url"])})
-    for g in plan["gone"]:
-        stage, reason = plan.get("gone_reason", ("source", "gone from its source"))
+    for g in plan.gone:
+        stage, reason = plan.gone_reason
         rows.append({**g, "status": "removed", "stage": stage, "reason": reason, "shard": ""})
-    for old in plan.get("replaced", []):     # the input's own row (above) holds its new bytes
+    for old in plan.replaced:     # the input's own row (above) holds its new bytes
         rows.append({**old, "input": replaced_id(old), "status": "removed", "stage": "source",
                      "reason": "changed in place: read again", "shard": ""})
-    counts = ledger_counts(rows, plan["previous"] | {g["input"]: g for g in plan["gone"]}
+    counts = ledger_counts(rows, plan.previous | {g["input"]: g for g in plan.gone}
                            | {m[0]["input"]: m[0] for m in moved})
     counts["dropped_views"] = dropped_views
     all_shards = [s for kind in sorted(shards) for s in shards[kind]]
-    record = write_part(store, recipe, plan["part"], plan["partition"], "ledger", rows, all_shards,
-                        drops=list(plan["rewrites"]), extra={
+    record = write_part(store, recipe, plan.part, plan.partition, "ledger", rows, all_shards,
+                        drops=list(plan.rewrites), extra={
                             "counts": dict(counts),
-                            "dropped_samples": sum(j["samples"] for j in plan["rewrites"].values()),
-                            "dropped_bytes": sum(j["bytes"] for j in plan["rewrites"].values())})
-    return {"record": record, "reused": False, "seconds": plan["seconds"] + time.time() - started}
+                            "dropped_samples": sum(j["samples"] for j in plan.rewrites.values()),
+                            "dropped_bytes": sum(j["bytes"] for j in plan.rewrites.values())})
+    return PartitionResult(record, reused=False, seconds=plan.seconds + time.time() - started)

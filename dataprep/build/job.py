@@ -3,7 +3,7 @@
     plan (driver): one `info` per source -> listing units (never a listing); the parent's parts list
       → list: a Ray task per unit lists its inputs and routes each to its partition (hash of the
         URL holding its bytes); tables stay in Ray's object store
-      → process: a task per partition (dataprep/partition_job.py) skips what the parent decided,
+      → process: a task per partition (dataprep/build/partition_job.py) skips what the parent decided,
         reads each new input once (sha256, filters, the sample) and sends sha claims to buckets
       → dedup: a task per sha bucket (the sha-keyed shuffle) picks one input per exact duplicate
         set, against the parent's sha index too
@@ -21,16 +21,19 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import asdict
 
 import pyarrow as pa
 
 from dataprep.build_config import BuildConfig
-from dataprep.commit import commit_version
-from dataprep.detect_stage import start_detectors, stop_detectors
+from dataprep.build.records import (CommitSettings, DedupRefs, PartitionPlan, PartitionTask, ProcessRefs,
+                                    VersionPlan)
+from dataprep.build.commit import commit_version
+from dataprep.samples.detect_stage import start_detectors, stop_detectors
 from pippo_common.errors import DataError
-from dataprep.listing import list_unit, plan_listing
-from dataprep.partition_job import dedup_bucket, process_partition, write_partition
-from dataprep.store import BuildLease, DatasetStore, VersionNotFound
+from dataprep.build.listing import list_unit, plan_listing
+from dataprep.build.partition_job import dedup_bucket, process_partition, write_partition
+from dataprep.store.core import BuildLease, DatasetStore, VersionNotFound
 from pippo_common.ray_start import ensure_ray
 
 log = logging.getLogger("pippo.data.build")
@@ -128,10 +131,10 @@ def run_build(cfg: BuildConfig, config_dict: dict, dry_run: bool = False) -> str
         detectors = start_detectors(ray, cfg) if cfg.needs_detection() and not dry_run else []
         try:
             process = ray.remote(num_cpus=1, num_returns=buckets + 2, max_retries=3)(_process)
-            plans = [process.remote(p, partitions, buckets, cfg, store.uri, recipe, parts_of(p, "ledger"),
-                                    relisted, dry_run, *[refs[p] for refs in listed], detectors=detectors)
-                     for p in range(partitions)]
-            summaries = _drain(ray, [refs[0] for refs in plans], Progress("process", total, "inputs"),
+            processed = [ProcessRefs.of(process.remote(
+                PartitionTask(p, partitions, buckets, store.uri, recipe, parts_of(p, "ledger"), relisted, dry_run),
+                cfg, *[refs[p] for refs in listed], detectors=detectors)) for p in range(partitions)]
+            summaries = _drain(ray, [r.summary for r in processed], Progress("process", total, "inputs"),
                                lambda s: s["listed"])
         finally:
             stop_detectors(ray, detectors)
@@ -141,17 +144,19 @@ def run_build(cfg: BuildConfig, config_dict: dict, dry_run: bool = False) -> str
         if dry_run:
             return _plan_summary(summaries, total, len(units), len(skipped), partitions, parent, started)
         dedup = ray.remote(num_cpus=1, num_returns=partitions + 1, max_retries=3)(dedup_bucket)
-        deduped = [dedup.remote(b, partitions, cfg, store.uri, recipe, parts_of(b, "sha"),
-                                *[refs[2 + b] for refs in plans]) for b in range(buckets)]
+        deduped = [DedupRefs.of(dedup.remote(b, partitions, cfg, store.uri, recipe, parts_of(b, "sha"),
+                                             *[r.claims[b] for r in processed])) for b in range(buckets)]
         write = ray.remote(num_cpus=1, max_retries=3)(write_partition)
-        written = [write.remote(plans[p][1], cfg, store.uri, recipe, *[refs[1 + p] for refs in deduped])
+        written = [write.remote(processed[p].plan, cfg.shard, store.uri, recipe, *[d.losers[p] for d in deduped])
                    for p in range(partitions)]
         results = [r for r in _drain(ray, written, Progress("write", partitions, "partitions"),
                                       lambda r: 1) if r]
-        sha_records = [r for r in ray.get([refs[0] for refs in deduped]) if r]
-        return commit_version(store, cfg, config_dict, parent, parent_parts, results, sha_records,
-                              {**(parent.get("listings", {}) if parent else {}), **signatures},
-                              partitions, started, summaries, sha_buckets=buckets)
+        sha_records = [r for r in ray.get([d.record for d in deduped]) if r]
+        settings = CommitSettings(recipe, list(cfg.tags), cfg.preview_samples, config_dict or asdict(cfg))
+        return commit_version(store, settings, VersionPlan(
+            parent, parent_parts, results, sha_records,
+            {**(parent.get("listings", {}) if parent else {}), **signatures}, partitions, started,
+            sha_buckets=buckets, listed=sum(s["listed"] for s in summaries)))
 
 
 MAX_LISTING_TASKS = 256
@@ -187,16 +192,14 @@ def _check_sources(cfg: BuildConfig, units, summaries) -> None:
             raise DataError(f"{source.kind} source {source.uri} yields no inputs to read{detail}")
 
 
-def _process(p, partitions, buckets, cfg, store_uri, recipe, parent_parts, relisted, dry_run, *listing,
-             detectors=None):
-    """process_partition, with a small summary first (the driver fetches only that)."""
-    out = process_partition(p, partitions, cfg, store_uri, recipe, parent_parts, relisted, *listing,
-                            dry_run=dry_run, buckets=buckets, detectors=detectors)
-    plan = out[0]
-    summary = {"partition": p, "listed": sum(t.num_rows for t in listing), "part": plan["part"],
-               "unknown_cameras": plan.get("unknown_cameras", []),
-               "reused": plan["finished"] is not None, "new": plan.get("todo", 0),
-               "gone": len(plan["gone"]), "decided": len(plan["decided"])}
+def _process(task: PartitionTask, cfg: BuildConfig, *listing, detectors=None):
+    """process_partition, with a small summary first (the driver fetches only that): the
+    returns are read back by name through `ProcessRefs`."""
+    out = process_partition(task, cfg, *listing, detectors=detectors)
+    plan: PartitionPlan = out[0]
+    summary = {"partition": task.partition, "listed": sum(t.num_rows for t in listing), "part": plan.part,
+               "unknown_cameras": plan.unknown_cameras, "reused": plan.finished is not None,
+               "new": plan.todo, "gone": len(plan.gone), "decided": len(plan.decided)}
     return (summary, *out)
 
 

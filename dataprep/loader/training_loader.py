@@ -5,8 +5,6 @@ views, R = cfg.resolution:
 
     "views"      (B, V, 3, R, R) in [-1, 1]   target views (pretrain: V = 1)
     "reference"  (B, 3, R, R) in [-1, 1]      the reference image
-    "cameras"    (B, V, 16)                   mid, post: `pippo_model.conditioning.camera_vectors(R, t)`
-                                              of the targets (world-to-camera, the sample's frame)
     "plucker"    (B, V, 6, h, w)              post: Plücker rays [d, o x d] of the targets on the
                                               version's stored grid (h, w) = json `plucker_hw`
     "anchor"     (B, V, 3, R, R) in [-1, 1]   post: spatial anchors of the targets
@@ -20,6 +18,9 @@ views, R = cfg.resolution:
     (B, V, 3, 3), "_R" (B, V, 3, 3), "_t" (B, V, 3) float64: each target's camera (SPEC §4, world
     = the sample's frame) with K describing the DELIVERED R x R pixels (face crops included), so
     the views of a batch can be measured geometrically (reprojection error in evaluation).
+    The loader delivers the SPEC quantities only (pixels, K, R, t, Plücker maps, anchors): the
+    camera MLP's vectors are made from "_R", "_t" on the model side
+    (pipelines.training.engine.to_model_space), the same for training, evaluation and sampling.
 
 Stages (a sample's kind comes from the shard index, so filtering happens before any read):
 - pretrain: "image" samples. Target = random-resized crop (35-100 % of the area, aspect 3/4-4/3)
@@ -35,7 +36,7 @@ Stages (a sample's kind comes from the shard index, so filtering happens before 
   F target slots whose camera has a face crop carry that crop instead: resized to R, its K resized
   by the SPEC §4 rule, its Plücker map computed on the same (h, w) grid, its anchor drawn at R.
 
-Frontal view: dataprep.synth textures the head in local axes "x right, y front, z up" and `_face`
+Frontal view: dataprep.studio.synth textures the head in local axes "x right, y front, z up" and `_face`
 paints the face around azimuth 0, i.e. head +y; the pose is head-to-world, so the face looks along
 f = R_head[:, 1]. The reference is the view whose camera centre o = -Rᵀt lies most in front of
 it: argmax f · (o - t_head) / |o - t_head| (every camera aims at the head).
@@ -45,7 +46,7 @@ numbered 0..N-1 along the shards in an order seeded by (seed, e, version), tar o
 shard. The positions not consumed yet are cut into world_size contiguous ranges (sizes differ by
 at most one), each into num_workers sub-ranges; a worker reads only the shards its sub-range
 touches, reading only its samples' members the stage needs (by byte offsets from the shard
-index, dataprep/shard_reader.py; older indexes: streaming the tar), through a shuffle buffer
+index, dataprep/store/shard_reader.py; older indexes: streaming the tar), through a shuffle buffer
 seeded by (seed, e, rank, worker, version) and flushed at the end of the epoch, then goes on with
 e+1. Sources mix per sample: a seeded choice per (rank, worker), probability ∝ weight.
 
@@ -61,7 +62,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -72,9 +72,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dataprep.shard_reader import ShardReader
-from dataprep.stage_samples import decode_sample
-from dataprep.store import DatasetStore, split_ref
+from dataprep.loader.config import DataSource, LoaderConfig
+from dataprep.loader.decode import decode_sample
+from dataprep.loader.splits import _key_hash, holdout_set, split_name
+from dataprep.store.shard_reader import ShardReader
+from dataprep.store.core import DatasetStore, split_ref
 from pippo_common.errors import DataError
 
 log = logging.getLogger("pippo.data.loader")
@@ -83,40 +85,6 @@ STAGE_KIND = {"pretrain": "image", "mid": "studio", "post": "studio"}
 STATE_FORMAT = 1
 HELDOUT_SALT = 0x5EED
 IMAGE_FIELDS = ("views", "reference", "anchor")     # uint8 HWC per sample, float32 CHW per batch
-
-
-@dataclass
-class DataSource:
-    dataset: str            # "URI@REF" (REF = id, prefix, tag, latest)
-    weight: float = 1.0     # mixing weight among several sources
-
-
-@dataclass
-class LoaderConfig:         # loaded from YAML by pippo_common.config.load_config (plain types only)
-    batch_size: int = 4          # per rank
-    num_workers: int = 2         # DataLoader workers per rank (0 allowed)
-    shuffle_buffer: int = 64     # per-worker shuffle buffer, samples
-    seed: int = 0
-    resolution: int = 128        # pixel side of delivered views/reference (square)
-    views: int = 4               # target views per sample (mid/post); pretrain always 1
-    face_views: int = 0          # post: how many of the views are face crops, when the sample has them
-    augment: bool = True         # pretrain augmentation (crop, flip, colour)
-    holdout_fraction: float = 0.0  # samples (by split name hash) excluded from training, served by heldout_batch
-    holdout_cameras: float = 0.0   # mid/post: fraction of each studio sample's cameras (by camera id hash)
-                                   # never used in training, the targets of heldout_batch
-    prefetch_factor: int = 2
-    range_reads: bool = True     # read only the members a stage needs, by the shard index's byte
-                                 # offsets (indexes without them stream the tar); False: always stream
-
-    def __post_init__(self):
-        if self.batch_size < 1 or self.views < 1 or self.resolution < 8 or self.prefetch_factor < 1:
-            raise ValueError("batch_size, views and prefetch_factor must be >= 1 and resolution >= 8")
-        if self.num_workers < 0 or self.face_views < 0 or self.shuffle_buffer < 0:
-            raise ValueError("num_workers, face_views and shuffle_buffer must be >= 0")
-        if not 0.0 <= self.holdout_fraction < 1.0:
-            raise ValueError(f"holdout_fraction must lie in [0, 1), got {self.holdout_fraction}")
-        if not 0.0 <= self.holdout_cameras < 1.0:
-            raise ValueError(f"holdout_cameras must lie in [0, 1), got {self.holdout_cameras}")
 
 
 # ---- position ranges: sorted, disjoint, non-adjacent [a, b) lists ---------------------------------
@@ -199,46 +167,6 @@ def _first_open_epoch(blocks, n: int) -> int:
 
 
 # ---- versions -> plans ----------------------------------------------------------------------------
-
-def _key_hash(key: str) -> int:
-    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "little")
-
-
-_INPUT_HASH = re.compile(r"_[0-9a-f]{10}$")
-
-
-def split_name(key: str) -> str:
-    """What the held-out split hashes: the sample key without its input-id hash (dataprep.samples.
-    sample_key appends a hash of the source URL), i.e. capture name + frame, or the photo's name.
-    The split then depends on what a sample is, not on where its source lived: the same captures
-    built from another directory or bucket hold out the same frames."""
-    return _INPUT_HASH.sub("", key) or key
-
-
-def _split_hash(name: str) -> int:
-    return _key_hash(split_name(name))
-
-
-def held_out(key: str, fraction: float) -> bool:
-    """Holdout by split-name hash (sha1, never Python's salted hash()): stable across versions,
-    source locations, ranks, workers, processes and runs."""
-    return fraction > 0 and _split_hash(key) / 2.0 ** 64 < fraction
-
-
-def holdout_set(keys: list[str], fraction: float) -> set[str]:
-    """The held-out keys (or camera ids) of a set: `held_out` by hash, except that a fraction > 0
-    of two or more always holds out at least one and keeps at least one (the smallest / largest
-    hash: what a slightly larger / smaller fraction would pick). A pure function of the keys, so
-    training and evaluation agree without sharing state."""
-    held = {k for k in keys if held_out(k, fraction)}
-    if fraction > 0 and len(keys) >= 2:
-        order = sorted(keys, key=lambda k: (_split_hash(k), k))
-        if not held:
-            held = {order[0]}
-        elif len(held) == len(keys):
-            held.discard(order[-1])
-    return held
-
 
 @dataclass
 class _Source:

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dataprep.capture import Camera, CaptureWriter
-from dataprep.geometry import camera_center, look_at, undistort_normalized
+from dataprep.studio.capture import Camera, CaptureWriter
+from dataprep.studio.geometry import camera_center, look_at, undistort_normalized
 
 HEAD_CENTER = np.array([0.0, 0.0, 1.62])
 PART_NAMES = ("background", "head", "neck", "torso", "pelvis", "upper_arm_l", "upper_arm_r",

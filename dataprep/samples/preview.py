@@ -51,8 +51,8 @@ def png_bytes(image: Image.Image) -> bytes:
 def frame_contact_sheet(capture, frame: int, cameras: list[str] | None = None, tile_height: int = 192,
                         axis_length: float = 0.2) -> Image.Image:
     """All views of one capture frame with their spatial anchors overlaid (undistorted views)."""
-    from dataprep.anchors import draw_anchor
-    from dataprep.geometry import undistort_image
+    from dataprep.studio.anchors import draw_anchor
+    from dataprep.studio.geometry import undistort_image
 
     pose = capture.head_pose(frame)
     tiles, captions = [], []

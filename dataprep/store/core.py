@@ -39,7 +39,6 @@ import uuid
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pippo_common.errors import DataError
@@ -121,8 +120,11 @@ class DatasetStore:
         if self.is_dataset():
             return
         try:
+            # a concurrent build claiming the same empty root shows its marker's temporary file
+            # (atomic_write_bytes) for a moment: that is a claim, not someone else's files
             entries = [p for p in self.fs.ls(self.root, detail=False)
-                       if posixpath.basename(p.rstrip("/")) not in ("", MARKER)]
+                       if posixpath.basename(p.rstrip("/")) not in ("", MARKER)
+                       and not posixpath.basename(p.rstrip("/")).startswith(f"{MARKER}.tmp-")]
         except (FileNotFoundError, NotADirectoryError):
             entries = []
         if self.fs.exists(self.root) and not self.fs.isdir(self.root):
@@ -346,20 +348,6 @@ class DatasetStore:
         blobs = self.fs.cat(paths) if paths else {}
         return [json.loads(blobs[p]) for p in paths]
 
-    def ledger(self, record: dict, partition: int | None = None) -> pa.Table:
-        """The version's input ledger (of one partition), replayed: the last row of an input wins."""
-        parts = [p for p in self.version_parts(record, partition) if p["kind"] == "ledger"]
-        tables = [self.read_table(r["ledger_url"]) for r in self.part_records(parts)]
-        return replay(tables)
-
-    def ledger_state(self, records: list[dict]) -> dict[str, dict]:
-        """input -> its last ledger row, over the given part records (in order)."""
-        return {r["input"]: r for r in replay([self.read_table(r["ledger_url"]) for r in records]).to_pylist()}
-
-    def rejects(self, record: dict) -> pa.Table:
-        ledger = self.ledger(record)
-        return ledger.filter(pc.equal(ledger["status"], "rejected")).select(["input", "stage", "reason"])
-
     # -- reading a version: the training loader goes through these only, never through paths, so
     # the on-store layout can change behind them.
     def resolve_url(self, url: str) -> str:
@@ -408,7 +396,7 @@ class DatasetStore:
         return self.read_table(shard["index_url"], columns=["key", "kind"])
 
     def shard_members(self, shard: dict) -> pa.Table | None:
-        """Columns key, members (byte offsets of each member's data, dataprep.shards.MEMBER_TYPE)
+        """Columns key, members (byte offsets of each member's data, dataprep.store.shards.MEMBER_TYPE)
         of a shard's index; None for an index written before offsets were recorded."""
         fs, path = self._fs_path(shard["index_url"])
         with fs.open(path, "rb") as f:
@@ -463,21 +451,6 @@ class DatasetStore:
                 live.append(lease)
         return live
 
-    def gc(self, keep_last: int | None = None, grace_s: float = 3600.0, dry_run: bool = False) -> dict:
-        from dataprep.gc import collect
-        return collect(self, keep_last=keep_last, grace_s=grace_s, dry_run=dry_run)
-
-
-def replay(tables: list[pa.Table]) -> pa.Table:
-    """Ledger tables in order -> one row per input, the last one winning."""
-    if not tables:
-        from dataprep.ledger import LEDGER_SCHEMA
-        return LEDGER_SCHEMA.empty_table()
-    table = pa.concat_tables(tables, promote_options="default")
-    last: dict[str, int] = {}
-    for i, name in enumerate(table.column("input").to_pylist()):
-        last[name] = i
-    return table.take(sorted(last.values()))
 
 
 class BuildLease:
