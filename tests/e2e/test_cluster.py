@@ -324,7 +324,7 @@ def test_a_real_job_carries_no_credential_file_and_no_secret(ray_head, tmp_path)
 
     # what the node unpacked for the job (Ray's package store in the head's session dir)
     unpacked = {p.resolve() for p in (head.base / "r").glob("session_*/runtime_resources/working_dir_files/*")
-                if (p / "pipelines" / "cli.py").is_file()}
+                if (p / "pipelines" / "cli" / "__init__.py").is_file()}
     ours = [d for d in unpacked if (d / "pippo_model").is_dir() and not (d / "pippo_model" / "notes.txt").exists()
             and (d / "configs").is_dir()]
     assert ours, unpacked
