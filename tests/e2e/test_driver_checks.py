@@ -172,7 +172,8 @@ def test_train_on_ray_prints_only_the_result_and_ctrl_c_says_how_to_continue(sma
     assert summary["step"] == 2 and summary["checkpoint"].endswith("/final-step_00000002")
 
     # Ctrl-C in the middle of a longer run: one line with the run, its newest step and what to do
-    proc = subprocess.Popen([*PIPPO, *map(str, train_args("pretrain", small_version.ref, tmp_path / "ckpt2", "steps=500",
+    # (a run that cannot end on its own: 500 tiny steps took ~10 s, and a loaded machine's Ctrl-C sometimes came after)
+    proc = subprocess.Popen([*PIPPO, *map(str, train_args("pretrain", small_version.ref, tmp_path / "ckpt2", "steps=100000",
                                                           "checkpoint.every_steps=1"))],
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
