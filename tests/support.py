@@ -6,6 +6,8 @@ module re-collects its tests and ties unrelated files together).
 Importable because pyproject's [tool.pytest.ini_options] puts tests/ on sys.path."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import socket
 import time
@@ -153,3 +155,115 @@ def crafted_dataset(tmp_path, hostile: dict) -> str:
               "stats_url": f"versions/{VID}/stats.json", "preview_url": f"versions/{VID}/preview.png"}
     (root / "versions" / f"{VID}.json").write_text(json.dumps(record))
     return str(root)
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """pippo ARGV in this process: (exit code, stdout, stderr)."""
+    from pipelines import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def refused(argv: list[str], *expected: str) -> str:
+    code, out, err = run_cli(argv)
+    lines = [ln for ln in err.splitlines() if ln.startswith("pippo: error: ")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err and not out, (code, err[-2000:])
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def crafted_run(root, model: dict, run: dict | None = None, weights: bool = True):
+    """A run directory as `pippo train` leaves it (final/ with weights, model.json and COMPLETE;
+    run.json), with the given model.json and run.json contents."""
+    from safetensors.torch import save_file
+
+    final = root / "final"
+    final.mkdir(parents=True)
+    tensors = {}
+    if weights:
+        from pippo_model.config import ModelConfig
+        from pippo_model.model import build_model
+
+        tensors = {k: v.contiguous() for k, v in build_model(ModelConfig(**model)).state_dict().items()}
+    save_file(tensors, str(final / "model.safetensors"))
+    (final / "model.json").write_text(json.dumps(model))
+    (final / "COMPLETE").write_text("ok\n")
+    if run is not None:
+        (root / "run.json").write_text(json.dumps(run))
+    return root
+
+
+def sample_argv(run, photo, out):
+    return ["sample", "--checkpoint", str(run), "--image", str(photo), "--out", str(out),
+            "--views", "2", "--steps", "1"]
+
+
+def show(ref: str) -> tuple[int, str, str]:
+    from pipelines import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(["data", "show", ref, "--json"])
+    return code, out.getvalue(), err.getvalue()
+
+
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+KEY_ID = "AKIAIOSFODNN7EXAMPLE"
+
+
+def run(capsys, *args):
+    """main(args) -> (exit code, stdout, stderr lines)."""
+    from pipelines.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err.strip().splitlines()
+
+
+def one_line(capsys, *args, code=2):
+    got, out, err = run(capsys, *args)
+    assert got == code, (got, out, err)
+    assert len(err) == 1 and err[0].startswith("pippo"), err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def fake_version(root, vid, created="2026-01-01T00:00:00+00:00"):
+    """A minimal version record (an empty version: no parts) in the store's format."""
+    import pyarrow.parquet as pq
+
+    from dataprep.store.ledger import PARTS_SCHEMA
+    from dataprep.store.core import FORMAT, MARKER
+
+    (root / "versions" / vid).mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text(json.dumps({"format": FORMAT}))
+    pq.write_table(PARTS_SCHEMA.empty_table(), root / "versions" / vid / "parts.parquet")
+    (root / "versions" / f"{vid}.json").write_text(json.dumps(
+        {"id": vid, "format": FORMAT, "parent": None, "created": created, "samples": 0, "rejected": 0,
+         "recipe": "0" * 16, "parts_url": f"versions/{vid}/parts.parquet", "preview_url": f"versions/{vid}/p.png"}))
+
+
+def jpeg(size=(64, 48), seed=0) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def saved(fmt, mode="RGB", **kw) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, (16, 16), 128 if mode in ("L", "F") else (10, 20, 30)).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n"
+       b"/Helvetica findfont 12 scalefont setfont 0 0 moveto (pwned) show showpage\n%%EOF\n")

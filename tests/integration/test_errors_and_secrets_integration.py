@@ -4,7 +4,6 @@ one clear line on stderr (exit 2), never a traceback or a hang; -q/-v anywhere; 
 Each test builds its hostile input itself and runs `pippo` in-process (pipelines.cli.main), so
 the whole file takes seconds: no Ray, one subprocess (a real closed pipe)."""
 import http.server
-import json
 import os
 import subprocess
 import sys
@@ -14,39 +13,7 @@ import time
 import pytest
 
 from support import free_port
-from pipelines.cli import main
-
-AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
-KEY_ID = "AKIAIOSFODNN7EXAMPLE"
-
-
-def run(capsys, *args):
-    """main(args) -> (exit code, stdout, stderr lines)."""
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err.strip().splitlines()
-
-
-def one_line(capsys, *args, code=2):
-    got, out, err = run(capsys, *args)
-    assert got == code, (got, out, err)
-    assert len(err) == 1 and err[0].startswith("pippo"), err
-    assert "Traceback" not in err[0]
-    return err[0]
-
-
-def fake_version(root, vid, created="2026-01-01T00:00:00+00:00"):
-    """A minimal version record (an empty version: no parts) in the store's format."""
-    import pyarrow.parquet as pq
-
-    from dataprep.store.ledger import PARTS_SCHEMA
-    from dataprep.store.core import FORMAT, MARKER
-    (root / "versions" / vid).mkdir(parents=True, exist_ok=True)
-    (root / MARKER).write_text(json.dumps({"format": FORMAT}))
-    pq.write_table(PARTS_SCHEMA.empty_table(), root / "versions" / vid / "parts.parquet")
-    (root / "versions" / f"{vid}.json").write_text(json.dumps(
-        {"id": vid, "format": FORMAT, "parent": None, "created": created, "samples": 0, "rejected": 0,
-         "recipe": "0" * 16, "parts_url": f"versions/{vid}/parts.parquet", "preview_url": f"versions/{vid}/p.png"}))
+from support import AWS_SECRET, KEY_ID, one_line, fake_version  # shared with this file's other half
 
 
 @pytest.fixture

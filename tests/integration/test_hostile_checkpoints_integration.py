@@ -2,17 +2,14 @@
 in this process: a run directory written by someone else (its model.json, run.json), a config
 override pointing at a device or a FIFO, names that would leave their root. Each is refused with
 one `pippo: error:` line and exit 2, and nothing is fetched or written outside its root."""
-import contextlib
 import http.server
-import io
-import json
 import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import cli
+from support import refused, crafted_run, sample_argv  # shared with this file's other half
 
 PIXEL = {"space": "pixel", "latent_channels": 3, "vae_downsample": 1, "patch_size": 4, "resolution": 16,
          "dim": 32, "depth": 1, "heads": 1, "camera_hidden": 16, "max_views": 8, "siren_channels": [4],
@@ -21,43 +18,6 @@ LATENT = {**PIXEL, "space": "latent", "latent_channels": 4, "vae_downsample": 8,
           "resolution": 32}
 
 
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    """pippo ARGV in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
-def refused(argv: list[str], *expected: str) -> str:
-    code, out, err = run_cli(argv)
-    lines = [ln for ln in err.splitlines() if ln.startswith("pippo: error: ")]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err and not out, (code, err[-2000:])
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
-
-
-def crafted_run(root, model: dict, run: dict | None = None, weights: bool = True):
-    """A run directory as `pippo train` leaves it (final/ with weights, model.json and COMPLETE;
-    run.json), with the given model.json and run.json contents."""
-    from safetensors.torch import save_file
-
-    final = root / "final"
-    final.mkdir(parents=True)
-    tensors = {}
-    if weights:
-        from pippo_model.config import ModelConfig
-        from pippo_model.model import build_model
-
-        tensors = {k: v.contiguous() for k, v in build_model(ModelConfig(**model)).state_dict().items()}
-    save_file(tensors, str(final / "model.safetensors"))
-    (final / "model.json").write_text(json.dumps(model))
-    (final / "COMPLETE").write_text("ok\n")
-    if run is not None:
-        (root / "run.json").write_text(json.dumps(run))
-    return root
-
 
 @pytest.fixture
 def photo(tmp_path):
@@ -65,10 +25,6 @@ def photo(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
     return path
 
-
-def sample_argv(run, photo, out):
-    return ["sample", "--checkpoint", str(run), "--image", str(photo), "--out", str(out),
-            "--views", "2", "--steps", "1"]
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):

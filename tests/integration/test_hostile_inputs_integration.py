@@ -24,23 +24,8 @@ from dataprep.build_config import BuildConfig, HttpConfig, InputPolicy, Source
 from dataprep.inputs.photos import Rejected
 from dataprep.inputs.sources import OUTSIDE
 from dataprep.studio.synth import synth_image
+from support import jpeg, saved, EPS  # shared with this file's other half
 
-
-def jpeg(size=(64, 48), seed=0) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def saved(fmt, mode="RGB", **kw) -> bytes:
-    buf = io.BytesIO()
-    Image.new(mode, (16, 16), 128 if mode in ("L", "F") else (10, 20, 30)).save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n"
-       b"/Helvetica findfont 12 scalefont setfont 0 0 moveto (pwned) show showpage\n%%EOF\n")
 
 
 # ---- 1. only the formats we mean ---------------------------------------------------------------
