@@ -6,7 +6,6 @@ import tarfile
 import fsspec
 import numpy as np
 import pytest
-import webdataset as wds
 from PIL import Image
 
 from corpus import break_calibration, write_bad_photos
@@ -14,9 +13,10 @@ import dataprep.store.ledger as ledgers
 from dataprep.build.job import run_build
 from dataprep.build_config import BuildConfig, ShardLimits, Source
 from dataprep.studio.geometry import plucker, resize_intrinsics
-from pippo_common.storage import fs_and_path, register_webdataset_fsspec
+from pippo_common.storage import fs_and_path
 from dataprep.store.core import DatasetStore
 from dataprep.studio.synth import synth_capture, synth_images
+from support import samples_of
 
 
 def build(dataset, sources, **kw) -> str:
@@ -36,16 +36,6 @@ def corpus(tmp_path_factory):
     synth_images(root / "photos", count=6, seed=2, person_fraction=1.0)
     expected = write_bad_photos(root / "photos" / "bad")
     return root, expected
-
-
-def samples_of(version):
-    """Every sample of a version read back with stock webdataset: key -> {ext: bytes}."""
-    register_webdataset_fsspec()
-    urls = [s["url"].removeprefix("file://") for s in version["shards"]]
-    out = {}
-    for sample in wds.WebDataset(urls, shardshuffle=False):
-        out[sample["__key__"]] = {k: v for k, v in sample.items() if not k.startswith("__")}
-    return out
 
 
 def check_version(store, vid, corpus_expected):
